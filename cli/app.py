@@ -1,0 +1,248 @@
+"""The ``mergebench`` command: parses arguments and calls the public API, nothing more.
+
+Heavy imports (torch, the engine) happen inside the commands so that ``mergebench --help`` is instant.
+A wrong recipe or input prints one line and exits 2; anything else is a bug and exits 1.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    help="Model merging and weight surgery: run YAML recipes of weight operators on safetensors checkpoints.",
+)
+console = Console()
+errors = Console(stderr=True)
+
+RecipeArg = Annotated[Path, typer.Argument(help="the recipe YAML file")]
+SetOpt = Annotated[list[str], typer.Option("--set", help="override a parameter: NODE.PARAM=VALUE (repeatable)")]
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    from mergebench.errors import MergebenchError
+
+    try:
+        yield
+    except MergebenchError as exc:
+        errors.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def _parse_sets(sets: list[str]) -> dict[str, str]:
+    from mergebench.errors import MergebenchError
+
+    parsed = {}
+    for item in sets:
+        target, eq, value = item.partition("=")
+        if not eq or "." not in target:
+            raise MergebenchError(f"--set {item}: expected NODE.PARAM=VALUE")
+        parsed[target.strip()] = value
+    return parsed
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(nbytes) < 1000 or unit == "TB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.2f} {unit}"
+        nbytes /= 1000
+    raise AssertionError
+
+
+@app.command()
+def run(
+    recipe: RecipeArg,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+    set_: SetOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="replace existing outputs")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar, no summary")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+) -> None:
+    """Run a recipe and write its outputs as Hugging Face checkpoints."""
+    with _user_errors():
+        from mergebench.recipe import load_recipe
+        from mergebench.runner import run_recipe
+
+        loaded = load_recipe(recipe, _parse_sets(set_ or []))
+        show_progress = not (quiet or as_json)
+        with _Progress(show_progress) as progress:
+            result = run_recipe(loaded, device=device, force=force, progress_factory=progress.factory)
+    summary = result.summary
+    if as_json:
+        doc = {"outputs": result.outputs, "tensors": summary.tensors, "bytes_read": summary.bytes_read,
+               "bytes_written": summary.bytes_written, "passes": summary.passes, "seconds": summary.seconds,
+               "device": summary.device}
+        print(json.dumps(doc, indent=2))
+        return
+    if quiet:
+        return
+    table = Table(title="written", title_justify="left")
+    for column in ("output", "tensors", "shards", "size"):
+        table.add_column(column)
+    for out in result.outputs:
+        table.add_row(out["path"], str(out["tensors"]), str(out["shards"]), _size(out["bytes"]))
+    console.print(table)
+    rate = summary.bytes_read / summary.seconds if summary.seconds else 0.0
+    console.print(f"read {_size(summary.bytes_read)} in {summary.passes} pass(es), wrote "
+                  f"{_size(summary.bytes_written)} on {summary.device} in {summary.seconds:.2f} s "
+                  f"({_size(rate)}/s read)")
+
+
+class _Progress:
+    """A rich progress bar over bytes read (every pass), tensors counted alongside."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._bar = None
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def factory(self, graph):
+        if not self.enabled:
+            return None
+        from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeRemainingColumn, TransferSpeedColumn)
+
+        from mergebench.executor import statistics_stages
+
+        passes = 1 + len(statistics_stages(graph))
+        self._bar = Progress(TextColumn("[bold]merging"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                             TextColumn("tensors"), MofNCompleteColumn(), TimeRemainingColumn(), console=errors,
+                             transient=True)
+        self._bar.start()
+        task = self._bar.add_task("merge", total=graph.bytes_to_read * passes)
+        tensors = self._bar.add_task("tensors", total=len(graph.keys) * passes, visible=False)
+        bar = self._bar
+
+        def advance(nbytes: int) -> None:
+            bar.advance(task, nbytes)
+            bar.advance(tensors, 1)
+
+        return advance
+
+
+@app.command()
+def plan(recipe: RecipeArg, set_: SetOpt = None) -> None:
+    """Check a recipe against its inputs and show what a run would do: nodes, bytes, peak memory."""
+    with _user_errors():
+        from mergebench.executor import statistics_stages
+        from mergebench.graph import Graph
+        from mergebench.recipe import load_recipe
+
+        loaded = load_recipe(recipe, _parse_sets(set_ or []))
+        graph = Graph(loaded)
+    models = Table(title="models", title_justify="left")
+    for column in ("name", "path", "tensors", "size"):
+        models.add_column(column)
+    for name, source in graph.sources.items():
+        models.add_row(name, source.label, str(len(source.keys)), _size(source.total_bytes))
+    console.print(models)
+    nodes = Table(title="nodes (in evaluation order)", title_justify="left")
+    for column in ("node", "operator", "inputs", "result", "params"):
+        nodes.add_column(column)
+    for node in graph.nodes.values():
+        inputs = escape(", ".join(f"{k}={v if isinstance(v, str) else '[' + ', '.join(v) + ']'}"
+                                  for k, v in node.inputs.items()))
+        params = json.dumps(node.params.model_dump(by_alias=True), separators=(", ", ": "))
+        nodes.add_row(node.name, node.op.name, inputs, escape(node.result), escape(params))
+    console.print(nodes)
+    outputs = Table(title="outputs", title_justify="left")
+    for column in ("from", "path", "dtype", "tensors", "size", "shard size"):
+        outputs.add_column(column)
+    for out in graph.outputs:
+        outputs.add_row(out.output.node, str(out.output.path), out.output.dtype or "as inputs",
+                        str(len(out.tensors)), _size(out.nbytes), _size(out.output.shard_size))
+    console.print(outputs)
+    passes = 1 + len(statistics_stages(graph))
+    console.print(f"{len(graph.keys)} keys, {passes} pass(es); read {_size(graph.bytes_to_read)} per pass, "
+                  f"write {_size(sum(o.nbytes for o in graph.outputs))}; "
+                  f"peak memory ≈ {_size(graph.peak_memory_estimate)} beyond the interpreter")
+
+
+@app.command()
+def ops(name: Annotated[str | None, typer.Argument(help="an operator name")] = None) -> None:
+    """List the operators, or show one: input slots, result, parameters with defaults and docs."""
+    with _user_errors():
+        from mergebench.errors import MergebenchError
+        from mergebench.operators import REGISTRY
+
+        if name is None:
+            table = Table(title="operators", title_justify="left")
+            for column in ("name", "class", "inputs -> result", "summary"):
+                table.add_column(column)
+            for op in sorted(REGISTRY.values(), key=lambda o: o.name):
+                table.add_row(op.name, op.execution, escape("\n".join(s.describe() for s in op.signatures)),
+                              op.doc.splitlines()[0] if op.doc else "")
+            console.print(table)
+            return
+        op = REGISTRY.get(name)
+        if op is None:
+            raise MergebenchError(f"unknown operator '{name}' (known: {', '.join(sorted(REGISTRY))})")
+    console.print(f"[bold]{op.name}[/] ({op.execution})")
+    console.print(op.doc, highlight=False)
+    for sig in op.signatures:
+        console.print(f"  inputs {escape(sig.describe())}", highlight=False)
+    table = Table(title="parameters", title_justify="left")
+    for column in ("name", "type", "default", "meaning"):
+        table.add_column(column)
+    for field_name, info in op.params.model_fields.items():
+        annotation = info.annotation
+        type_name = annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
+        table.add_row(info.alias or field_name, escape(type_name), repr(info.default), info.description or "")
+    for common in ("include", "exclude", "overrides", "seed"):
+        table.add_row(common, "", "", _COMMON_DOCS[common])
+    console.print(table)
+
+
+_COMMON_DOCS = {
+    "include": "regexes (re.search); only matching keys are merged",
+    "exclude": "regexes; matching keys pass through from the primary input",
+    "overrides": "list of {match, params}: per-key parameters, first match wins",
+    "seed": "seed of random draws (default: the recipe's seed)",
+}
+
+
+@app.command()
+def inspect(checkpoint: Annotated[Path, typer.Argument(help="a .safetensors file, HF folder or index")]) -> None:
+    """List a checkpoint's tensors: dtype, shape, size and the block each belongs to."""
+    with _user_errors():
+        from mergebench.checkpoint import Checkpoint
+        from mergebench.layers import block_index, count_blocks
+
+        ckpt = Checkpoint(checkpoint)
+    table = Table(title=str(checkpoint), title_justify="left")
+    for column in ("tensor", "dtype", "shape", "size", "block"):
+        table.add_column(column)
+    for key in ckpt.keys:
+        info = ckpt.info(key)
+        block = block_index(key)
+        table.add_row(key, str(info.dtype).replace("torch.", ""), str(list(info.shape)), _size(info.nbytes),
+                      "-" if block is None else str(block))
+    console.print(table)
+    console.print(f"{len(ckpt.keys)} tensors, {_size(ckpt.total_bytes)}, {count_blocks(ckpt.keys)} blocks")
+
+
+def main() -> None:
+    app(prog_name="mergebench")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""The Python API: operators called eagerly on tensors and state dicts, or lazily on checkpoints.
+
+Both paths build the same validated Recipe a YAML file builds and run it through the same executor,
+so a notebook, a recipe and the CLI cannot disagree about a number.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergebench.checkpoint import StateDictSource
+from mergebench.errors import MergebenchError
+from mergebench.executor import execute
+from mergebench.graph import Graph
+from mergebench.operators.base import CHECKPOINT, Operator, element_type, is_list_type
+from mergebench.recipe import MEMORY_PATH, build_recipe, load_recipe
+from mergebench.runner import RunResult, run_recipe
+
+COMMON_FIELDS = ("include", "exclude", "overrides", "seed")
+PYTHON_SOURCE = Path("<python>")
+EAGER_TENSOR_KEY = "tensor"
+
+
+@dataclass(frozen=True, eq=False)
+class ModelRef:
+    """A checkpoint on disk, not yet read: the leaf of a lazy graph (``mergebench.load``)."""
+
+    path: str
+
+
+@dataclass(frozen=True, eq=False)
+class LazyNode:
+    """An operator applied to lazy inputs; ``save`` streams it to a checkpoint."""
+
+    op: Operator
+    inputs: dict[str, Any]
+    params: dict[str, Any]
+    common: dict[str, Any] = field(default_factory=dict)
+
+    def save(
+        self,
+        path: str | os.PathLike[str],
+        device: str = "auto",
+        dtype: str | None = None,
+        shard_size: int | str = "5GB",
+        copy_files_from: ModelRef | None = None,
+        force: bool = False,
+        seed: int = 0,
+    ) -> RunResult:
+        """Stream this node to ``path`` (HF layout); config and tokenizer come from its primary model."""
+        doc, names = _recipe_doc(self)
+        output: dict[str, Any] = {"from": names[id(self)], "path": os.fspath(path), "shard_size": shard_size}
+        if dtype:
+            output["dtype"] = dtype
+        if copy_files_from is not None:
+            output["copy_files_from"] = names[id(copy_files_from)]
+        doc["outputs"] = [output]
+        doc["seed"] = seed
+        recipe = build_recipe(doc, PYTHON_SOURCE, {}, {}, base_dir=Path.cwd())
+        return run_recipe(recipe, device=device, force=force)
+
+
+def load(path: str | os.PathLike[str]) -> ModelRef:
+    """A lazy handle on a checkpoint (``.safetensors`` file, HF folder or sharded index)."""
+    return ModelRef(os.fspath(path))
+
+
+def run(recipe_path: str | os.PathLike[str], set: Mapping[str, Any] | None = None, device: str = "auto",
+        force: bool = False) -> RunResult:
+    """Run a YAML recipe, with ``set={"node.param": value}`` overriding parameters as ``--set`` does."""
+    recipe = load_recipe(recipe_path, dict(set or {}))
+    return run_recipe(recipe, device=device, force=force)
+
+
+def call_operator(op: Operator, kwargs: dict[str, Any]) -> Any:
+    """``ops.NAME(**slots, **params)``: lazy if any input is a ModelRef or LazyNode, else computed now."""
+    slot_names = {slot for sig in op.signatures for slot in sig.slots}
+    inputs = {k: v for k, v in kwargs.items() if k in slot_names}
+    common = {k: v for k, v in kwargs.items() if k in COMMON_FIELDS}
+    params = {k: v for k, v in kwargs.items() if k not in slot_names and k not in COMMON_FIELDS}
+    if _is_lazy(inputs):
+        return LazyNode(op, inputs, params, common)
+    return _eager(op, inputs, params, common)
+
+
+def _is_lazy(value: Any) -> bool:
+    if isinstance(value, (ModelRef, LazyNode)):
+        return True
+    if isinstance(value, dict) and not _is_state_dict(value):
+        return any(_is_lazy(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_is_lazy(v) for v in value)
+    return False
+
+
+def _is_state_dict(value: Any) -> bool:
+    return isinstance(value, Mapping) and all(isinstance(v, torch.Tensor) for v in value.values())
+
+
+def _recipe_doc(root: LazyNode) -> tuple[dict[str, Any], dict[int, str]]:
+    """Name every model and node of a lazy graph and write it down as recipe data."""
+    doc: dict[str, Any] = {"models": {}, "nodes": {}}
+    names: dict[int, str] = {}
+
+    def name_of(value: Any) -> str:
+        if id(value) in names:
+            return names[id(value)]
+        if isinstance(value, ModelRef):
+            names[id(value)] = f"model_{len(doc['models'])}"
+            doc["models"][names[id(value)]] = value.path
+        elif isinstance(value, LazyNode):
+            inputs = {slot: [name_of(v) for v in ref] if isinstance(ref, (list, tuple)) else name_of(ref)
+                      for slot, ref in value.inputs.items()}
+            names[id(value)] = f"{value.op.name}_{len(doc['nodes'])}"
+            doc["nodes"][names[id(value)]] = {"op": value.op.name, "inputs": inputs, "params": value.params,
+                                              **value.common}
+        else:
+            raise MergebenchError(f"cannot mix a {type(value).__name__} with lazy checkpoints; use mergebench.load")
+        return names[id(value)]
+
+    name_of(root)
+    return doc, names
+
+
+def _eager(op: Operator, inputs: dict[str, Any], params: dict[str, Any], common: dict[str, Any]) -> Any:
+    """Run one operator on in-memory values through the executor, returning the same kind of value."""
+    signature = op.signature_for(set(inputs))
+    if signature is None:
+        accepted = "; ".join(s.describe() for s in op.signatures)
+        raise MergebenchError(f"{op.name} takes inputs {accepted}, got ({', '.join(inputs)})")
+    plain_tensors = any(isinstance(v, torch.Tensor) for v in _leaves(inputs))
+    sources: dict[str, StateDictSource] = {}
+    model_types: dict[str, str] = {}
+    refs: dict[str, Any] = {}
+    for slot, value in inputs.items():
+        is_list = isinstance(value, (list, tuple))
+        accepted = [t for t in signature.slots[slot] if is_list_type(t) == is_list]
+        value_type = element_type(accepted[0]) if accepted else CHECKPOINT
+        if is_list:
+            refs[slot] = [_add_source(sources, f"{slot}_{i}", v) for i, v in enumerate(value)]
+        else:
+            refs[slot] = _add_source(sources, slot, value)
+        model_types.update(dict.fromkeys([refs[slot]] if not is_list else refs[slot], value_type))
+    node = {"op": op.name, "inputs": refs, "params": params, **common}
+    output: dict[str, Any] = {"from": "result", "path": MEMORY_PATH}
+    if signature.result != CHECKPOINT:
+        output["dtype"] = "float32"  # deltas stay exact until something applies them
+    doc = {"models": dict.fromkeys(sources, MEMORY_PATH), "nodes": {"result": node}, "outputs": [output],
+           "seed": common.get("seed", 0)}
+    recipe = build_recipe(doc, PYTHON_SOURCE, {}, {}, base_dir=Path.cwd(), in_memory=frozenset(sources),
+                          model_types=model_types)
+    graph = Graph(recipe, sources)
+    sink = _DictSink()
+    execute(graph, [sink], _device_of(inputs))
+    if is_list_type(signature.result):
+        count = len(next(iter(sink.values.values())))
+        results = [{k: v[i] for k, v in sink.values.items()} for i in range(count)]
+        return [r[EAGER_TENSOR_KEY] for r in results] if plain_tensors else results
+    return sink.values[EAGER_TENSOR_KEY] if plain_tensors else sink.values
+
+
+def _add_source(sources: dict[str, StateDictSource], name: str, value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        value = {EAGER_TENSOR_KEY: value}
+    if not _is_state_dict(value):
+        raise MergebenchError(f"input '{name}': expected a tensor or a state dict, got {type(value).__name__}")
+    sources[name] = StateDictSource(value, name)
+    return name
+
+
+def _leaves(inputs: dict[str, Any]) -> list[Any]:
+    return [v for value in inputs.values() for v in (value if isinstance(value, (list, tuple)) else [value])]
+
+
+def _device_of(inputs: dict[str, Any]) -> torch.device:
+    for leaf in _leaves(inputs):
+        tensor = leaf if isinstance(leaf, torch.Tensor) else next(iter(leaf.values()), None)
+        if tensor is not None:
+            return tensor.device
+    return torch.device("cpu")
+
+
+class _DictSink:
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+
+    def write(self, key: str, value: Any) -> int:
+        self.values[key] = value
+        return sum(v.nbytes for v in value) if isinstance(value, list) else value.nbytes

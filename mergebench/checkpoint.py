@@ -1,0 +1,206 @@
+"""Lazy checkpoints: headers are read when a model is opened, a tensor's bytes only when it is asked for.
+
+A *source* is anything with ordered ``keys``, ``info(key)`` and ``read(key)``: a safetensors file, a
+Hugging Face folder (single file or sharded index), or a state dict held in memory (the eager API).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from mergebench.errors import MergebenchError
+from mergebench.safetensors_format import TensorInfo, read_header
+
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+FINGERPRINT_SAMPLES = 64
+FINGERPRINT_SAMPLE_BYTES = 4096
+
+
+class Source(Protocol):
+    label: str
+
+    @property
+    def keys(self) -> list[str]: ...
+
+    def info(self, key: str) -> TensorInfo: ...
+
+    def read(self, key: str) -> torch.Tensor: ...
+
+
+class Checkpoint:
+    """A safetensors checkpoint on disk; opening it reads and validates headers only.
+
+    ``keys`` are in storage order (shard by shard, offset by offset) so that a pass over them reads
+    every file sequentially. ``reads`` counts tensor reads per key, which tests use to prove each
+    input tensor is read once.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        self.label = str(path)
+        self.folder = self.path if self.path.is_dir() else None
+        self._files = _weight_files(self.path)
+        self._infos: dict[str, TensorInfo] = {}
+        self._header_bytes: list[bytes] = []
+        for file, expected_keys in self._files:
+            header = read_header(file)
+            self._header_bytes.append(header.raw)
+            if expected_keys is not None:
+                missing = sorted(set(expected_keys) - header.tensors.keys())
+                if missing:
+                    raise MergebenchError(f"{file}: the index maps '{missing[0]}' to this shard but it is not there")
+            for key, info in sorted(header.tensors.items(), key=lambda item: item[1].offset):
+                if expected_keys is not None and key not in expected_keys:
+                    continue
+                if key in self._infos:
+                    raise MergebenchError(f"{file}: tensor '{key}' is also stored in {self._infos[key].file}")
+                self._infos[key] = info
+        if not self._infos:
+            raise MergebenchError(f"{self.path}: the checkpoint holds no tensors")
+        self._keys = list(self._infos)
+        self._fds: dict[Path, int] = {}
+        self.reads: Counter[str] = Counter()
+
+    @property
+    def keys(self) -> list[str]:
+        return self._keys
+
+    def info(self, key: str) -> TensorInfo:
+        return self._infos[key]
+
+    def read(self, key: str) -> torch.Tensor:
+        """The tensor in its stored dtype, in a fresh CPU buffer (pread, no mmap)."""
+        info = self._infos[key]
+        self.reads[key] += 1
+        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        if info.nbytes:
+            _pread_into(self._fd(info.file), buffer.numpy(), info.offset, info.file)
+        return buffer.view(info.dtype).reshape(info.shape)
+
+    def fingerprint(self) -> str:
+        """sha256 over every shard's header, size and 64 samples of 4 KiB of its data.
+
+        Fine-tunes of one model share headers byte for byte, so the header alone cannot tell them apart;
+        sampled data does, without reading gigabytes to fill a model card.
+        """
+        digest = hashlib.sha256()
+        for (file, _), raw in zip(self._files, self._header_bytes):
+            size = file.stat().st_size
+            digest.update(f"{file.name}:{size}:".encode())
+            digest.update(raw)
+            with open(file, "rb") as f:
+                for i in range(FINGERPRINT_SAMPLES):
+                    f.seek(size * i // FINGERPRINT_SAMPLES)
+                    digest.update(f.read(FINGERPRINT_SAMPLE_BYTES))
+        return digest.hexdigest()
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(info.nbytes for info in self._infos.values())
+
+    def _fd(self, file: Path) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
+            fd = self._fds[file] = os.open(file, os.O_RDONLY)
+        return fd
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def _pread_into(fd: int, buffer, offset: int, file: Path) -> None:
+    view = memoryview(buffer).cast("B")
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise MergebenchError(f"{file}: file ended early (truncated?)")
+        done += n
+
+
+def _weight_files(path: Path) -> list[tuple[Path, set[str] | None]]:
+    """The safetensors files of a checkpoint, each with the keys an index assigns to it (None: all)."""
+    if not path.exists():
+        raise MergebenchError(f"{path}: no such file or folder")
+    if path.is_file():
+        if path.name.endswith(".index.json"):
+            return _indexed_files(path)
+        if path.suffix != ".safetensors":
+            raise MergebenchError(f"{path}: not a .safetensors file")
+        return [(path, None)]
+    indexes = sorted(path.glob("*.safetensors.index.json"))
+    if len(indexes) > 1:
+        raise MergebenchError(f"{path}: several weight indexes ({', '.join(i.name for i in indexes)}); name one")
+    if indexes:
+        return _indexed_files(indexes[0])
+    if (path / "model.safetensors").is_file():
+        return [(path / "model.safetensors", None)]
+    files = sorted(path.glob("*.safetensors"))
+    if len(files) == 1:
+        return [(files[0], None)]
+    if files:
+        raise MergebenchError(f"{path}: several .safetensors files and no index to say how they fit together")
+    pickled = [p.name for pattern in PICKLED_WEIGHTS for p in path.glob(pattern)]
+    if pickled:
+        raise MergebenchError(f"{path}: only pickled weights ({pickled[0]}); mergebench reads safetensors")
+    raise MergebenchError(f"{path}: no weights found (no .safetensors file or index)")
+
+
+def _indexed_files(index: Path) -> list[tuple[Path, set[str] | None]]:
+    try:
+        doc = json.loads(index.read_text())
+        weight_map = doc["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        raise MergebenchError(f"{index}: not a weight index (needs a 'weight_map' object)") from None
+    folder = index.parent.resolve()
+    by_shard: dict[str, set[str]] = {}
+    for key, shard in weight_map.items():
+        by_shard.setdefault(shard, set()).add(key)
+    files = []
+    for shard in sorted(by_shard):
+        if not isinstance(shard, str) or os.path.isabs(shard) or ".." in Path(shard).parts:
+            raise MergebenchError(f"{index}: shard name {shard!r} must be a plain name inside the folder")
+        file = (index.parent / shard).resolve()
+        if folder not in file.parents:
+            raise MergebenchError(f"{index}: shard {shard!r} resolves outside the model folder")
+        if not file.is_file():
+            raise MergebenchError(f"{index}: names shard {shard!r}, which does not exist")
+        files.append((file, by_shard[shard]))
+    return files
+
+
+class StateDictSource:
+    """A state dict in memory seen as a source, so the eager API runs through the same executor."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], label: str):
+        self.label = label
+        self._tensors = dict(tensors)
+        for key, value in self._tensors.items():
+            if not isinstance(value, torch.Tensor):
+                raise MergebenchError(f"{label}: value of '{key}' is a {type(value).__name__}, not a tensor")
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def info(self, key: str) -> TensorInfo:
+        t = self._tensors[key]
+        return TensorInfo(key, t.dtype, tuple(t.shape), None, 0, t.numel() * t.element_size())
+
+    def read(self, key: str) -> torch.Tensor:
+        return self._tensors[key]

@@ -1,0 +1,208 @@
+"""Run a Graph: statistics passes if any operator needs them, then the main pass, key by key.
+
+Each pass visits keys in storage order. For a key, every model tensor that any node of any output
+needs is read once (a background thread reads the next keys while this one computes), upcast on
+the chosen device, and shared through a per-key cache by every node and every output; nothing of
+a key outlives it. Results are cast once to the output dtype and handed to the sinks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from mergebench.operators.base import CHECKPOINT, DELTA, KeyContext, is_list_type
+
+from mergebench.errors import MergebenchError
+from mergebench.graph import Graph, OutputPlan
+from mergebench.layers import block_index
+from mergebench.numerics import compute_dtype
+from mergebench.recipe import Node
+
+PREFETCH_KEYS = 2
+
+Value = Any  # a tensor, or a list of tensors for list-valued nodes
+
+
+class Sink(Protocol):
+    def write(self, key: str, value: Value) -> int: ...
+
+
+@dataclass(frozen=True)
+class Summary:
+    tensors: int
+    bytes_read: int
+    bytes_written: int
+    passes: int
+    seconds: float
+    device: str
+
+
+def statistics_stages(graph: Graph) -> list[list[str]]:
+    """Nodes with a statistics pass, grouped so each stage needs only the results of earlier ones.
+
+    All nodes of one stage accumulate during a single streamed pass over the keys.
+    """
+    depth: dict[str, int] = {}
+    for name, node in graph.nodes.items():  # topological order
+        upstream = max((depth[r] for r in node.refs() if r in depth), default=-1)
+        depth[name] = upstream + 1 if node.op.statistics else upstream
+    stages: dict[int, list[str]] = {}
+    for name, node in graph.nodes.items():
+        if node.op.statistics:
+            stages.setdefault(depth[name], []).append(name)
+    return [stages[d] for d in sorted(stages)]
+
+
+def execute(
+    graph: Graph,
+    sinks: list[Sink],
+    device: torch.device,
+    progress: Callable[[int], None] | None = None,
+) -> Summary:
+    """Compute every output of ``graph`` into the matching sink; ``progress`` gets bytes read per key."""
+    start = time.perf_counter()
+    stats: dict[str, Any] = {}
+    bytes_read = 0
+    stages = statistics_stages(graph)
+    for stage in stages:
+        bytes_read += _statistics_pass(graph, stage, device, stats, progress)
+    bytes_written = 0
+    tensors = 0
+    for key, raw in _prefetch(graph, graph.keys, graph.needed_for_key):
+        env = _KeyValues(graph, key, raw, device, stats)
+        for plan, sink in zip(graph.outputs, sinks):
+            if key in plan.dtypes:
+                bytes_written += sink.write(key, _output_value(graph, plan, env))
+                tensors += 1
+        read_now = sum(t.nbytes for t in raw.values() if isinstance(t, torch.Tensor))
+        bytes_read += read_now
+        if progress:
+            progress(read_now)
+    return Summary(tensors, bytes_read, bytes_written, 1 + len(stages), time.perf_counter() - start, str(device))
+
+
+def _statistics_pass(graph: Graph, stage: list[str], device: torch.device, stats: dict[str, Any],
+                     progress: Callable[[int], None] | None) -> int:
+    nodes = [graph.nodes[name] for name in stage]
+    states = {node.name: node.op.statistics.init(node.params) for node in nodes}
+
+    def needed(key: str) -> set[str]:
+        return set().union(*(graph.needed(r, key) for node in nodes if node.selects(key) for r in node.refs()))
+
+    bytes_read = 0
+    for key, raw in _prefetch(graph, graph.keys, needed):
+        env = _KeyValues(graph, key, raw, device, stats)
+        for node in nodes:
+            if node.selects(key) and graph.is_floating(node.name, key):
+                inputs = env.inputs(node)
+                node.op.statistics.accumulate(states[node.name], inputs, node.params_for(key), env.context(node))
+        read_now = sum(t.nbytes for t in raw.values())
+        bytes_read += read_now
+        if progress:
+            progress(read_now)
+    for node in nodes:
+        stats[node.name] = node.op.statistics.finalize(states[node.name], node.params)
+    return bytes_read
+
+
+def _output_value(graph: Graph, plan: OutputPlan, env: _KeyValues) -> Value:
+    """The finished tensor(s) of one output at one key: cast once, checked finite, on the CPU."""
+    key = env.key
+    if not graph.is_floating(plan.primary, key):
+        return _buffer(plan.primary, plan.models, env)
+    dtype = plan.dtypes[key]
+    value = env.value(plan.output.node)
+    values = value if isinstance(value, list) else [value]
+    cast = []
+    for v in values:
+        out = v.to(dtype=dtype)
+        if not bool(torch.isfinite(out).all()):
+            raise MergebenchError(f"node '{plan.output.node}' produced a non-finite value in tensor '{key}' "
+                                  f"(as {dtype}); nothing was written")
+        cast.append(out.cpu())
+    return cast if isinstance(value, list) else cast[0]
+
+
+def _buffer(primary: str, models: Iterable[str], env: _KeyValues) -> torch.Tensor:
+    """OPERATORS.md §0.2: integer and bool tensors are copied from the primary model, never combined."""
+    reference = env.raw[primary]
+    for model in models:
+        other = env.raw[model]
+        if other.dtype != reference.dtype or not torch.equal(other, reference):
+            raise MergebenchError(f"buffer '{env.key}' differs between models '{primary}' and '{model}' "
+                                  f"(integer and bool tensors are copied, never combined)")
+    return reference
+
+
+class _KeyValues:
+    """Per-key values of models and nodes, each computed at most once for this key."""
+
+    def __init__(self, graph: Graph, key: str, raw: dict[str, torch.Tensor], device: torch.device,
+                 stats: dict[str, Any]):
+        self.graph = graph
+        self.key = key
+        self.raw = raw
+        self.device = device
+        self.stats = stats
+        self.cache: dict[str, Value] = {}
+
+    def value(self, ref: str) -> Value:
+        if ref not in self.cache:
+            self.cache[ref] = self._model(ref) if ref in self.graph.sources else self._node(self.graph.nodes[ref])
+        return self.cache[ref]
+
+    def _model(self, name: str) -> torch.Tensor:
+        tensor = self.raw[name]
+        return tensor.to(device=self.device, dtype=compute_dtype(tensor.dtype))
+
+    def _node(self, node: Node) -> Value:
+        if not node.selects(self.key):
+            return self._unchanged(node)
+        return node.op.fn(**self.inputs(node), p=node.params_for(self.key), ctx=self.context(node))
+
+    def inputs(self, node: Node) -> dict[str, Value]:
+        return {slot: self.value(ref) if isinstance(ref, str) else [self.value(r) for r in ref]
+                for slot, ref in node.inputs.items()}
+
+    def context(self, node: Node) -> KeyContext:
+        return KeyContext(self.key, block_index(self.key), self.graph.num_blocks[node.name], node.seed,
+                          self.stats.get(node.name))
+
+    def _unchanged(self, node: Node) -> Value:
+        """An unselected key: a Checkpoint keeps its primary input's value, a Delta is zero."""
+        if node.result == CHECKPOINT:
+            return self.value(node.primary)
+        shape = self.graph.info(node.name, self.key).shape
+        zero = torch.zeros(shape, dtype=torch.float32, device=self.device)
+        if is_list_type(node.result):
+            return [zero.clone() for _ in range(node.list_length or 1)]
+        assert node.result == DELTA
+        return zero
+
+
+def _prefetch(graph: Graph, keys: list[str], needed: Callable[[str], set[str]]
+              ) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    """Yield each key with its input tensors, read in a background thread a few keys ahead."""
+
+    def read(key: str) -> dict[str, torch.Tensor]:
+        return {model: graph.sources[model].read(key) for model in sorted(needed(key))}
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergebench-read") as pool:
+        pending: deque = deque()
+        upcoming = iter(keys)
+        for key in upcoming:
+            pending.append((key, pool.submit(read, key)))
+            if len(pending) >= PREFETCH_KEYS:
+                break
+        while pending:
+            key, future = pending.popleft()
+            following = next(upcoming, None)
+            if following is not None:
+                pending.append((following, pool.submit(read, following)))
+            yield key, future.result()

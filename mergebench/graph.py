@@ -1,0 +1,165 @@
+"""A validated Recipe bound to its inputs: key sets and shapes checked, the per-key plan compiled.
+
+Only headers are read here. The plan says, for every output key, its shape and dtype, and for every
+(node, key) which models must be read; ``mergebench plan`` prints its summary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from mergebench.operators.base import CHECKPOINT
+
+from mergebench.checkpoint import Checkpoint, Source
+from mergebench.errors import MergebenchError
+from mergebench.layers import count_blocks
+from mergebench.recipe import Node, Output, Recipe, primary_model
+from mergebench.safetensors_format import TensorInfo
+from mergebench.writer import PlannedTensor
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    output: Output
+    primary: str  # the model whose buffers, dtypes and files the output inherits
+    models: tuple[str, ...]  # every model the output depends on
+    tensors: tuple[PlannedTensor, ...]  # in write order
+    dtypes: dict[str, torch.dtype]  # output dtype by key
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+class Graph:
+    """The recipe's DAG over opened sources; every check that needs headers happens in ``__init__``."""
+
+    def __init__(self, recipe: Recipe, sources: Mapping[str, Source] | None = None):
+        self.recipe = recipe
+        self.nodes: dict[str, Node] = recipe.nodes
+        self.sources: dict[str, Source] = dict(sources or {})
+        self._models_of: dict[str, tuple[str, ...]] = {}
+        for name, path in recipe.models.items():
+            if name not in self.sources:
+                self.sources[name] = Checkpoint(path)
+        self.outputs = [self._plan_output(out) for out in recipe.outputs]
+        self.keys = self._key_order()
+        self.num_blocks = {name: count_blocks(self.sources[primary_model(recipe, name)].keys) for name in self.nodes}
+        reachable = {n for plan in self.outputs for n in self._nodes_of(plan.output.node)}
+        for name in reachable:
+            self._check_shapes(self.nodes[name])
+
+    def models_of(self, ref: str) -> tuple[str, ...]:
+        """The models a node depends on, in first-use order."""
+        if ref in self.sources:
+            return (ref,)
+        if ref not in self._models_of:
+            seen: dict[str, None] = {}
+            for r in self.nodes[ref].refs():
+                seen.update(dict.fromkeys(self.models_of(r)))
+            self._models_of[ref] = tuple(seen)
+        return self._models_of[ref]
+
+    def _nodes_of(self, ref: str) -> set[str]:
+        if ref in self.sources:
+            return set()
+        return {ref}.union(*(self._nodes_of(r) for r in self.nodes[ref].refs()))
+
+    def needed(self, ref: str, key: str) -> set[str]:
+        """The models that must be read to compute ``ref`` at ``key`` (an unselected key reads less)."""
+        if ref in self.sources:
+            return {ref}
+        node = self.nodes[ref]
+        if not node.selects(key):
+            return self.needed(node.primary, key) if node.result == CHECKPOINT else set()
+        return set().union(*(self.needed(r, key) for r in node.refs()))
+
+    def info(self, ref: str, key: str) -> TensorInfo:
+        """Header facts of a key as ``ref`` sees it (from its first model; shapes agree by construction)."""
+        return self.sources[self.models_of(ref)[0]].info(key)
+
+    def is_floating(self, ref: str, key: str) -> bool:
+        return self.info(ref, key).is_floating
+
+    @cached_property
+    def bytes_to_read(self) -> int:
+        """Stored bytes of every input tensor the main pass reads (each read once, shared by outputs)."""
+        total = 0
+        for key in self.keys:
+            models = set().union(*(self._needed_for_output(plan, key) for plan in self.outputs if key in
+                                   plan.dtypes))
+            total += sum(self.sources[m].info(key).nbytes for m in models)
+        return total
+
+    @cached_property
+    def peak_memory_estimate(self) -> int:
+        """Bytes held at the worst key: stored inputs (current and prefetched), their float32 copies,
+        one float32 value per node, and the cast output."""
+        worst = 0
+        for key in self.keys:
+            models = [m for m in self.sources if key in self.sources[m].keys]
+            stored = sum(self.sources[m].info(key).nbytes for m in models)
+            numel = self.sources[models[0]].info(key).numel
+            float_values = (len(models) + len(self.nodes) + 1) * numel * 4
+            worst = max(worst, 2 * stored + float_values)
+        return worst
+
+    def _needed_for_output(self, plan: OutputPlan, key: str) -> set[str]:
+        if not self.is_floating(plan.primary, key):
+            return set(plan.models)
+        return self.needed(plan.output.node, key)
+
+    def needed_for_key(self, key: str) -> set[str]:
+        return set().union(*(self._needed_for_output(p, key) for p in self.outputs if key in p.dtypes))
+
+    def _plan_output(self, out: Output) -> OutputPlan:
+        primary = primary_model(self.recipe, out.node)
+        models = self.models_of(out.node)
+        reference = self.sources[primary]
+        for model in models:
+            self._check_same_keys(reference, primary, self.sources[model], model)
+        tensors = []
+        for key in reference.keys:
+            info = reference.info(key)
+            dtype = DTYPES[out.dtype] if out.dtype and info.is_floating else info.dtype
+            tensors.append(PlannedTensor(key, dtype, info.shape))
+        return OutputPlan(out, primary, models, tuple(tensors), {t.key: t.dtype for t in tensors})
+
+    def _check_same_keys(self, reference: Source, ref_name: str, other: Source, other_name: str) -> None:
+        a, b = set(reference.keys), set(other.keys)
+        if a != b:
+            only_a, only_b = sorted(a - b), sorted(b - a)
+            detail = "; ".join(
+                f"only in '{name}': {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''} ({len(keys)})"
+                for name, keys in ((ref_name, only_a), (other_name, only_b)) if keys
+            )
+            raise MergebenchError(f"{self.recipe.file}: models '{ref_name}' ({reference.label}) and "
+                                  f"'{other_name}' ({other.label}) have different tensors: {detail}")
+
+    def _check_shapes(self, node: Node) -> None:
+        models = self.models_of(node.name)
+        reference = self.sources[models[0]]
+        for key in reference.keys:
+            if not node.selects(key):
+                continue
+            info = reference.info(key)
+            for model in models[1:]:
+                other = self.sources[model].info(key)
+                if other.shape != info.shape or other.is_floating != info.is_floating:
+                    raise MergebenchError(
+                        f"{self.recipe.file}: node '{node.name}': tensor '{key}' is {info.dtype} {list(info.shape)} "
+                        f"in '{models[0]}' but {other.dtype} {list(other.shape)} in '{model}' "
+                        f"(exclude it from the node to keep the first model's)"
+                    )
+
+    def _key_order(self) -> list[str]:
+        """Storage order of the first output's primary model, then any keys only other outputs have."""
+        order: dict[str, None] = {}
+        for plan in self.outputs:
+            order.update(dict.fromkeys(t.key for t in plan.tensors))
+        return list(order)

@@ -1,0 +1,439 @@
+"""YAML recipe -> a validated Recipe, checked whole before any weight is read.
+
+Every error names the recipe file and the line of the offending value: unknown operator or
+parameter, a bad value, an input naming nothing, a cycle, a type mismatch along an edge, an
+output written inside an input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from mergebench.operators import REGISTRY
+from mergebench.operators.base import (
+    CHECKPOINT,
+    Operator,
+    Params,
+    Signature,
+    is_list_type,
+    list_of,
+)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from mergebench.errors import MergebenchError, located
+
+MAX_YAML_NODES = 100_000
+MEMORY_PATH = "<memory>"  # an output kept in memory (the eager API): any value type, no files
+OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from an int or a string with a unit (``500MB``, ``5GB``, ``1GiB``)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value <= 0:
+            raise ValueError("must be positive")
+        return value
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(value))
+    if not match or match.group(2).upper() not in _UNITS:
+        raise ValueError(f"{value!r} is not a size such as 500MB, 5GB or 1GiB")
+    try:
+        size = int(Decimal(match.group(1)) * _UNITS[match.group(2).upper()])
+    except InvalidOperation:
+        raise ValueError(f"{value!r} is not a size such as 500MB, 5GB or 1GiB") from None
+    if size <= 0:
+        raise ValueError("must be positive")
+    return size
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class OverrideSpec(_Strict):
+    match: str
+    params: dict[str, Any]
+
+
+class NodeSpec(_Strict):
+    op: str
+    inputs: dict[str, str | list[str]]
+    params: dict[str, Any] = Field(default_factory=dict)
+    overrides: list[OverrideSpec] = Field(default_factory=list)
+    include: list[str] = Field(default_factory=list)
+    exclude: list[str] = Field(default_factory=list)
+    seed: int | None = None
+
+
+class OutputSpec(_Strict):
+    from_: str = Field(alias="from")
+    path: str
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    shard_size: int | str = "5GB"
+    copy_files_from: str | None = None
+
+    @field_validator("shard_size")
+    @classmethod
+    def _valid_size(cls, value: int | str) -> int | str:
+        parse_size(value)
+        return value
+
+
+class RecipeSpec(_Strict):
+    models: dict[str, str]
+    nodes: dict[str, NodeSpec]
+    outputs: list[OutputSpec] = Field(min_length=1)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Node:
+    """A node after validation: its operator, the signature its inputs chose, typed parameters."""
+
+    name: str
+    op: Operator
+    signature: Signature
+    inputs: dict[str, str | list[str]]
+    params: Params
+    overrides: tuple[tuple[re.Pattern[str], Params], ...]
+    include: tuple[re.Pattern[str], ...]
+    exclude: tuple[re.Pattern[str], ...]
+    seed: int
+    list_length: int | None  # how many values a list-valued node yields
+
+    @property
+    def result(self) -> str:
+        return self.signature.result
+
+    @property
+    def primary(self) -> str:
+        """The input an unselected key passes through from (the first slot; first element of a list)."""
+        ref = self.inputs[next(iter(self.signature.slots))]
+        return ref if isinstance(ref, str) else ref[0]
+
+    def refs(self) -> list[str]:
+        return [r for ref in self.inputs.values() for r in ([ref] if isinstance(ref, str) else ref)]
+
+    def selects(self, key: str) -> bool:
+        """OPERATORS.md §0.2: include (if any) must match, no exclude may match (re.search)."""
+        if self.include and not any(p.search(key) for p in self.include):
+            return False
+        return not any(p.search(key) for p in self.exclude)
+
+    def params_for(self, key: str) -> Params:
+        for pattern, params in self.overrides:
+            if pattern.search(key):
+                return params
+        return self.params
+
+
+@dataclass(frozen=True)
+class Output:
+    node: str
+    path: Path
+    dtype: str | None
+    shard_size: int
+    copy_files_from: str | None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A recipe that passed every check that needs no weights; models are absolute paths."""
+
+    file: Path
+    models: dict[str, str]
+    nodes: dict[str, Node]  # in topological order
+    outputs: tuple[Output, ...]
+    seed: int
+    resolved: dict[str, Any]  # the recipe as run (after --set, paths absolute), for provenance
+
+    @property
+    def sha256(self) -> str:
+        canonical = json.dumps(self.resolved, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def load_recipe(path: str | Path, sets: dict[str, str] | None = None) -> Recipe:
+    """Read a YAML recipe, apply ``--set node.param=value`` overrides, and validate it whole."""
+    file = Path(path)
+    try:
+        text = file.read_text()
+    except OSError as exc:
+        raise MergebenchError(f"{file}: cannot read recipe ({exc.strerror})") from None
+    data, lines = _parse_yaml(text, file)
+    return build_recipe(data, file, lines, sets or {}, base_dir=file.resolve().parent)
+
+
+def build_recipe(
+    data: Any,
+    file: Path,
+    lines: dict[tuple[Any, ...], int],
+    sets: dict[str, Any],
+    base_dir: Path,
+    in_memory: frozenset[str] = frozenset(),
+    model_types: dict[str, str] | None = None,
+) -> Recipe:
+    """Validate recipe data (from YAML or from the Python API).
+
+    Models in ``in_memory`` are not paths; ``model_types`` lets an in-memory model be a Delta.
+    """
+    where = _Locator(file, lines)
+    if not isinstance(data, dict):
+        raise where.error((), "a recipe is a mapping with 'models', 'nodes' and 'outputs'")
+    _apply_sets(data, sets, where)
+    try:
+        spec = RecipeSpec.model_validate(data)
+    except ValidationError as exc:
+        raise where.pydantic(exc, ()) from None
+    models = {
+        name: p if name in in_memory else str((base_dir / p).resolve()) for name, p in spec.models.items()
+    }
+    nodes = _check_nodes(spec, where, model_types or {})
+    outputs = tuple(_check_output(i, out, spec, nodes, models, base_dir, where, in_memory)
+                    for i, out in enumerate(spec.outputs))
+    resolved = spec.model_dump(by_alias=True, exclude_none=True)
+    resolved["models"] = models
+    for out_doc, out in zip(resolved["outputs"], outputs):
+        out_doc["path"] = str(out.path)
+        if out.copy_files_from:
+            out_doc["copy_files_from"] = out.copy_files_from
+    return Recipe(file, models, nodes, outputs, spec.seed, resolved)
+
+
+def _check_nodes(spec: RecipeSpec, where: _Locator, model_types: dict[str, str]) -> dict[str, Node]:
+    for name in spec.nodes:
+        if name in spec.models:
+            raise where.error(("nodes", name), f"node '{name}' has the same name as a model")
+    order = _topological_order(spec, where)
+    nodes: dict[str, Node] = {}
+    for name in order:
+        node_spec = spec.nodes[name]
+        nodes[name] = _check_node(name, node_spec, spec, nodes, where, model_types)
+    return nodes
+
+
+def _check_node(name: str, spec: NodeSpec, recipe: RecipeSpec, done: dict[str, Node], where: _Locator,
+                model_types: dict[str, str]) -> Node:
+    loc = ("nodes", name)
+    op = REGISTRY.get(spec.op)
+    if op is None:
+        known = ", ".join(sorted(REGISTRY))
+        raise where.error((*loc, "op"), f"node '{name}': unknown operator '{spec.op}' (known: {known})")
+    sig = op.signature_for(set(spec.inputs))
+    if sig is None:
+        accepted = "; ".join(s.describe() for s in op.signatures)
+        raise where.error((*loc, "inputs"), f"node '{name}': {op.name} takes inputs {accepted}, "
+                                            f"got ({', '.join(spec.inputs)})")
+    lengths: dict[str, int] = {}
+    for slot, ref in spec.inputs.items():
+        got = _ref_type(ref, recipe, done, model_types, where, (*loc, "inputs", slot))
+        if got not in sig.slots[slot]:
+            raise where.error((*loc, "inputs", slot), f"node '{name}': input '{slot}' needs "
+                              f"{' or '.join(sig.slots[slot])}, got {got}")
+        if isinstance(ref, list):
+            lengths[slot] = len(ref)
+        elif is_list_type(got):
+            lengths[slot] = done[ref].list_length
+    params = _validate_params(op, spec.params, where, (*loc, "params"), name)
+    problem = op.check(params, lengths) if op.check else None
+    if problem:
+        raise where.error((*loc, "params"), f"node '{name}': {problem}")
+    overrides = []
+    for i, override in enumerate(spec.overrides):
+        merged = {**spec.params, **override.params}
+        override_params = _validate_params(op, merged, where, (*loc, "overrides", i, "params"), name)
+        overrides.append((_compile(override.match, where, (*loc, "overrides", i, "match")), override_params))
+    return Node(
+        name=name,
+        op=op,
+        signature=sig,
+        inputs=dict(spec.inputs),
+        params=params,
+        overrides=tuple(overrides),
+        include=tuple(_compile(p, where, (*loc, "include", i)) for i, p in enumerate(spec.include)),
+        exclude=tuple(_compile(p, where, (*loc, "exclude", i)) for i, p in enumerate(spec.exclude)),
+        seed=recipe.seed if spec.seed is None else spec.seed,
+        list_length=next(iter(lengths.values()), None) if is_list_type(sig.result) else None,
+    )
+
+
+def _ref_type(ref: str | list[str], recipe: RecipeSpec, done: dict[str, Node], model_types: dict[str, str],
+              where: _Locator, loc: tuple[Any, ...]) -> str:
+    if isinstance(ref, list):
+        if not ref:
+            raise where.error(loc, "an input list must not be empty")
+        types = {_ref_type(r, recipe, done, model_types, where, (*loc, i)) for i, r in enumerate(ref)}
+        if len(types) != 1 or is_list_type(next(iter(types))):
+            raise where.error(loc, f"list elements must all be single values of one type, got {sorted(types)}")
+        return list_of(types.pop())
+    if ref in recipe.models:
+        return model_types.get(ref, CHECKPOINT)
+    if ref in done:
+        return done[ref].result
+    raise where.error(loc, f"input '{ref}' names no model or node")
+
+
+def _validate_params(op: Operator, values: dict[str, Any], where: _Locator, loc: tuple[Any, ...],
+                     node: str) -> Params:
+    try:
+        return op.params.model_validate(values)
+    except ValidationError as exc:
+        raise where.pydantic(exc, loc, prefix=f"node '{node}' ({op.name}): ") from None
+
+
+def _compile(pattern: str, where: _Locator, loc: tuple[Any, ...]) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise where.error(loc, f"invalid regular expression {pattern!r}: {exc}") from None
+
+
+def _topological_order(spec: RecipeSpec, where: _Locator) -> list[str]:
+    order: list[str] = []
+    state: dict[str, str] = {}
+
+    def visit(name: str, trail: list[str]) -> None:
+        if state.get(name) == "done":
+            return
+        if state.get(name) == "visiting":
+            cycle = " -> ".join([*trail[trail.index(name):], name])
+            raise where.error(("nodes", name), f"the nodes form a cycle: {cycle}")
+        state[name] = "visiting"
+        for ref in spec.nodes[name].inputs.values():
+            for r in [ref] if isinstance(ref, str) else ref:
+                if r in spec.nodes:
+                    visit(r, [*trail, name])
+        state[name] = "done"
+        order.append(name)
+
+    for name in spec.nodes:
+        visit(name, [])
+    return order
+
+
+def _check_output(i: int, out: OutputSpec, spec: RecipeSpec, nodes: dict[str, Node], models: dict[str, str],
+                  base_dir: Path, where: _Locator, in_memory: frozenset[str]) -> Output:
+    loc = ("outputs", i)
+    if out.from_ in nodes:
+        value_type = nodes[out.from_].result
+    elif out.from_ in models:
+        value_type = CHECKPOINT
+    else:
+        raise where.error((*loc, "from"), f"output {i} comes from '{out.from_}', which names no node or model")
+    if out.path == MEMORY_PATH:
+        return Output(out.from_, Path(MEMORY_PATH), out.dtype, parse_size(out.shard_size), None)
+    if value_type != CHECKPOINT:
+        raise where.error((*loc, "from"), f"output {i} comes from '{out.from_}', a {value_type}: add an 'apply' "
+                                          f"node to turn it into a Checkpoint")
+    path = (base_dir / out.path).resolve()
+    for name, model_path in models.items():
+        if name in in_memory:
+            continue
+        model = Path(model_path)
+        inside_model = model.is_dir() and model in path.parents
+        if path == model or path in model.parents or inside_model:
+            raise where.error((*loc, "path"), f"output path {path} would overwrite input '{name}' ({model})")
+    copy_from = out.copy_files_from
+    if copy_from is None and "copy_files_from" not in out.model_fields_set:
+        copy_from = _primary_model(out.from_, nodes)
+    if copy_from is not None and copy_from not in models:
+        raise where.error((*loc, "copy_files_from"), f"copy_files_from names '{copy_from}', which is not a model")
+    return Output(out.from_, path, out.dtype, parse_size(out.shard_size), copy_from)
+
+
+def _primary_model(ref: str, nodes: dict[str, Node]) -> str:
+    while ref in nodes:
+        ref = nodes[ref].primary
+    return ref
+
+
+def primary_model(recipe: Recipe, ref: str) -> str:
+    """The model a node's non-weight files, buffers and default dtypes come from."""
+    return _primary_model(ref, recipe.nodes)
+
+
+def _apply_sets(data: dict[str, Any], sets: dict[str, Any], where: _Locator) -> None:
+    for target, value in sets.items():
+        node, _, param = target.partition(".")
+        nodes = data.get("nodes")
+        if not param or not isinstance(nodes, dict) or node not in nodes or not isinstance(nodes[node], dict):
+            raise MergebenchError(f"--set {target}: expected NODE.PARAM naming a node of {where.file}")
+        nodes[node].setdefault("params", {})
+        if not isinstance(nodes[node]["params"], dict):
+            raise where.error(("nodes", node, "params"), f"node '{node}': params must be a mapping")
+        nodes[node]["params"][param] = yaml.safe_load(value) if isinstance(value, str) else value
+
+
+class _Locator:
+    """Turns a path inside the recipe document into ``file:line: message``."""
+
+    def __init__(self, file: Path, lines: dict[tuple[Any, ...], int]):
+        self.file = file
+        self.lines = lines
+
+    def line(self, loc: tuple[Any, ...]) -> int | None:
+        for end in range(len(loc), -1, -1):
+            if loc[:end] in self.lines:
+                return self.lines[loc[:end]]
+        return None
+
+    def error(self, loc: tuple[Any, ...], message: str) -> MergebenchError:
+        return located(self.file, self.line(loc), message)
+
+    def pydantic(self, exc: ValidationError, loc: tuple[Any, ...], prefix: str = "") -> MergebenchError:
+        first = exc.errors()[0]
+        field_loc = tuple("from" if part == "from_" else part for part in first["loc"])
+        full = (*loc, *field_loc)
+        name = ".".join(str(p) for p in full) or "recipe"
+        message = first["msg"]
+        if first["type"] == "extra_forbidden":
+            message = "unknown name"
+        elif first["type"] == "missing":
+            message = "required but missing"
+        return self.error(full, f"{prefix}{name}: {message}")
+
+
+def _parse_yaml(text: str, file: Path) -> tuple[Any, dict[tuple[Any, ...], int]]:
+    """yaml.safe_load, plus the line of every mapping value and list item, with a node budget."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise located(file, line, f"YAML syntax error: {problem}") from None
+    lines: dict[tuple[Any, ...], int] = {}
+    budget = [MAX_YAML_NODES]
+    constructor = yaml.SafeLoader("")
+
+    def convert(node: yaml.Node, path: tuple[Any, ...]) -> Any:
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise located(file, node.start_mark.line + 1, "recipe too large (more than "
+                          f"{MAX_YAML_NODES} YAML values; an alias bomb?)")
+        lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            result = {}
+            for key_node, value_node in node.value:
+                key = constructor.construct_object(key_node, deep=True)
+                if not isinstance(key, (str, int, float, bool)):
+                    raise located(file, key_node.start_mark.line + 1, "mapping keys must be plain values")
+                lines[(*path, key)] = key_node.start_mark.line + 1
+                result[key] = convert(value_node, (*path, key))
+            return result
+        if isinstance(node, yaml.SequenceNode):
+            return [convert(item, (*path, i)) for i, item in enumerate(node.value)]
+        return constructor.construct_object(node, deep=True)
+
+    if root is None:
+        raise located(file, None, "the recipe is empty")
+    return convert(root, ()), lines
+

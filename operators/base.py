@@ -1,0 +1,158 @@
+"""The operator contract and the registry.
+
+An operator is a plain per-key function on float32 torch tensors, registered under its recipe name
+with the types of its input slots, the type of its result and a pydantic model of its parameters.
+It knows nothing of files, shards, devices or key order: the engine reads, upcasts, selects keys,
+applies per-key overrides, casts and writes. Operators that need a number computed over the whole
+model first (a global threshold, an L1 norm) declare a ``StatisticsPass``; the executor streams it
+before the main pass and hands its result to the function as ``ctx.stats``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+# Value types flowing along the recipe's edges (OPERATORS.md §0.9).
+CHECKPOINT = "Checkpoint"
+DELTA = "Delta"
+
+
+def list_of(value_type: str) -> str:
+    return f"[{value_type}]"
+
+
+def is_list_type(value_type: str) -> bool:
+    return value_type.startswith("[")
+
+
+def element_type(value_type: str) -> str:
+    return value_type[1:-1] if is_list_type(value_type) else value_type
+
+
+class Params(BaseModel):
+    """Base of every operator's parameter model: unknown names are errors, ``lambda`` may be ``lambda_``."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+@dataclass(frozen=True)
+class Signature:
+    """One accepted set of input slots (each with the value types it takes) and the result it gives."""
+
+    slots: dict[str, tuple[str, ...]]
+    result: str
+
+    def describe(self) -> str:
+        slots = ", ".join(f"{name}: {' | '.join(types)}" for name, types in self.slots.items())
+        return f"({slots}) -> {self.result}"
+
+
+def signature(result: str, **slots: str | tuple[str, ...]) -> Signature:
+    return Signature({k: (v,) if isinstance(v, str) else v for k, v in slots.items()}, result)
+
+
+def draw_seed(seed: int, stream: str, input_index: int, key: str) -> int:
+    """OPERATORS.md §0.5: one seed per (node seed, kind of draw, input position, key)."""
+    digest = hashlib.blake2b(f"{seed}|{stream}|{input_index}|{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+@dataclass
+class KeyContext:
+    """What an operator may know about the key it is computing, beyond the tensors themselves."""
+
+    key: str
+    block: int | None  # 0-based block index (OPERATORS.md §0.6), None outside blocks
+    num_blocks: int
+    seed: int
+    stats: Any = None  # the result of the operator's statistics pass, if it has one
+
+    def generator(self, stream: str, input_index: int) -> torch.Generator:
+        """A CPU generator for this key, so random draws do not depend on device, order or sharding."""
+        return torch.Generator(device="cpu").manual_seed(draw_seed(self.seed, stream, input_index, self.key))
+
+
+@dataclass(frozen=True)
+class StatisticsPass:
+    """A streamed pass over every selected key that leaves a small state for the main pass.
+
+    ``accumulate(state, inputs, params, ctx)`` sees the same per-key inputs the operator function
+    will see; ``finalize(state, params)`` turns the state into ``ctx.stats``.
+    """
+
+    init: Callable[[Params], Any]
+    accumulate: Callable[[Any, dict[str, Any], Params, KeyContext], None]
+    finalize: Callable[[Any, Params], Any] = lambda state, params: state
+
+
+@dataclass(frozen=True)
+class Operator:
+    name: str
+    fn: Callable[..., Any]
+    params: type[Params]
+    signatures: tuple[Signature, ...]
+    execution: str
+    statistics: StatisticsPass | None = None
+    check: Callable[[Params, dict[str, int]], str | None] | None = None
+    doc: str = field(default="")
+
+    def signature_for(self, slot_names: set[str]) -> Signature | None:
+        for sig in self.signatures:
+            if set(sig.slots) == slot_names:
+                return sig
+        return None
+
+    def __call__(self, **kwargs: Any) -> Any:
+        """Eager on tensors or state dicts, lazy on ``mergebench.load`` checkpoints (see mergebench.api)."""
+        from mergebench.api import call_operator
+
+        return call_operator(self, kwargs)
+
+
+REGISTRY: dict[str, Operator] = {}
+
+
+class NoParams(Params):
+    pass
+
+
+def operator(
+    name: str,
+    *,
+    signatures: list[Signature],
+    params: type[Params] = NoParams,
+    execution: str = "per-tensor",
+    statistics: StatisticsPass | None = None,
+    check: Callable[[Params, dict[str, int]], str | None] | None = None,
+) -> Callable[[Callable[..., Any]], Operator]:
+    """Register ``fn(**slots, p=params, ctx=KeyContext)`` under its recipe name.
+
+    The first slot of a signature is its primary input: an unselected key of a Checkpoint-valued
+    node keeps that input's value (a Delta-valued node gives a zero delta), and the output dtype of a
+    key is that input's dtype.
+    ``check(params, list_lengths)`` catches parameter errors that depend on how many inputs a list has.
+    """
+
+    def register(fn: Callable[..., Any]) -> Operator:
+        op = Operator(
+            name=name,
+            fn=fn,
+            params=params,
+            signatures=tuple(signatures),
+            execution=execution,
+            statistics=statistics,
+            check=check,
+            doc=(fn.__doc__ or "").strip(),
+        )
+        if name in REGISTRY:
+            raise ValueError(f"operator '{name}' registered twice")
+        REGISTRY[name] = op
+        return op
+
+    return register

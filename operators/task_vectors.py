@@ -1,0 +1,69 @@
+"""Task vectors: deltas from a base, applying them, and Task Arithmetic (OPERATORS.md §0.9, §9.1)."""
+
+from __future__ import annotations
+
+from itertools import chain
+
+import torch
+from mergebench.operators.base import CHECKPOINT, DELTA, Params, list_of, operator, signature
+from pydantic import Field
+
+from mergebench.numerics import weighted_sum
+
+
+@operator("delta", signatures=[signature(list_of(DELTA), base=CHECKPOINT, models=list_of(CHECKPOINT))])
+def delta(base: torch.Tensor, models: list[torch.Tensor], p, ctx) -> list[torch.Tensor]:
+    """Task vectors τ_t = θ_t − θ_base, one Delta per model, in the order given."""
+    return [model - base for model in models]
+
+
+class ApplyParams(Params):
+    scale: float = Field(1.0, description="multiplier on the delta (on each delta of a list, which is summed)")
+
+
+@operator(
+    "apply",
+    signatures=[signature(CHECKPOINT, base=CHECKPOINT, delta=(DELTA, list_of(DELTA)))],
+    params=ApplyParams,
+)
+def apply(base: torch.Tensor, delta: torch.Tensor | list[torch.Tensor], p: ApplyParams, ctx) -> torch.Tensor:
+    """θ = θ_base + scale·Σ τ: turns a Delta (or a list of them) back into a Checkpoint."""
+    deltas = delta if isinstance(delta, list) else [delta]
+    return weighted_sum([base, *deltas], [1.0] + [p.scale] * len(deltas))
+
+
+class TaskArithmeticParams(Params):
+    lambda_: float = Field(0.3, alias="lambda", description="scaling λ of the summed task vectors")
+    weights: list[float] | None = Field(None, description="per-task weights w_t (default all 1; -1 negates a task)")
+
+
+def _check_weights(p: TaskArithmeticParams, lengths: dict[str, int]) -> str | None:
+    count = lengths.get("models", lengths.get("deltas"))
+    if p.weights is not None and len(p.weights) != count:
+        return f"'weights' has {len(p.weights)} values for {count} task vectors"
+    return None
+
+
+@operator(
+    "task_arithmetic",
+    signatures=[
+        signature(CHECKPOINT, base=CHECKPOINT, models=list_of(CHECKPOINT)),
+        signature(DELTA, deltas=list_of(DELTA)),
+    ],
+    params=TaskArithmeticParams,
+    check=_check_weights,
+)
+def task_arithmetic(
+    p: TaskArithmeticParams,
+    ctx,
+    base: torch.Tensor | None = None,
+    models: list[torch.Tensor] | None = None,
+    deltas: list[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Task Arithmetic (Ilharco et al., 2023): θ = θ_base + λ·Σ_t w_t·τ_t; with ``deltas`` it returns λ·Σ w_t·τ_t."""
+    task_vectors = deltas if deltas is not None else (model - base for model in models)
+    count = len(deltas if deltas is not None else models)
+    weights = [p.lambda_ * w for w in (p.weights or [1.0] * count)]
+    if base is None:
+        return weighted_sum(task_vectors, weights)
+    return weighted_sum(chain([base], task_vectors), [1.0, *weights])

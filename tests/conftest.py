@@ -1,0 +1,54 @@
+"""Shared helpers: tiny checkpoints on disk, recipes written from dicts, the CLI run in-process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from mergebench.cli.app import app
+from mergebench.synthetic import llama_config, llama_state_dict, save_checkpoint
+
+
+@pytest.fixture
+def cli():
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+    return invoke
+
+
+def write_recipe(path: Path, doc: dict) -> Path:
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def read_checkpoint(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of an output folder, through the safetensors library (an independent reader)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+@pytest.fixture
+def llama_models(tmp_path):
+    """base + two fine-tunes of a tiny Llama, sharded, for a given dtype: returns (folders, states, config)."""
+
+    def make(dtype: torch.dtype = torch.float32, shard_size: int = 40_000):
+        config = llama_config(dtype=str(dtype).removeprefix("torch."))
+        base = llama_state_dict(config, seed=0, dtype=dtype)
+        states = {"base": base}
+        states["ft1"] = llama_state_dict(config, seed=1, base=base, noise=0.1, dtype=dtype)
+        states["ft2"] = llama_state_dict(config, seed=2, base=base, noise=0.1, dtype=dtype)
+        folders = {name: save_checkpoint(state, tmp_path / "models" / name, shard_size, config)
+                   for name, state in states.items()}
+        return folders, states, config
+
+    return make
