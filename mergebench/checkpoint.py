@@ -44,6 +44,7 @@ class Checkpoint:
     """
 
     def __init__(self, path: str | os.PathLike[str]):
+        self._fds: dict[Path, int] = {}
         self.path = Path(path)
         self.label = str(path)
         self.folder = self.path if self.path.is_dir() else None
@@ -66,7 +67,6 @@ class Checkpoint:
         if not self._infos:
             raise MergebenchError(f"{self.path}: the checkpoint holds no tensors")
         self._keys = list(self._infos)
-        self._fds: dict[Path, int] = {}
         self.reads: Counter[str] = Counter()
 
     @property

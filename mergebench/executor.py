@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-from mergebench.operators.base import CHECKPOINT, DELTA, KeyContext, is_list_type
 
 from mergebench.errors import MergebenchError
 from mergebench.graph import Graph, OutputPlan
 from mergebench.layers import block_index
 from mergebench.numerics import compute_dtype
+from mergebench.operators.base import CHECKPOINT, DELTA, KeyContext, is_list_type
 from mergebench.recipe import Node
 
 PREFETCH_KEYS = 2

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import torch
-from mergebench.operators.base import CHECKPOINT
 
 from mergebench.checkpoint import Checkpoint, Source
 from mergebench.errors import MergebenchError
 from mergebench.layers import count_blocks
+from mergebench.operators.base import CHECKPOINT
 from mergebench.recipe import Node, Output, Recipe, primary_model
 from mergebench.safetensors_format import TensorInfo
 from mergebench.writer import PlannedTensor

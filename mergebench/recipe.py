@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from mergebench.errors import MergebenchError, located
 from mergebench.operators import REGISTRY
 from mergebench.operators.base import (
     CHECKPOINT,
@@ -25,9 +28,6 @@ from mergebench.operators.base import (
     is_list_type,
     list_of,
 )
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
-from mergebench.errors import MergebenchError, located
 
 MAX_YAML_NODES = 100_000
 MEMORY_PATH = "<memory>"  # an output kept in memory (the eager API): any value type, no files
@@ -278,7 +278,7 @@ def _ref_type(ref: str | list[str], recipe: RecipeSpec, done: dict[str, Node], m
         return model_types.get(ref, CHECKPOINT)
     if ref in done:
         return done[ref].result
-    raise where.error(loc, f"input '{ref}' names no model or node")
+    raise where.error(loc, f"node '{loc[1]}': input '{ref}' names no model or node")
 
 
 def _validate_params(op: Operator, values: dict[str, Any], where: _Locator, loc: tuple[Any, ...],

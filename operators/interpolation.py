@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-from mergebench.operators.base import CHECKPOINT, Params, list_of, operator, signature
 from pydantic import Field
 
 from mergebench.numerics import weighted_sum
+from mergebench.operators.base import CHECKPOINT, Params, list_of, operator, signature
 
 
 class WiseFTParams(Params):

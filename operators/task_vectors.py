@@ -5,10 +5,10 @@ from __future__ import annotations
 from itertools import chain
 
 import torch
-from mergebench.operators.base import CHECKPOINT, DELTA, Params, list_of, operator, signature
 from pydantic import Field
 
 from mergebench.numerics import weighted_sum
+from mergebench.operators.base import CHECKPOINT, DELTA, Params, list_of, operator, signature
 
 
 @operator("delta", signatures=[signature(list_of(DELTA), base=CHECKPOINT, models=list_of(CHECKPOINT))])
