@@ -46,17 +46,19 @@ class Summary:
 def statistics_stages(graph: Graph) -> list[list[str]]:
     """Nodes with a statistics pass, grouped so each stage needs only the results of earlier ones.
 
-    All nodes of one stage accumulate during a single streamed pass over the keys.
+    All nodes of one stage accumulate during a single streamed pass over the keys; a node that
+    visits keys in an order of its own (alignment planning) gets a pass to itself.
     """
     depth: dict[str, int] = {}
     for name, node in graph.nodes.items():  # topological order
         upstream = max((depth[r] for r in node.refs() if r in depth), default=-1)
         depth[name] = upstream + 1 if node.op.statistics else upstream
-    stages: dict[int, list[str]] = {}
+    stages: dict[tuple[int, str], list[str]] = {}
     for name, node in graph.nodes.items():
         if node.op.statistics:
-            stages.setdefault(depth[name], []).append(name)
-    return [stages[d] for d in sorted(stages)]
+            own_order = name if node.op.statistics.order else ""
+            stages.setdefault((depth[name], own_order), []).append(name)
+    return [stages[k] for k in sorted(stages)]
 
 
 def execute(
@@ -95,8 +97,10 @@ def _statistics_pass(graph: Graph, stage: list[str], device: torch.device, stats
     def needed(key: str) -> set[str]:
         return set().union(*(graph.needed(r, key) for node in nodes if node.selects(key) for r in node.refs()))
 
+    order = nodes[0].op.statistics.order
+    keys = order(list(graph.keys)) if order else graph.keys
     bytes_read = 0
-    for key, raw in _prefetch(graph, graph.keys, needed):
+    for key, raw in _prefetch(graph, keys, needed):
         env = _KeyValues(graph, key, raw, device, stats)
         for node in nodes:
             if node.selects(key) and graph.is_floating(node.name, key):

@@ -83,12 +83,18 @@ class StatisticsPass:
     """A streamed pass over every selected key that leaves a small state for the main pass.
 
     ``accumulate(state, inputs, params, ctx)`` sees the same per-key inputs the operator function
-    will see; ``finalize(state, params)`` turns the state into ``ctx.stats``.
+    will see; ``finalize(state, params)`` turns the state into ``ctx.stats``. Global statistics
+    (a top-k threshold, L1 norms) keep O(1) state and visit keys in storage order.
+
+    Alignment planning (OT fusion, weight matching) is the same hook with an ``order``: it returns
+    the keys the pass needs, in network order, so the state can carry the map of layer l into
+    layer l+1 and keep only the maps; memory is then bounded by one layer group, never the model.
     """
 
     init: Callable[[Params], Any]
     accumulate: Callable[[Any, dict[str, Any], Params, KeyContext], None]
     finalize: Callable[[Any, Params], Any] = lambda state, params: state
+    order: Callable[[list[str]], list[str]] | None = None
 
 
 @dataclass(frozen=True)

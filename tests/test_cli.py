@@ -1,0 +1,80 @@
+"""The CLI's other commands, and the promise that --help answers without importing torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import torch
+
+from conftest import write_recipe
+from mergebench.synthetic import llama_config, llama_state_dict, save_checkpoint
+
+
+def test_help_does_not_import_torch():
+    code = ("import sys; from mergebench.cli.app import app\n"
+            "try:\n    app(['--help'], prog_name='mergebench')\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    for command in ("run", "plan", "ops", "inspect"):
+        assert command in result.stdout
+
+
+def test_console_script_exit_code_for_bad_input(tmp_path):
+    bin_dir = __import__("pathlib").Path(sys.executable).parent
+    result = subprocess.run([bin_dir / "mergebench", "run", tmp_path / "missing.yaml"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and "missing.yaml" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_ops_lists_every_operator_and_shows_one(cli):
+    listing = cli("ops")
+    assert listing.exit_code == 0
+    for name in ("wise_ft", "linear", "task_arithmetic", "delta", "apply"):
+        assert name in listing.output
+    one = cli("ops", "task_arithmetic")
+    assert one.exit_code == 0
+    assert "lambda" in one.output and "0.3" in one.output and "[Delta]" in one.output
+    assert cli("ops", "nope").exit_code == 2
+
+
+def test_inspect_shows_tensors_and_blocks(tmp_path, cli):
+    config = llama_config(layers=3)
+    save_checkpoint(llama_state_dict(config, seed=0), tmp_path / "m", shard_size=50_000, config=config)
+    result = cli("inspect", tmp_path / "m")
+    assert result.exit_code == 0
+    assert "model.layers.2.mlp.down_proj.weight" in result.output and "3 blocks" in result.output
+    assert "30 tensors" in result.output  # embeddings + 3 blocks of 9 + final norm + head
+
+
+def test_plan_summarizes_without_writing(tmp_path, cli):
+    config = llama_config()
+    for seed in (0, 1):
+        save_checkpoint(llama_state_dict(config, seed=seed), tmp_path / f"m{seed}", config=config)
+    recipe = write_recipe(tmp_path / "r.yaml", {
+        "models": {"a": "m0", "b": "m1"},
+        "nodes": {"avg": {"op": "linear", "inputs": {"models": ["a", "b"]}}},
+        "outputs": [{"from": "avg", "path": "out", "dtype": "bfloat16"}],
+    })
+    result = cli("plan", recipe)
+    assert result.exit_code == 0, result.output
+    total = sum(t.numel() * 4 for t in llama_state_dict(config, seed=0).values())
+    assert "linear" in result.output and "bfloat16" in result.output and "peak memory" in result.output
+    assert f"read {2 * total / 1e3:.2f} KB per pass" in result.output
+    assert f"write {total / 2 / 1e3:.2f} KB" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_device_cuda_without_gpu_is_a_clear_error(tmp_path, cli):
+    if torch.cuda.is_available():
+        return
+    save_checkpoint({"w": torch.ones(2)}, tmp_path / "m")
+    recipe = write_recipe(tmp_path / "r.yaml", {
+        "models": {"a": "m", "b": "m"},
+        "nodes": {"avg": {"op": "linear", "inputs": {"models": ["a", "b"]}}},
+        "outputs": [{"from": "avg", "path": "out"}],
+    })
+    result = cli("run", recipe, "--device", "cuda")
+    assert result.exit_code == 2 and "no CUDA device" in result.output
