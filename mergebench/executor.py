@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
+from mergebench.allocator import return_large_blocks_to_the_os
 from mergebench.errors import MergebenchError
 from mergebench.graph import Graph, OutputPlan
 from mergebench.layers import block_index
@@ -24,7 +25,7 @@ from mergebench.numerics import compute_dtype
 from mergebench.operators.base import CHECKPOINT, DELTA, KeyContext, is_list_type
 from mergebench.recipe import Node
 
-PREFETCH_KEYS = 2
+PREFETCH_KEYS = 1  # keys read ahead of the one being computed: overlap without doubling memory twice
 
 Value = Any  # a tensor, or a list of tensors for list-valued nodes
 
@@ -68,6 +69,7 @@ def execute(
     progress: Callable[[int], None] | None = None,
 ) -> Summary:
     """Compute every output of ``graph`` into the matching sink; ``progress`` gets bytes read per key."""
+    return_large_blocks_to_the_os()
     start = time.perf_counter()
     stats: dict[str, Any] = {}
     bytes_read = 0
@@ -82,7 +84,8 @@ def execute(
             if key in plan.dtypes:
                 bytes_written += sink.write(key, _output_value(graph, plan, env))
                 tensors += 1
-        read_now = sum(t.nbytes for t in raw.values() if isinstance(t, torch.Tensor))
+        read_now = sum(t.nbytes for t in raw.values())
+        del raw, env  # free this key's tensors before the reader allocates the one after next
         bytes_read += read_now
         if progress:
             progress(read_now)
@@ -107,6 +110,7 @@ def _statistics_pass(graph: Graph, stage: list[str], device: torch.device, stats
                 inputs = env.inputs(node)
                 node.op.statistics.accumulate(states[node.name], inputs, node.params_for(key), env.context(node))
         read_now = sum(t.nbytes for t in raw.values())
+        del raw, env
         bytes_read += read_now
         if progress:
             progress(read_now)
@@ -126,11 +130,21 @@ def _output_value(graph: Graph, plan: OutputPlan, env: _KeyValues) -> Value:
     cast = []
     for v in values:
         out = v.to(dtype=dtype)
-        if not bool(torch.isfinite(out).all()):
+        if not _all_finite(out):
             raise MergebenchError(f"node '{plan.output.node}' produced a non-finite value in tensor '{key}' "
                                   f"(as {dtype}); nothing was written")
         cast.append(out.cpu())
     return cast if isinstance(value, list) else cast[0]
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """A sum is finite only if every element is: one reduction, no tensor-sized temporaries.
+
+    A finite tensor whose sum overflows is rare; the exact elementwise check settles that case.
+    """
+    if tensor.numel() == 0 or bool(torch.isfinite(tensor.sum())):
+        return True
+    return bool(torch.isfinite(tensor).all())
 
 
 def _buffer(primary: str, models: Iterable[str], env: _KeyValues) -> torch.Tensor:
