@@ -1,0 +1,21 @@
+"""The docs stay true to the code: the operator reference is regenerated and compared."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_operator_reference_is_current():
+    result = subprocess.run([sys.executable, "docs/generate_operators.py", "--check"], cwd=ROOT, timeout=120)
+    assert result.returncode == 0, "docs/operators.md is stale: run docs/generate_operators.py"
+
+
+def test_readme_quick_start_gives_the_two_commands():
+    readme = (ROOT / "README.md").read_text()
+    quick_start = readme.split("## Quick start", 1)[1].split("##", 1)[0]
+    assert "make demo" in quick_start and "make test" in quick_start
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
