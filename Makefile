@@ -20,7 +20,6 @@ demo: $(VENV)/.installed
 	$(BIN)/python examples/make_demo_models.py demo-out/models
 	$(BIN)/mergebench plan examples/demo.yaml
 	$(BIN)/mergebench run examples/demo.yaml --force
-	$(BIN)/mergebench inspect demo-out/task-arithmetic
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest

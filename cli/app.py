@@ -90,8 +90,9 @@ def run(
     if quiet:
         return
     table = Table(title="written", title_justify="left")
-    for column in ("output", "tensors", "shards", "size"):
-        table.add_column(column)
+    table.add_column("output", overflow="fold")
+    for column in ("tensors", "shards", "size"):
+        table.add_column(column, no_wrap=True)
     for out in result.outputs:
         table.add_row(out["path"], str(out["tensors"]), str(out["shards"]), _size(out["bytes"]))
     console.print(table)
@@ -236,8 +237,9 @@ def inspect(checkpoint: Annotated[Path, typer.Argument(help="a .safetensors file
 
         ckpt = Checkpoint(checkpoint)
     table = Table(title=str(checkpoint), title_justify="left")
-    for column in ("tensor", "dtype", "shape", "size", "block"):
-        table.add_column(column)
+    table.add_column("tensor", overflow="fold")
+    for column in ("dtype", "shape", "size", "block"):
+        table.add_column(column, no_wrap=True)
     for key in ckpt.keys:
         info = ckpt.info(key)
         block = block_index(key)
