@@ -22,7 +22,7 @@ from mergebench.errors import MergebenchError
 from mergebench.graph import Graph, OutputPlan
 from mergebench.layers import block_index
 from mergebench.numerics import compute_dtype
-from mergebench.operators.base import CHECKPOINT, DELTA, KeyContext, is_list_type
+from mergebench.operators.base import CHECKPOINT, DELTA, KeyContext, StatisticsPass, is_list_type
 from mergebench.recipe import Node
 
 PREFETCH_KEYS = 1  # keys read ahead of the one being computed: overlap without doubling memory twice
@@ -44,22 +44,30 @@ class Summary:
     device: str
 
 
-def statistics_stages(graph: Graph) -> list[list[str]]:
-    """Nodes with a statistics pass, grouped so each stage needs only the results of earlier ones.
+@dataclass(frozen=True)
+class Stage:
+    """One streamed read of the inputs, during which each (node, pass) listed accumulates."""
 
-    All nodes of one stage accumulate during a single streamed pass over the keys; a node that
-    visits keys in an order of its own (alignment planning) gets a pass to itself.
+    passes: tuple[tuple[str, StatisticsPass], ...]
+
+
+def statistics_stages(graph: Graph) -> list[Stage]:
+    """The statistics passes of every node, scheduled into as few reads as their dependencies allow.
+
+    A node's passes run in sequence after every pass of the nodes upstream of it; passes of
+    different nodes at the same step share one read. A pass that visits keys in an order of its
+    own (alignment planning) gets a read to itself.
     """
-    depth: dict[str, int] = {}
+    last: dict[str, int] = {}  # the last stage used by a node or anything upstream of it
+    scheduled: dict[tuple[int, str], list[tuple[str, StatisticsPass]]] = {}
     for name, node in graph.nodes.items():  # topological order
-        upstream = max((depth[r] for r in node.refs() if r in depth), default=-1)
-        depth[name] = upstream + 1 if node.op.statistics else upstream
-    stages: dict[tuple[int, str], list[str]] = {}
-    for name, node in graph.nodes.items():
-        if node.op.statistics:
-            own_order = name if node.op.statistics.order else ""
-            stages.setdefault((depth[name], own_order), []).append(name)
-    return [stages[k] for k in sorted(stages)]
+        upstream = max((last[r] for r in node.refs() if r in last), default=-1)
+        passes = node.op.passes(node.params)
+        for i, stat_pass in enumerate(passes):
+            slot = (upstream + 1 + i, name if stat_pass.order else "")
+            scheduled.setdefault(slot, []).append((name, stat_pass))
+        last[name] = upstream + len(passes)
+    return [Stage(tuple(scheduled[k])) for k in sorted(scheduled)]
 
 
 def execute(
@@ -92,30 +100,29 @@ def execute(
     return Summary(tensors, bytes_read, bytes_written, 1 + len(stages), time.perf_counter() - start, str(device))
 
 
-def _statistics_pass(graph: Graph, stage: list[str], device: torch.device, stats: dict[str, Any],
+def _statistics_pass(graph: Graph, stage: Stage, device: torch.device, stats: dict[str, Any],
                      progress: Callable[[int], None] | None) -> int:
-    nodes = [graph.nodes[name] for name in stage]
-    states = {node.name: node.op.statistics.init(node.params) for node in nodes}
+    entries = [(graph.nodes[name], stat_pass) for name, stat_pass in stage.passes]
+    states = [stat_pass.init(node.params, stats.get(node.name)) for node, stat_pass in entries]
 
     def needed(key: str) -> set[str]:
-        return set().union(*(graph.needed(r, key) for node in nodes if node.selects(key) for r in node.refs()))
+        return set().union(*(graph.needed(r, key) for node, _ in entries if node.selects(key) for r in node.refs()))
 
-    order = nodes[0].op.statistics.order
+    order = entries[0][1].order
     keys = order(list(graph.keys)) if order else graph.keys
     bytes_read = 0
     for key, raw in _prefetch(graph, keys, needed):
         env = _KeyValues(graph, key, raw, device, stats)
-        for node in nodes:
+        for (node, stat_pass), state in zip(entries, states):
             if node.selects(key) and graph.is_floating(node.name, key):
-                inputs = env.inputs(node)
-                node.op.statistics.accumulate(states[node.name], inputs, node.params_for(key), env.context(node))
+                stat_pass.accumulate(state, env.inputs(node), node.params_for(key), env.context(node))
         read_now = sum(t.nbytes for t in raw.values())
         del raw, env
         bytes_read += read_now
         if progress:
             progress(read_now)
-    for node in nodes:
-        stats[node.name] = node.op.statistics.finalize(states[node.name], node.params)
+    for (node, stat_pass), state in zip(entries, states):
+        stats[node.name] = stat_pass.finalize(state, node.params, stats.get(node.name))
     return bytes_read
 
 

@@ -71,7 +71,7 @@ class KeyContext:
     block: int | None  # 0-based block index (OPERATORS.md §0.6), None outside blocks
     num_blocks: int
     seed: int
-    stats: Any = None  # the result of the operator's statistics pass, if it has one
+    stats: Any = None  # what the operator's statistics passes found, if it has any
 
     def generator(self, stream: str, input_index: int) -> torch.Generator:
         """A CPU generator for this key, so random draws do not depend on device, order or sharding."""
@@ -80,21 +80,30 @@ class KeyContext:
 
 @dataclass(frozen=True)
 class StatisticsPass:
-    """A streamed pass over every selected key that leaves a small state for the main pass.
+    """One streamed pass over every selected key that leaves a small state for what follows.
 
-    ``accumulate(state, inputs, params, ctx)`` sees the same per-key inputs the operator function
-    will see; ``finalize(state, params)`` turns the state into ``ctx.stats``. Global statistics
-    (a top-k threshold, L1 norms) keep O(1) state and visit keys in storage order.
+    ``init(params, stats)`` starts a state; ``accumulate(state, inputs, params, ctx)`` sees the same
+    per-key inputs the operator function will see, with ``ctx.stats`` holding what earlier passes
+    found; ``finalize(state, params, stats)`` returns the new ``ctx.stats``. An operator may need
+    several passes in sequence (TIES: a coarse and a fine histogram for its exact global threshold,
+    then the majority sign); passes of different nodes that can run together share one read.
 
     Alignment planning (OT fusion, weight matching) is the same hook with an ``order``: it returns
     the keys the pass needs, in network order, so the state can carry the map of layer l into
     layer l+1 and keep only the maps; memory is then bounded by one layer group, never the model.
     """
 
-    init: Callable[[Params], Any]
+    init: Callable[[Params, Any], Any]
     accumulate: Callable[[Any, dict[str, Any], Params, KeyContext], None]
-    finalize: Callable[[Any, Params], Any] = lambda state, params: state
+    finalize: Callable[[Any, Params, Any], Any] = lambda state, params, stats: state
     order: Callable[[list[str]], list[str]] | None = None
+
+
+Passes = Callable[[Params], "tuple[StatisticsPass, ...]"]
+
+
+def no_passes(params: Params) -> tuple[StatisticsPass, ...]:
+    return ()
 
 
 @dataclass(frozen=True)
@@ -104,7 +113,7 @@ class Operator:
     params: type[Params]
     signatures: tuple[Signature, ...]
     execution: str
-    statistics: StatisticsPass | None = None
+    passes: Passes = no_passes
     check: Callable[[Params, dict[str, int]], str | None] | None = None
     doc: str = field(default="")
 
@@ -134,10 +143,13 @@ def operator(
     signatures: list[Signature],
     params: type[Params] = NoParams,
     execution: str = "per-tensor",
-    statistics: StatisticsPass | None = None,
+    passes: Passes | tuple[StatisticsPass, ...] = (),
     check: Callable[[Params, dict[str, int]], str | None] | None = None,
 ) -> Callable[[Callable[..., Any]], Operator]:
     """Register ``fn(**slots, p=params, ctx=KeyContext)`` under its recipe name.
+
+    ``passes`` are the statistics passes the operator needs before its main pass: a tuple, or a
+    function of the node's parameters (TIES needs none with ``scope: per_tensor``).
 
     The first slot of a signature is its primary input: an unselected key of a Checkpoint-valued
     node keeps that input's value (a Delta-valued node gives a zero delta), and the output dtype of a
@@ -152,7 +164,7 @@ def operator(
             params=params,
             signatures=tuple(signatures),
             execution=execution,
-            statistics=statistics,
+            passes=passes if callable(passes) else (lambda params, fixed=tuple(passes): fixed),
             check=check,
             doc=(fn.__doc__ or "").strip(),
         )

@@ -39,8 +39,8 @@ if "unit_norm" not in REGISTRY:
         "unit_norm",
         signatures=[signature(DELTA, delta=DELTA)],
         execution="global",
-        statistics=StatisticsPass(init=lambda p: {"sum_sq": 0.0}, accumulate=_accumulate_square,
-                                  finalize=lambda state, p: math.sqrt(state["sum_sq"])),
+        passes=(StatisticsPass(init=lambda p, stats: {"sum_sq": 0.0}, accumulate=_accumulate_square,
+                               finalize=lambda state, p, stats: math.sqrt(state["sum_sq"])),),
     )
     def unit_norm(delta, p, ctx):
         """Scale a delta to global L2 norm 1."""
@@ -64,8 +64,8 @@ if "sort_hidden" not in REGISTRY:
         "sort_hidden",
         signatures=[signature(CHECKPOINT, model=CHECKPOINT)],
         execution="cross-tensor",
-        statistics=StatisticsPass(init=lambda p: {}, accumulate=_plan_permutation,
-                                  finalize=lambda state, p: state["perm"], order=_network_order),
+        passes=(StatisticsPass(init=lambda p, stats: {}, accumulate=_plan_permutation,
+                               finalize=lambda state, p, stats: state["perm"], order=_network_order),),
     )
     def sort_hidden(model, p, ctx):
         """Permute the hidden units of fc1 -> fc2 by the norm of their incoming weights."""
