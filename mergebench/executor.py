@@ -20,7 +20,7 @@ import torch
 from mergebench.allocator import return_large_blocks_to_the_os
 from mergebench.errors import MergebenchError
 from mergebench.graph import Graph, OutputPlan
-from mergebench.layers import block_index
+from mergebench.layers import block_index_for
 from mergebench.numerics import compute_dtype
 from mergebench.operators.base import CHECKPOINT, DELTA, KeyContext, StatisticsPass, is_list_type
 from mergebench.recipe import Node
@@ -62,7 +62,7 @@ def statistics_stages(graph: Graph) -> list[Stage]:
     scheduled: dict[tuple[int, str], list[tuple[str, StatisticsPass]]] = {}
     for name, node in graph.nodes.items():  # topological order
         upstream = max((last[r] for r in node.refs() if r in last), default=-1)
-        passes = node.op.passes(node.params)
+        passes = node.op.passes(node.params, frozenset(node.inputs))
         for i, stat_pass in enumerate(passes):
             slot = (upstream + 1 + i, name if stat_pass.order else "")
             scheduled.setdefault(slot, []).append((name, stat_pass))
@@ -196,8 +196,11 @@ class _KeyValues:
                 for slot, ref in node.inputs.items()}
 
     def context(self, node: Node) -> KeyContext:
-        return KeyContext(self.key, block_index(self.key), self.graph.num_blocks[node.name], node.seed,
-                          self.stats.get(node.name))
+        keys = self.graph.key_lists[node.name]
+        blocks = block_index_for(keys)
+        position = blocks.position(self.key)
+        block, num_blocks = position if position else (None, max(blocks.stacks.values(), default=0))
+        return KeyContext(self.key, block, num_blocks, keys, node.seed, self.stats.get(node.name))
 
     def _unchanged(self, node: Node) -> Value:
         """An unselected key: a Checkpoint keeps its primary input's value, a Delta is zero."""

@@ -14,7 +14,6 @@ import torch
 
 from mergebench.checkpoint import Checkpoint, Source
 from mergebench.errors import MergebenchError
-from mergebench.layers import count_blocks
 from mergebench.operators.base import CHECKPOINT
 from mergebench.recipe import Node, Output, Recipe, primary_model
 from mergebench.safetensors_format import TensorInfo
@@ -49,7 +48,7 @@ class Graph:
                 self.sources[name] = Checkpoint(path)
         self.outputs = [self._plan_output(out) for out in recipe.outputs]
         self.keys = self._key_order()
-        self.num_blocks = {name: count_blocks(self.sources[primary_model(recipe, name)].keys) for name in self.nodes}
+        self.key_lists = {name: tuple(self.sources[primary_model(recipe, name)].keys) for name in self.nodes}
         reachable = {n for plan in self.outputs for n in self._nodes_of(plan.output.node)}
         for name in reachable:
             self._check_shapes(self.nodes[name])

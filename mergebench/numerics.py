@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
+from decimal import Decimal
 
 import torch
 
@@ -30,3 +32,90 @@ def weighted_sum(tensors: Iterable[torch.Tensor], weights: Iterable[float]) -> t
             raise ValueError("weighted_sum of nothing")
         return torch.zeros_like(first)
     return total
+
+
+def keep_count(density: float, n: int) -> int:
+    """k = floor(ρ·n) computed on the decimal string of ρ (0.29·100 is 29, not 28; OPERATORS.md §0.4)."""
+    return math.floor(Decimal(str(density)) * n)
+
+
+def kth_largest(magnitudes: torch.Tensor, k: int) -> float:
+    """The k-th largest value (1 <= k <= n) by linear-time selection, not a full sort."""
+    flat = magnitudes.reshape(-1)
+    return float(torch.kthvalue(flat, flat.numel() - k + 1).values)
+
+
+def threshold_for(magnitudes: torch.Tensor, k: int) -> float:
+    """The threshold that keeps the k largest magnitudes (ties at the threshold kept)."""
+    n = magnitudes.numel()
+    if k <= 0:
+        return math.inf
+    if k >= n:
+        return 0.0
+    return kth_largest(magnitudes, k)
+
+
+def keep_mask(values: torch.Tensor, threshold: float) -> torch.Tensor:
+    return values.abs() >= threshold
+
+
+HALF_BITS = 16
+BINS = 1 << HALF_BITS
+
+
+class ExactThreshold:
+    """The k-th largest |x| over many tensors, exactly, in two streamed passes and O(65 536) memory.
+
+    For non-negative float32 the IEEE-754 bit pattern read as an integer is monotone in the value.
+    Pass 1 histograms the high 16 bits of every magnitude and finds the bin holding the k-th
+    largest; pass 2 histograms the low 16 bits of the magnitudes in that bin (OPERATORS.md §0.4).
+    """
+
+    def __init__(self) -> None:
+        self.coarse = torch.zeros(BINS, dtype=torch.int64)
+        self.fine = torch.zeros(BINS, dtype=torch.int64)
+        self.count = 0
+        self.bin = -1
+        self.rank = 0  # the k-th largest is the rank-th largest inside ``bin``
+        self.k = 0
+
+    @staticmethod
+    def _bits(magnitudes: torch.Tensor) -> torch.Tensor:
+        return magnitudes.detach().to("cpu", torch.float32).contiguous().reshape(-1).view(torch.int32)
+
+    def add_coarse(self, magnitudes: torch.Tensor) -> None:
+        bits = self._bits(magnitudes)
+        self.coarse += torch.bincount(bits >> HALF_BITS, minlength=BINS)
+        self.count += bits.numel()
+
+    def choose_bin(self, k: int) -> bool:
+        """Fix k; returns whether the fine pass is needed (not for k = 0 or k >= n)."""
+        self.k = k
+        if k <= 0 or k >= self.count:
+            return False
+        at_or_above = self.coarse.flip(0).cumsum(0).flip(0)  # elements in bins >= b
+        self.bin = int((at_or_above >= k).nonzero().max())
+        above = int(at_or_above[self.bin + 1]) if self.bin + 1 < BINS else 0
+        self.rank = k - above
+        return True
+
+    def add_fine(self, magnitudes: torch.Tensor) -> None:
+        bits = self._bits(magnitudes)
+        in_bin = bits[(bits >> HALF_BITS) == self.bin]
+        self.fine += torch.bincount(in_bin & (BINS - 1), minlength=BINS)
+
+    def threshold(self) -> float:
+        if self.k <= 0:
+            return math.inf
+        if self.k >= self.count:
+            return 0.0
+        at_or_above = self.fine.flip(0).cumsum(0).flip(0)
+        low = int((at_or_above >= self.rank).nonzero().max())
+        bits = torch.tensor([(self.bin << HALF_BITS) | low], dtype=torch.int32)
+        return float(bits.view(torch.float32))
+
+
+def elect_sign(trimmed_sum: torch.Tensor, majority: torch.Tensor | float) -> torch.Tensor:
+    """TIES sign election: the sign of the summed trimmed deltas, zeros resolved to the majority sign."""
+    signs = torch.sign(trimmed_sum)
+    return torch.where(signs == 0, torch.as_tensor(majority, dtype=signs.dtype, device=signs.device), signs)

@@ -5,7 +5,14 @@ checkpoints (``ops.wise_ft(zero_shot=a, fine_tuned=b, alpha=0.4)``).
 """
 
 from mergebench.operators.base import REGISTRY, Operator
+from mergebench.operators.bitdelta import bitdelta
+from mergebench.operators.breadcrumbs import breadcrumbs
+from mergebench.operators.dare import dare, dare_linear, darex_q
 from mergebench.operators.interpolation import linear, wise_ft
+from mergebench.operators.lines import lines
+from mergebench.operators.slerp import slerp
 from mergebench.operators.task_vectors import apply, delta, task_arithmetic
+from mergebench.operators.ties import dare_ties, ties
 
-__all__ = ["REGISTRY", "Operator", "apply", "delta", "linear", "task_arithmetic", "wise_ft"]
+__all__ = ["REGISTRY", "Operator", "apply", "bitdelta", "breadcrumbs", "dare", "dare_linear", "dare_ties",
+           "darex_q", "delta", "linear", "lines", "slerp", "task_arithmetic", "ties", "wise_ft"]

@@ -68,8 +68,9 @@ class KeyContext:
     """What an operator may know about the key it is computing, beyond the tensors themselves."""
 
     key: str
-    block: int | None  # 0-based block index (OPERATORS.md §0.6), None outside blocks
-    num_blocks: int
+    block: int | None  # 0-based block index (OPERATORS.md §0.6, default regex, stacks separate)
+    num_blocks: int  # L of the key's stack (of the model's largest stack for keys outside blocks)
+    keys: tuple[str, ...]  # every key of the primary model, for operators with their own block rules
     seed: int
     stats: Any = None  # what the operator's statistics passes found, if it has any
 
@@ -99,10 +100,10 @@ class StatisticsPass:
     order: Callable[[list[str]], list[str]] | None = None
 
 
-Passes = Callable[[Params], "tuple[StatisticsPass, ...]"]
+Passes = Callable[[Params, frozenset[str]], "tuple[StatisticsPass, ...]"]
 
 
-def no_passes(params: Params) -> tuple[StatisticsPass, ...]:
+def no_passes(params: Params, slots: frozenset[str]) -> tuple[StatisticsPass, ...]:
     return ()
 
 
@@ -149,7 +150,8 @@ def operator(
     """Register ``fn(**slots, p=params, ctx=KeyContext)`` under its recipe name.
 
     ``passes`` are the statistics passes the operator needs before its main pass: a tuple, or a
-    function of the node's parameters (TIES needs none with ``scope: per_tensor``).
+    function of the node's parameters and the names of its wired slots (TIES needs none with
+    ``scope: per_tensor``; LiNeS needs one only for its automatic α from ``task_deltas``).
 
     The first slot of a signature is its primary input: an unselected key of a Checkpoint-valued
     node keeps that input's value (a Delta-valued node gives a zero delta), and the output dtype of a
@@ -164,7 +166,7 @@ def operator(
             params=params,
             signatures=tuple(signatures),
             execution=execution,
-            passes=passes if callable(passes) else (lambda params, fixed=tuple(passes): fixed),
+            passes=passes if callable(passes) else (lambda params, slots, fixed=tuple(passes): fixed),
             check=check,
             doc=(fn.__doc__ or "").strip(),
         )

@@ -37,7 +37,7 @@ class TaskArithmeticParams(Params):
     weights: list[float] | None = Field(None, description="per-task weights w_t (default all 1; -1 negates a task)")
 
 
-def _check_weights(p: TaskArithmeticParams, lengths: dict[str, int]) -> str | None:
+def check_weights(p: TaskArithmeticParams, lengths: dict[str, int]) -> str | None:
     count = lengths.get("models", lengths.get("deltas"))
     if p.weights is not None and len(p.weights) != count:
         return f"'weights' has {len(p.weights)} values for {count} task vectors"
@@ -51,7 +51,7 @@ def _check_weights(p: TaskArithmeticParams, lengths: dict[str, int]) -> str | No
         signature(DELTA, deltas=list_of(DELTA)),
     ],
     params=TaskArithmeticParams,
-    check=_check_weights,
+    check=check_weights,
 )
 def task_arithmetic(
     p: TaskArithmeticParams,
@@ -67,3 +67,14 @@ def task_arithmetic(
     if base is None:
         return weighted_sum(task_vectors, weights)
     return weighted_sum(chain([base], task_vectors), [1.0, *weights])
+
+
+def task_vectors(base: torch.Tensor | None, models: list[torch.Tensor] | None,
+                 deltas: list[torch.Tensor] | None) -> list[torch.Tensor]:
+    """The task vectors of one key, whichever way a node was wired (``base`` + ``models`` or ``deltas``)."""
+    return list(deltas) if deltas is not None else [model - base for model in models]
+
+
+def finish(merged_delta: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
+    """A merged delta as the node's result: the delta itself, or the base plus it (``base`` + ``models``)."""
+    return merged_delta if base is None else merged_delta.add_(base)

@@ -1,0 +1,105 @@
+"""DARE (Yu et al., 2024) and DAREx-q (Deng et al., 2025): drop delta entries at random, rescale the rest.
+
+Masks are drawn on the CPU from a generator seeded by (seed, "dare", input position, key), so the
+same mask comes out on any device, shard layout or key order, and ``darex_q`` with q = 1 − p is
+``dare`` bit for bit (OPERATORS.md §0.5, §9.3, §9.4).
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field, model_validator
+
+from mergebench.operators.base import (
+    CHECKPOINT,
+    DELTA,
+    KeyContext,
+    Params,
+    list_of,
+    operator,
+    signature,
+)
+from mergebench.operators.task_vectors import (
+    TaskArithmeticParams,
+    check_weights,
+    finish,
+    task_arithmetic,
+    task_vectors,
+)
+
+MASK_STREAM = "dare"
+
+
+def keep_mask(shape: torch.Size, drop: float, ctx: KeyContext, index: int) -> torch.Tensor:
+    """m ~ Bernoulli(1 − p) per entry: keep iff a float32 uniform draw u ≥ p, drawn on the CPU."""
+    return torch.rand(shape, generator=ctx.generator(MASK_STREAM, index)) >= drop
+
+
+def rescale_kept(tau: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+    return torch.where(keep, tau * scale, 0.0)
+
+
+def drop_and_rescale(tau: torch.Tensor, drop: float, scale: float, ctx: KeyContext, index: int) -> torch.Tensor:
+    """m ⊙ τ · scale for the mask of this (seed, input position, key)."""
+    if drop <= 0:
+        return tau * scale
+    return rescale_kept(tau, keep_mask(tau.shape, drop, ctx, index).to(tau.device), scale)
+
+
+class DareParams(Params):
+    p: float = Field(0.9, ge=0, le=1, description="drop rate: the probability that an entry is set to zero")
+    rescale: bool = Field(True, description="divide the kept entries by 1 − p (false: DropOnly)")
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / (1.0 - self.p) if self.rescale and self.p < 1 else 1.0
+
+
+class DarexQParams(Params):
+    p: float = Field(0.9, ge=0, le=1, description="drop rate: the probability that an entry is set to zero")
+    q: float | None = Field(None, gt=0, le=1, description="rescale kept entries by 1/q (default 1 − p, i.e. DARE); "
+                                                          "per key through overrides")
+
+    @model_validator(mode="after")
+    def _q_defined(self) -> DarexQParams:
+        if self.q is None and self.p >= 1:
+            raise ValueError("q must be given when p = 1")
+        return self
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / (self.q if self.q is not None else 1.0 - self.p)
+
+
+DROP_SIGNATURES = [
+    signature(list_of(DELTA), base=CHECKPOINT, models=list_of(CHECKPOINT)),
+    signature(list_of(DELTA), deltas=list_of(DELTA)),
+]
+
+
+def _dropped(p: DareParams | DarexQParams, ctx: KeyContext, base, models, deltas) -> list[torch.Tensor]:
+    return [drop_and_rescale(tau, p.p, p.scale, ctx, i) for i, tau in enumerate(task_vectors(base, models, deltas))]
+
+
+@operator("dare", signatures=DROP_SIGNATURES, params=DareParams)
+def dare(p: DareParams, ctx: KeyContext, base=None, models=None, deltas=None) -> list[torch.Tensor]:
+    """DARE: each task vector keeps an entry with probability 1 − p, kept entries divided by 1 − p."""
+    return _dropped(p, ctx, base, models, deltas)
+
+
+@operator("darex_q", signatures=DROP_SIGNATURES, params=DarexQParams)
+def darex_q(p: DarexQParams, ctx: KeyContext, base=None, models=None, deltas=None) -> list[torch.Tensor]:
+    """DAREx-q: DARE's mask with kept entries divided by q instead of 1 − p (q = 1: DropOnly)."""
+    return _dropped(p, ctx, base, models, deltas)
+
+
+class DareLinearParams(TaskArithmeticParams, DareParams):
+    pass
+
+
+@operator("dare_linear", signatures=[signature(CHECKPOINT, base=CHECKPOINT, models=list_of(CHECKPOINT))],
+          params=DareLinearParams, check=check_weights)
+def dare_linear(base: torch.Tensor, models: list[torch.Tensor], p: DareLinearParams, ctx: KeyContext) -> torch.Tensor:
+    """DARE then Task Arithmetic: θ = θ_base + λ·Σ_t w_t·DARE(τ_t)."""
+    dropped = _dropped(p, ctx, base, models, None)
+    return finish(task_arithmetic.fn(p=p, ctx=ctx, deltas=dropped), base)

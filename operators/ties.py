@@ -1,0 +1,149 @@
+"""TIES-merging (Yadav et al., 2023; OPERATORS.md §9.2): trim, elect sign, disjoint merge.
+
+With ``scope: global`` (the default, as the reference) each task's threshold is the k-th largest
+|τ| over every selected key of the model, and the sign that breaks ties is the majority over the
+whole model: exact, streamed, never concatenating the model (mergebench.numerics.ExactThreshold).
+``dare_ties`` is the same merge on DARE-dropped task vectors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from mergebench.numerics import ExactThreshold, elect_sign, keep_count, keep_mask, threshold_for
+from mergebench.operators.base import (
+    CHECKPOINT,
+    DELTA,
+    KeyContext,
+    Params,
+    StatisticsPass,
+    list_of,
+    operator,
+    signature,
+)
+from mergebench.operators.dare import DareParams, drop_and_rescale
+from mergebench.operators.task_vectors import finish, task_vectors
+
+VectorsFn = Callable[[dict[str, Any], Params, KeyContext], list[torch.Tensor]]
+
+
+class TiesParams(Params):
+    density: float = Field(0.2, ge=0, le=1, description="fraction of each task vector kept by magnitude (trim)")
+    lambda_: float = Field(1.0, alias="lambda", description="scaling λ of the merged task vector")
+    elect: Literal["mass"] = Field("mass", description="sign election: the sign of the summed trimmed values")
+    agg: Literal["mean", "sum", "max"] = Field("mean", description="disjoint merge of the agreeing values")
+    scope: Literal["global", "per_tensor"] = Field(
+        "global", description="where thresholds and the majority sign are computed: whole model or each tensor")
+
+
+SIGNATURES = [
+    signature(CHECKPOINT, base=CHECKPOINT, models=list_of(CHECKPOINT)),
+    signature(DELTA, deltas=list_of(DELTA)),
+]
+
+
+def ties_merge(taus: list[torch.Tensor], p: TiesParams, ctx: KeyContext) -> torch.Tensor:
+    """λ·τ_m for one key: trimmed, sign-elected, disjointly merged task vectors."""
+    if p.scope == "global":
+        thresholds, majority = ctx.stats["thresholds"], ctx.stats["majority"]
+    else:
+        thresholds = [threshold_for(tau.abs(), keep_count(p.density, tau.numel())) for tau in taus]
+        majority = None
+    trimmed = [torch.where(keep_mask(tau, thr), tau, 0.0) for tau, thr in zip(taus, thresholds)]
+    total = torch.stack(trimmed).sum(0)
+    if majority is None:
+        majority = torch.sign(torch.sign(total).sum())
+    gamma = elect_sign(total, majority)
+    agreeing = [torch.where((t != 0) & (torch.sign(t) == gamma), t, 0.0) for t in trimmed]
+    if p.agg == "max":
+        merged = gamma * torch.stack(agreeing).abs().amax(0)
+    else:
+        merged = torch.stack(agreeing).sum(0)
+        if p.agg == "mean":
+            counts = torch.stack([a != 0 for a in agreeing]).sum(0).clamp_(min=1)
+            merged = merged / counts
+    return merged.mul_(p.lambda_)
+
+
+def ties_passes(vectors: VectorsFn) -> Callable[[Params, frozenset[str]], tuple[StatisticsPass, ...]]:
+    """Global scope: a coarse and a fine histogram pass per task (exact threshold), then the majority sign."""
+
+    def coarse_init(p: TiesParams, stats: Any) -> dict[str, Any]:
+        return {"thresholds": None}
+
+    def coarse(state: dict[str, Any], inputs: dict[str, Any], p: TiesParams, ctx: KeyContext) -> None:
+        taus = vectors(inputs, p, ctx)
+        if state["thresholds"] is None:
+            state["thresholds"] = [ExactThreshold() for _ in taus]
+        for selector, tau in zip(state["thresholds"], taus):
+            selector.add_coarse(tau.abs())
+
+    def coarse_done(state: dict[str, Any], p: TiesParams, stats: Any) -> dict[str, Any]:
+        for selector in state["thresholds"] or []:
+            selector.choose_bin(keep_count(p.density, selector.count))
+        return state
+
+    def fine(state: dict[str, Any], inputs: dict[str, Any], p: TiesParams, ctx: KeyContext) -> None:
+        for selector, tau in zip(state["thresholds"], vectors(inputs, p, ctx)):
+            if selector.bin >= 0:
+                selector.add_fine(tau.abs())
+
+    def fine_done(state: dict[str, Any], p: TiesParams, stats: Any) -> dict[str, Any]:
+        return {"thresholds": [selector.threshold() for selector in state["thresholds"] or []]}
+
+    def majority_init(p: TiesParams, stats: Any) -> dict[str, Any]:
+        return {"thresholds": stats["thresholds"] if stats else None, "elected": 0}
+
+    def count_signs(state: dict[str, Any], inputs: dict[str, Any], p: TiesParams, ctx: KeyContext) -> None:
+        taus = vectors(inputs, p, ctx)
+        if state["thresholds"] is None:  # density 0 or 1: no threshold pass was needed
+            state["thresholds"] = [0.0 if p.density >= 1 else float("inf")] * len(taus)
+        total = torch.stack([torch.where(keep_mask(t, thr), t, 0.0) for t, thr in zip(taus, state["thresholds"])])
+        state["elected"] += int(torch.sign(total.sum(0)).sum())
+
+    def majority_done(state: dict[str, Any], p: TiesParams, stats: Any) -> dict[str, Any]:
+        majority = (state["elected"] > 0) - (state["elected"] < 0)
+        return {"thresholds": state["thresholds"], "majority": float(majority)}
+
+    threshold_passes = (StatisticsPass(coarse_init, coarse, coarse_done),
+                        StatisticsPass(lambda p, stats: stats, fine, fine_done))
+    majority_pass = StatisticsPass(majority_init, count_signs, majority_done)
+
+    def passes(p: Params, slots: frozenset[str]) -> tuple[StatisticsPass, ...]:
+        if p.scope != "global":
+            return ()
+        needs_threshold = 0 < p.density < 1
+        return (*threshold_passes, majority_pass) if needs_threshold else (majority_pass,)
+
+    return passes
+
+
+def _ties_vectors(inputs: dict[str, Any], p: Params, ctx: KeyContext) -> list[torch.Tensor]:
+    return task_vectors(inputs.get("base"), inputs.get("models"), inputs.get("deltas"))
+
+
+@operator("ties", signatures=SIGNATURES, params=TiesParams, execution="global statistic",
+          passes=ties_passes(_ties_vectors))
+def ties(p: TiesParams, ctx: KeyContext, base=None, models=None, deltas=None) -> torch.Tensor:
+    """TIES-merging: θ = θ_base + λ·τ_m, τ_m the disjoint merge of trimmed, sign-agreeing task vectors."""
+    return finish(ties_merge(task_vectors(base, models, deltas), p, ctx), base)
+
+
+class DareTiesParams(TiesParams, DareParams):
+    density: float = Field(1.0, ge=0, le=1, description="fraction of each dropped task vector kept by magnitude")
+
+
+def _dare_vectors(inputs: dict[str, Any], p: DareTiesParams, ctx: KeyContext) -> list[torch.Tensor]:
+    taus = task_vectors(inputs["base"], inputs["models"], None)
+    return [drop_and_rescale(tau, p.p, p.scale, ctx, i) for i, tau in enumerate(taus)]
+
+
+@operator("dare_ties", signatures=[SIGNATURES[0]], params=DareTiesParams, execution="global statistic",
+          passes=ties_passes(_dare_vectors))
+def dare_ties(base: torch.Tensor, models: list[torch.Tensor], p: DareTiesParams, ctx: KeyContext) -> torch.Tensor:
+    """DARE then TIES: each task vector randomly dropped and rescaled, then sign-elected and merged."""
+    return finish(ties_merge(_dare_vectors({"base": base, "models": models}, p, ctx), p, ctx), base)
