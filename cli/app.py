@@ -233,20 +233,23 @@ def inspect(checkpoint: Annotated[Path, typer.Argument(help="a .safetensors file
     """List a checkpoint's tensors: dtype, shape, size and the block each belongs to."""
     with _user_errors():
         from mergebench.checkpoint import Checkpoint
-        from mergebench.layers import block_index, count_blocks
+        from mergebench.layers import BlockIndex
 
         ckpt = Checkpoint(checkpoint)
+        blocks = BlockIndex(ckpt.keys)
     table = Table(title=str(checkpoint), title_justify="left")
     table.add_column("tensor", overflow="fold")
     for column in ("dtype", "shape", "size", "block"):
         table.add_column(column, no_wrap=True)
     for key in ckpt.keys:
         info = ckpt.info(key)
-        block = block_index(key)
+        position = blocks.position(key)
         table.add_row(key, str(info.dtype).replace("torch.", ""), str(list(info.shape)), _size(info.nbytes),
-                      "-" if block is None else str(block))
+                      "-" if position is None else f"{position[0]}/{position[1]}")
     console.print(table)
-    console.print(f"{len(ckpt.keys)} tensors, {_size(ckpt.total_bytes)}, {count_blocks(ckpt.keys)} blocks")
+    stacks = ", ".join(f"{stack or '(top level)'}: {count}" for stack, count in blocks.stacks.items()) or "none"
+    console.print(f"{len(ckpt.keys)} tensors, {_size(ckpt.total_bytes)}; blocks per stack: {stacks}",
+                  highlight=False)
 
 
 def main() -> None:

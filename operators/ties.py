@@ -47,25 +47,37 @@ SIGNATURES = [
 
 
 def ties_merge(taus: list[torch.Tensor], p: TiesParams, ctx: KeyContext) -> torch.Tensor:
-    """λ·τ_m for one key: trimmed, sign-elected, disjointly merged task vectors."""
+    """λ·τ_m for one key: trimmed, sign-elected, disjointly merged task vectors.
+
+    Accumulates in place, task by task, so a key costs about two tensors per task, not a stack of them.
+    """
     if p.scope == "global":
         thresholds, majority = ctx.stats["thresholds"], ctx.stats["majority"]
     else:
         thresholds = [threshold_for(tau.abs(), keep_count(p.density, tau.numel())) for tau in taus]
         majority = None
     trimmed = [torch.where(keep_mask(tau, thr), tau, 0.0) for tau, thr in zip(taus, thresholds)]
-    total = torch.stack(trimmed).sum(0)
+    taus.clear()  # the untrimmed vectors are no longer needed (the caller's list is ours)
+    total = torch.zeros_like(trimmed[0])
+    for t in trimmed:
+        total.add_(t)
     if majority is None:
         majority = torch.sign(torch.sign(total).sum())
     gamma = elect_sign(total, majority)
-    agreeing = [torch.where((t != 0) & (torch.sign(t) == gamma), t, 0.0) for t in trimmed]
+    del total
+    merged = torch.zeros_like(gamma)
+    counts = torch.zeros_like(gamma)
+    for t in trimmed:
+        agrees = (t != 0) & (torch.sign(t) == gamma)
+        if p.agg == "max":
+            torch.maximum(merged, torch.where(agrees, t.abs(), 0.0), out=merged)
+        else:
+            merged.add_(torch.where(agrees, t, 0.0))
+            counts.add_(agrees)
     if p.agg == "max":
-        merged = gamma * torch.stack(agreeing).abs().amax(0)
-    else:
-        merged = torch.stack(agreeing).sum(0)
-        if p.agg == "mean":
-            counts = torch.stack([a != 0 for a in agreeing]).sum(0).clamp_(min=1)
-            merged = merged / counts
+        merged.mul_(gamma)
+    elif p.agg == "mean":
+        merged.div_(counts.clamp_(min=1))
     return merged.mul_(p.lambda_)
 
 

@@ -45,7 +45,8 @@ def test_inspect_shows_tensors_and_blocks(tmp_path, cli):
     save_checkpoint(llama_state_dict(config, seed=0), tmp_path / "m", shard_size=50_000, config=config)
     result = cli("inspect", tmp_path / "m")
     assert result.exit_code == 0
-    assert "model.layers.2.mlp.down_proj.weight" in result.output and "3 blocks" in result.output
+    assert "model.layers.2.mlp.down_proj.weight" in result.output and "blocks per stack: model: 3" in result.output
+    assert "2/3" in result.output  # block 2 of 3
     assert "30 tensors" in result.output  # embeddings + 3 blocks of 9 + final norm + head
 
 
