@@ -1,10 +1,11 @@
 """Peak memory of a streamed merge against the largest tensor, not the model.
 
 Makes three float32 checkpoints of uniform 8 MiB tensors (a "model" of N tensors, sharded), runs a
-linear merge of the three and a global-scope TIES merge (base + 2) in a fresh process each, and reports the growth of resident memory during the
-merge (sampled every millisecond from /proc) over the resident memory just before it (interpreter,
-torch and mergebench imported). The promise is growth set by the largest tensor, times a small
-number per operator, and the same growth for a model twice as large.
+linear merge of the three and a global-scope TIES merge (base + 2) in a fresh process each, and
+reports the growth of resident memory during the merge (sampled every millisecond from /proc) over
+the resident memory just before it (interpreter, torch and mergebench imported). The promise is
+growth set by the largest tensor, times a small number per operator, and the same growth for a
+model twice as large.
 
     .venv/bin/python benchmarks/memory.py [--tensors 32] [--ops linear,ties] [--work benchmarks/_work]
 """
