@@ -29,6 +29,8 @@ errors = Console(stderr=True)
 
 RecipeArg = Annotated[Path, typer.Argument(help="the recipe YAML file")]
 SetOpt = Annotated[list[str], typer.Option("--set", help="override a parameter: NODE.PARAM=VALUE (repeatable)")]
+PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="read pickled .bin/.pt weights, through "
+                                                                "torch.load(weights_only=True)")]
 
 
 @contextmanager
@@ -68,6 +70,11 @@ def run(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
     set_: SetOpt = None,
     force: Annotated[bool, typer.Option("--force", help="replace existing outputs")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run from its partial output")
+                      ] = False,
+    allow_non_finite: Annotated[bool, typer.Option("--allow-non-finite", help="write NaN/Inf results instead of "
+                                                                              "stopping")] = False,
+    allow_pickle: PickleOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar, no summary")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
@@ -79,7 +86,8 @@ def run(
         loaded = load_recipe(recipe, _parse_sets(set_ or []))
         show_progress = not (quiet or as_json)
         with _Progress(show_progress) as progress:
-            result = run_recipe(loaded, device=device, force=force, progress_factory=progress.factory)
+            result = run_recipe(loaded, device=device, force=force, progress_factory=progress.factory,
+                                resume=resume, allow_non_finite=allow_non_finite, allow_pickle=allow_pickle)
     summary = result.summary
     if as_json:
         doc = {"outputs": result.outputs, "tensors": summary.tensors, "bytes_read": summary.bytes_read,
@@ -148,7 +156,7 @@ class _Progress:
 
 
 @app.command()
-def plan(recipe: RecipeArg, set_: SetOpt = None) -> None:
+def plan(recipe: RecipeArg, set_: SetOpt = None, allow_pickle: PickleOpt = False) -> None:
     """Check a recipe against its inputs and show what a run would do: nodes, bytes, peak memory."""
     with _user_errors():
         from mergebench.executor import statistics_stages
@@ -156,7 +164,7 @@ def plan(recipe: RecipeArg, set_: SetOpt = None) -> None:
         from mergebench.recipe import load_recipe
 
         loaded = load_recipe(recipe, _parse_sets(set_ or []))
-        graph = Graph(loaded)
+        graph = Graph(loaded, allow_pickle=allow_pickle)
     models = Table(title="models", title_justify="left")
     for column in ("name", "path", "tensors", "size"):
         models.add_column(column)
@@ -229,13 +237,16 @@ _COMMON_DOCS = {
 
 
 @app.command()
-def inspect(checkpoint: Annotated[Path, typer.Argument(help="a .safetensors file, HF folder or index")]) -> None:
+def inspect(
+    checkpoint: Annotated[Path, typer.Argument(help="a .safetensors file, HF folder or index")],
+    allow_pickle: PickleOpt = False,
+) -> None:
     """List a checkpoint's tensors: dtype, shape, size and the block each belongs to."""
     with _user_errors():
-        from mergebench.checkpoint import Checkpoint
+        from mergebench.checkpoint import open_checkpoint
         from mergebench.layers import BlockIndex
 
-        ckpt = Checkpoint(checkpoint)
+        ckpt = open_checkpoint(checkpoint, allow_pickle)
         blocks = BlockIndex(ckpt.keys)
     table = Table(title=str(checkpoint), title_justify="left")
     table.add_column("tensor", overflow="fold")

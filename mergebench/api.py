@@ -72,10 +72,15 @@ def load(path: str | os.PathLike[str]) -> ModelRef:
 
 
 def run(recipe_path: str | os.PathLike[str], set: Mapping[str, Any] | None = None, device: str = "auto",
-        force: bool = False) -> RunResult:
-    """Run a YAML recipe, with ``set={"node.param": value}`` overriding parameters as ``--set`` does."""
+        force: bool = False, resume: bool = False, allow_non_finite: bool = False,
+        allow_pickle: bool = False) -> RunResult:
+    """Run a YAML recipe, with ``set={"node.param": value}`` overriding parameters as ``--set`` does.
+
+    The keyword flags are the CLI's ``--force``, ``--resume``, ``--allow-non-finite`` and ``--allow-pickle``.
+    """
     recipe = load_recipe(recipe_path, dict(set or {}))
-    return run_recipe(recipe, device=device, force=force)
+    return run_recipe(recipe, device=device, force=force, resume=resume, allow_non_finite=allow_non_finite,
+                      allow_pickle=allow_pickle)
 
 
 def call_operator(op: Operator, kwargs: dict[str, Any]) -> Any:

@@ -22,6 +22,7 @@ from mergebench.safetensors_format import TensorInfo, read_header
 PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 FINGERPRINT_SAMPLES = 64
 FINGERPRINT_SAMPLE_BYTES = 4096
+FINGERPRINT_HEAD_BYTES = 65536
 
 
 class Source(Protocol):
@@ -50,10 +51,8 @@ class Checkpoint:
         self.folder = self.path if self.path.is_dir() else None
         self._files = _weight_files(self.path)
         self._infos: dict[str, TensorInfo] = {}
-        self._header_bytes: list[bytes] = []
         for file, expected_keys in self._files:
             header = read_header(file)
-            self._header_bytes.append(header.raw)
             if expected_keys is not None:
                 missing = sorted(set(expected_keys) - header.tensors.keys())
                 if missing:
@@ -86,21 +85,8 @@ class Checkpoint:
         return buffer.view(info.dtype).reshape(info.shape)
 
     def fingerprint(self) -> str:
-        """sha256 over every shard's header, size and 64 samples of 4 KiB of its data.
-
-        Fine-tunes of one model share headers byte for byte, so the header alone cannot tell them apart;
-        sampled data does, without reading gigabytes to fill a model card.
-        """
-        digest = hashlib.sha256()
-        for (file, _), raw in zip(self._files, self._header_bytes):
-            size = file.stat().st_size
-            digest.update(f"{file.name}:{size}:".encode())
-            digest.update(raw)
-            with open(file, "rb") as f:
-                for i in range(FINGERPRINT_SAMPLES):
-                    f.seek(size * i // FINGERPRINT_SAMPLES)
-                    digest.update(f.read(FINGERPRINT_SAMPLE_BYTES))
-        return digest.hexdigest()
+        """sha256 over every shard's header, size and sampled data (see ``sampled_fingerprint``)."""
+        return sampled_fingerprint([file for file, _ in self._files])
 
     @property
     def total_bytes(self) -> int:
@@ -121,6 +107,24 @@ class Checkpoint:
         self.close()
 
 
+def sampled_fingerprint(files: list[Path]) -> str:
+    """sha256 over each file's name, size, first 64 KiB (the header) and 64 samples of 4 KiB of its data.
+
+    Fine-tunes of one model share headers byte for byte, so the header alone cannot tell them apart;
+    sampled data does, without reading gigabytes to fill a model card or check a resume.
+    """
+    digest = hashlib.sha256()
+    for file in files:
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size}:".encode())
+        with open(file, "rb") as f:
+            digest.update(f.read(FINGERPRINT_HEAD_BYTES))
+            for i in range(FINGERPRINT_SAMPLES):
+                f.seek(size * i // FINGERPRINT_SAMPLES)
+                digest.update(f.read(FINGERPRINT_SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
 def _pread_into(fd: int, buffer, offset: int, file: Path) -> None:
     view = memoryview(buffer).cast("B")
     done = 0
@@ -139,7 +143,8 @@ def _weight_files(path: Path) -> list[tuple[Path, set[str] | None]]:
         if path.name.endswith(".index.json"):
             return _indexed_files(path)
         if path.suffix != ".safetensors":
-            raise MergebenchError(f"{path}: not a .safetensors file")
+            hint = " (pickled weights need --allow-pickle)" if any(path.match(p) for p in PICKLED_WEIGHTS) else ""
+            raise MergebenchError(f"{path}: not a .safetensors file{hint}")
         return [(path, None)]
     indexes = sorted(path.glob("*.safetensors.index.json"))
     if len(indexes) > 1:
@@ -153,9 +158,10 @@ def _weight_files(path: Path) -> list[tuple[Path, set[str] | None]]:
         return [(files[0], None)]
     if files:
         raise MergebenchError(f"{path}: several .safetensors files and no index to say how they fit together")
-    pickled = [p.name for pattern in PICKLED_WEIGHTS for p in path.glob(pattern)]
-    if pickled:
-        raise MergebenchError(f"{path}: only pickled weights ({pickled[0]}); mergebench reads safetensors")
+    if _pickled_files(path):
+        raise MergebenchError(f"{path}: only pickled weights ({_pickled_files(path)[0].name}), which can run code "
+                              f"when loaded; mergebench reads safetensors (--allow-pickle loads them with "
+                              f"torch.load(weights_only=True))")
     raise MergebenchError(f"{path}: no weights found (no .safetensors file or index)")
 
 
@@ -204,3 +210,69 @@ class StateDictSource:
 
     def read(self, key: str) -> torch.Tensor:
         return self._tensors[key]
+
+
+def _pickled_files(folder: Path) -> list[Path]:
+    return sorted(p for pattern in PICKLED_WEIGHTS for p in folder.glob(pattern))
+
+
+class PickledCheckpoint:
+    """Pickled PyTorch weights (``.bin``/``.pt``), only with ``--allow-pickle``.
+
+    They load through ``torch.load(weights_only=True)``, which refuses anything but tensors and plain
+    containers, memory-mapped where the file format allows so a shard is not read whole.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        self.label = str(path)
+        self.folder = self.path if self.path.is_dir() else None
+        if self.path.is_dir():
+            indexes = sorted(self.path.glob("*.bin.index.json"))
+            files = [f for f, _ in _indexed_files(indexes[0])] if indexes else _pickled_files(self.path)
+        else:
+            files = [self.path]
+        if not files:
+            raise MergebenchError(f"{self.path}: no pickled weights found")
+        self._files = files
+        self._tensors: dict[str, torch.Tensor] = {}
+        for file in files:
+            try:
+                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
+                state = torch.load(file, map_location="cpu", weights_only=True)
+            except Exception as exc:  # whatever the unpickler refuses is a bad input, not a bug
+                raise MergebenchError(f"{file}: refused by torch.load(weights_only=True): {exc}") from None
+            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                raise MergebenchError(f"{file}: not a state dict of tensors")
+            self._tensors.update(state)
+        self.reads: Counter[str] = Counter()
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def info(self, key: str) -> TensorInfo:
+        t = self._tensors[key]
+        return TensorInfo(key, t.dtype, tuple(t.shape), None, 0, t.numel() * t.element_size())
+
+    def read(self, key: str) -> torch.Tensor:
+        self.reads[key] += 1
+        return self._tensors[key].contiguous()
+
+    def fingerprint(self) -> str:
+        return sampled_fingerprint(self._files)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.info(k).nbytes for k in self._tensors)
+
+
+def open_checkpoint(path: str | os.PathLike[str], allow_pickle: bool = False) -> Checkpoint | PickledCheckpoint:
+    """Safetensors where there are any; pickled weights only when allowed and nothing else is there."""
+    path = Path(path)
+    if allow_pickle and path.exists():
+        has_safetensors = path.suffix == ".safetensors" or (path.is_dir() and any(path.glob("*.safetensors")))
+        if not has_safetensors and (path.is_file() or _pickled_files(path)):
+            return PickledCheckpoint(path)
+    return Checkpoint(path)

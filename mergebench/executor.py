@@ -75,23 +75,36 @@ def execute(
     sinks: list[Sink],
     device: torch.device,
     progress: Callable[[int], None] | None = None,
+    done: list[set[str]] | None = None,
+    allow_non_finite: bool = False,
 ) -> Summary:
-    """Compute every output of ``graph`` into the matching sink; ``progress`` gets bytes read per key."""
+    """Compute every output of ``graph`` into the matching sink; ``progress`` gets bytes read per key.
+
+    ``done[i]`` lists keys output i already holds (a resumed run): they are neither read nor written.
+    """
     return_large_blocks_to_the_os()
     start = time.perf_counter()
+    done = done or [set() for _ in sinks]
     stats: dict[str, Any] = {}
     bytes_read = 0
     stages = statistics_stages(graph)
     for stage in stages:
         bytes_read += _statistics_pass(graph, stage, device, stats, progress)
+
+    def pending(key: str) -> list[tuple[OutputPlan, Sink]]:
+        return [(plan, sink) for plan, sink, finished in zip(graph.outputs, sinks, done)
+                if key in plan.dtypes and key not in finished]
+
+    def needed(key: str) -> set[str]:
+        return set().union(*(graph.needed_for_output(plan, key) for plan, _ in pending(key)))
+
     bytes_written = 0
     tensors = 0
-    for key, raw in _prefetch(graph, graph.keys, graph.needed_for_key):
+    for key, raw in _prefetch(graph, [k for k in graph.keys if pending(k)], needed):
         env = _KeyValues(graph, key, raw, device, stats)
-        for plan, sink in zip(graph.outputs, sinks):
-            if key in plan.dtypes:
-                bytes_written += sink.write(key, _output_value(graph, plan, env))
-                tensors += 1
+        for plan, sink in pending(key):
+            bytes_written += sink.write(key, _output_value(graph, plan, env, allow_non_finite))
+            tensors += 1
         read_now = sum(t.nbytes for t in raw.values())
         del raw, env  # free this key's tensors before the reader allocates the one after next
         bytes_read += read_now
@@ -126,7 +139,7 @@ def _statistics_pass(graph: Graph, stage: Stage, device: torch.device, stats: di
     return bytes_read
 
 
-def _output_value(graph: Graph, plan: OutputPlan, env: _KeyValues) -> Value:
+def _output_value(graph: Graph, plan: OutputPlan, env: _KeyValues, allow_non_finite: bool = False) -> Value:
     """The finished tensor(s) of one output at one key: cast once, checked finite, on the CPU."""
     key = env.key
     if not graph.is_floating(plan.primary, key):
@@ -137,9 +150,9 @@ def _output_value(graph: Graph, plan: OutputPlan, env: _KeyValues) -> Value:
     cast = []
     for v in values:
         out = v.to(dtype=dtype)
-        if not _all_finite(out):
+        if not allow_non_finite and not _all_finite(out):
             raise MergebenchError(f"node '{plan.output.node}' produced a non-finite value in tensor '{key}' "
-                                  f"(as {dtype}); nothing was written")
+                                  f"(as {dtype}); nothing was written (--allow-non-finite writes it anyway)")
         cast.append(out.cpu())
     return cast if isinstance(value, list) else cast[0]
 

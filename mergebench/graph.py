@@ -12,7 +12,7 @@ from functools import cached_property
 
 import torch
 
-from mergebench.checkpoint import Checkpoint, Source
+from mergebench.checkpoint import Source, open_checkpoint
 from mergebench.errors import MergebenchError
 from mergebench.operators.base import CHECKPOINT
 from mergebench.recipe import Node, Output, Recipe, primary_model
@@ -38,14 +38,14 @@ class OutputPlan:
 class Graph:
     """The recipe's DAG over opened sources; every check that needs headers happens in ``__init__``."""
 
-    def __init__(self, recipe: Recipe, sources: Mapping[str, Source] | None = None):
+    def __init__(self, recipe: Recipe, sources: Mapping[str, Source] | None = None, allow_pickle: bool = False):
         self.recipe = recipe
         self.nodes: dict[str, Node] = recipe.nodes
         self.sources: dict[str, Source] = dict(sources or {})
         self._models_of: dict[str, tuple[str, ...]] = {}
         for name, path in recipe.models.items():
             if name not in self.sources:
-                self.sources[name] = Checkpoint(path)
+                self.sources[name] = open_checkpoint(path, allow_pickle)
         self.outputs = [self._plan_output(out) for out in recipe.outputs]
         self.keys = self._key_order()
         self.key_lists = {name: tuple(self.sources[primary_model(recipe, name)].keys) for name in self.nodes}
@@ -90,7 +90,7 @@ class Graph:
         """Stored bytes of every input tensor the main pass reads (each read once, shared by outputs)."""
         total = 0
         for key in self.keys:
-            models = set().union(*(self._needed_for_output(plan, key) for plan in self.outputs if key in
+            models = set().union(*(self.needed_for_output(plan, key) for plan in self.outputs if key in
                                    plan.dtypes))
             total += sum(self.sources[m].info(key).nbytes for m in models)
         return total
@@ -108,13 +108,11 @@ class Graph:
             worst = max(worst, 2 * stored + float_values)
         return worst
 
-    def _needed_for_output(self, plan: OutputPlan, key: str) -> set[str]:
+    def needed_for_output(self, plan: OutputPlan, key: str) -> set[str]:
+        """The models read for one output at one key (buffers are compared across all of them)."""
         if not self.is_floating(plan.primary, key):
             return set(plan.models)
         return self.needed(plan.output.node, key)
-
-    def needed_for_key(self, key: str) -> set[str]:
-        return set().union(*(self._needed_for_output(p, key) for p in self.outputs if key in p.dtypes))
 
     def _plan_output(self, out: Output) -> OutputPlan:
         primary = primary_model(self.recipe, out.node)

@@ -1,21 +1,23 @@
-"""Run a validated recipe to checkpoints on disk: plan, stream, write, commit — or leave nothing behind."""
+"""Run a validated recipe to checkpoints on disk: lock, plan, stream, write, commit."""
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from collections.abc import Callable, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
 
-from mergebench.checkpoint import Checkpoint, Source
+from mergebench.checkpoint import Source
 from mergebench.errors import MergebenchError
 from mergebench.executor import Summary, execute
 from mergebench.graph import Graph, OutputPlan
 from mergebench.output_files import copy_model_files, model_card
 from mergebench.recipe import Recipe
 from mergebench.safetensors_format import DTYPE_NAMES
-from mergebench.writer import CheckpointWriter
+from mergebench.writer import CheckpointWriter, OutputError, OutputLock
 
 DTYPE_CONFIG_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
                       torch.float64: "float64"}
@@ -66,43 +68,72 @@ def run_recipe(
     force: bool = False,
     sources: Mapping[str, Source] | None = None,
     progress_factory: Callable[[Graph], Callable[[int], None] | None] | None = None,
+    resume: bool = False,
+    allow_non_finite: bool = False,
+    allow_pickle: bool = False,
 ) -> RunResult:
-    """Write every output of ``recipe``; on any error the partial outputs are removed and no OUT appears."""
+    """Write every output of ``recipe``.
+
+    A wrong input removes the partial outputs (nothing half-written is left); a write error or an
+    interrupt keeps them, and ``resume`` then continues where the journal says the run stopped.
+    """
     torch_device = resolve_device(device)
-    for out in recipe.outputs:
-        if out.path.exists() and not force:
-            raise MergebenchError(f"{out.path}: already exists (use --force to replace it)")
-    graph = Graph(recipe, sources)
-    metadata = {"format": "pt", "mergebench_version": version(), "mergebench_recipe_sha256": recipe.sha256}
-    writers: list[CheckpointWriter] = []
-    try:
-        for plan in graph.outputs:
-            writers.append(CheckpointWriter(plan.output.path, list(plan.tensors), plan.output.shard_size, metadata))
-        progress = progress_factory(graph) if progress_factory else None
-        summary = execute(graph, [_FileSink(w) for w in writers], torch_device, progress)
-        results = []
-        for index, (plan, writer) in enumerate(zip(graph.outputs, writers)):
-            writer.finish_weights()
-            _write_companions(graph, plan, writer, index)
-            results.append({"path": str(plan.output.path), "tensors": len(plan.tensors),
-                            "shards": len(writer.shards), "bytes": plan.nbytes})
-        for writer in writers:
-            writer.commit(force)
-    except BaseException:
-        for writer in writers:
-            writer.abort()
-        raise
+    with ExitStack() as locks:
+        for out in sorted(recipe.outputs, key=lambda o: str(o.path)):
+            locks.enter_context(OutputLock(out.path))
+        for out in recipe.outputs:
+            if out.path.exists() and not force:
+                raise MergebenchError(f"{out.path}: already exists (use --force to replace it)")
+        graph = Graph(recipe, sources, allow_pickle=allow_pickle)
+        metadata = {"format": "pt", "mergebench_version": version(), "mergebench_recipe_sha256": recipe.sha256}
+        writers: list[CheckpointWriter] = []
+        try:
+            for index, plan in enumerate(graph.outputs):
+                writers.append(CheckpointWriter(plan.output.path, list(plan.tensors), plan.output.shard_size,
+                                                metadata, identity=_identity(graph, plan, index), resume=resume))
+            progress = progress_factory(graph) if progress_factory else None
+            summary = execute(graph, [_FileSink(w) for w in writers], torch_device, progress,
+                              done=[set(w.done) for w in writers], allow_non_finite=allow_non_finite)
+            results = []
+            for index, (plan, writer) in enumerate(zip(graph.outputs, writers)):
+                writer.finish_weights()
+                _write_companions(graph, plan, writer, index)
+                results.append({"path": str(plan.output.path), "tensors": len(plan.tensors),
+                                "shards": len(writer.shards), "bytes": plan.nbytes})
+            for writer in writers:
+                writer.commit(force)
+        except MergebenchError as exc:
+            for writer in writers:
+                writer.close() if isinstance(exc, OutputError) else writer.abort()
+            raise
+        except BaseException:
+            for writer in writers:
+                writer.close()
+            raise
     return RunResult(summary, results)
+
+
+def _identity(graph: Graph, plan: OutputPlan, index: int) -> str:
+    """What a partial output must have been made from to be resumed: recipe, inputs, layout."""
+    digest = hashlib.sha256(f"{graph.recipe.sha256}:{index}:".encode())
+    for name in plan.models:
+        source = graph.sources[name]
+        fingerprint = source.fingerprint() if hasattr(source, "fingerprint") else source.label
+        digest.update(f"{name}={fingerprint};".encode())
+    for t in plan.tensors:
+        digest.update(f"{t.key}:{t.dtype}:{t.shape};".encode())
+    return digest.hexdigest()
 
 
 def _write_companions(graph: Graph, plan: OutputPlan, writer: CheckpointWriter, index: int) -> None:
     recipe = graph.recipe
     source_name = plan.output.copy_files_from
     source = graph.sources.get(source_name) if source_name else None
-    if isinstance(source, Checkpoint) and source.folder is not None:
-        copy_model_files(source.folder, writer.partial, _dominant_float_dtype(plan))
+    folder = getattr(source, "folder", None)
+    if folder is not None:
+        copy_model_files(folder, writer.partial, _dominant_float_dtype(plan))
     fingerprints = {name: src.fingerprint() for name, src in graph.sources.items()
-                    if name in plan.models and isinstance(src, Checkpoint)}
+                    if name in plan.models and hasattr(src, "fingerprint")}
     card = model_card(recipe.resolved, recipe.sha256, index, fingerprints, version())
     (writer.partial / "README.md").write_text(card)
 

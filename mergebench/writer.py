@@ -4,10 +4,17 @@ Because every output shape and dtype is known from the plan, each shard's header
 and its file preallocated; a tensor is written at its offset the moment it exists, so memory never
 holds a shard. Everything goes to ``OUT.partial/``, which becomes ``OUT`` by one rename at the end:
 an ``OUT`` that exists is always complete.
+
+A journal in ``OUT.partial/`` lists the tensors whose bytes are on disk (fsynced), under the identity
+of the run (recipe, inputs, layout). After a crash, ``resume`` reopens the shards and skips them; the
+finished files are byte-identical to those of a run that never stopped. ``OUT.lock`` beside the
+output keeps two runs from writing the same output.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import math
 import os
@@ -21,6 +28,12 @@ from mergebench.errors import MergebenchError
 from mergebench.safetensors_format import encode_header
 
 INDEX_NAME = "model.safetensors.index.json"
+JOURNAL_NAME = ".mergebench-journal"
+JOURNAL_EVERY_BYTES = 256 * 2**20  # fsync and journal at least this often
+
+
+class OutputError(MergebenchError):
+    """The output could not be written (disk full, permissions); the partial output is kept for --resume."""
 
 
 @dataclass(frozen=True)
@@ -64,27 +77,73 @@ def partial_path(out: Path) -> Path:
 
 
 class CheckpointWriter:
-    """Preallocated shards in ``OUT.partial``; ``write`` puts a tensor at its planned offset."""
+    """Preallocated shards in ``OUT.partial``; ``write`` puts a tensor at its planned offset.
 
-    def __init__(self, out: Path, tensors: list[PlannedTensor], shard_size: int, metadata: dict[str, str]):
+    ``identity`` names the run (recipe, inputs, layout); ``resume`` continues a partial output of the
+    same identity, and ``done`` then holds the tensors already on disk.
+    """
+
+    def __init__(self, out: Path, tensors: list[PlannedTensor], shard_size: int, metadata: dict[str, str],
+                 identity: str = "", resume: bool = False):
         self.out = out
         self.partial = partial_path(out)
         self.shards = plan_shards(tensors, shard_size)
+        self.identity = identity
+        self.done: set[str] = set()
         self._where: dict[str, tuple[int, int, PlannedTensor]] = {}
-        if self.partial.exists():
-            shutil.rmtree(self.partial)
-        self.partial.mkdir(parents=True)
         self._fds: list[int] = []
+        self._unsynced: list[str] = []
+        self._unsynced_bytes = 0
+        try:
+            if resume and (self.partial / JOURNAL_NAME).exists():
+                self.done = self._read_journal()
+                self._open_shards(metadata, fresh=False)
+            else:
+                if self.partial.exists():
+                    shutil.rmtree(self.partial)
+                self.partial.mkdir(parents=True)
+                self._open_shards(metadata, fresh=True)
+                self._append_journal({"identity": identity})
+        except OSError as exc:
+            raise _output_error(self.partial, exc) from None
+
+    def _open_shards(self, metadata: dict[str, str], fresh: bool) -> None:
         for shard in self.shards:
             header = encode_header([(t.key, t.dtype, t.shape) for t in shard.tensors], metadata)
-            fd = os.open(self.partial / shard.name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            path = self.partial / shard.name
+            flags = os.O_RDWR | os.O_CREAT | (os.O_TRUNC if fresh else 0)
+            fd = os.open(path, flags, 0o644)
             self._fds.append(fd)
-            os.pwrite(fd, header, 0)
-            os.ftruncate(fd, len(header) + shard.nbytes)
+            if fresh:
+                os.pwrite(fd, header, 0)
+                os.ftruncate(fd, len(header) + shard.nbytes)
+            elif os.fstat(fd).st_size != len(header) + shard.nbytes or os.pread(fd, len(header), 0) != header:
+                raise MergebenchError(f"{path}: does not match the planned layout; rerun without --resume")
             offset = len(header)
             for t in shard.tensors:
                 self._where[t.key] = (fd, offset, t)
                 offset += t.nbytes
+
+    def _read_journal(self) -> set[str]:
+        lines = (self.partial / JOURNAL_NAME).read_text().splitlines()
+        entries = []
+        for line in lines:
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line cut short by the crash: everything after it was never confirmed
+        if not entries or entries[0].get("identity") != self.identity:
+            raise MergebenchError(f"{self.partial}: was written by a different recipe or from different inputs; "
+                                  f"cannot resume (rerun without --resume to start over)")
+        return {key for entry in entries[1:] for key in entry.get("done", [])}
+
+    def _append_journal(self, entry: dict) -> None:
+        fd = os.open(self.partial / JOURNAL_NAME, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, (json.dumps(entry) + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def write(self, key: str, tensor: torch.Tensor) -> int:
         """Write one finished tensor (on the CPU, planned dtype and shape); returns the bytes written."""
@@ -93,16 +152,34 @@ class CheckpointWriter:
             raise RuntimeError(f"'{key}': produced {tensor.dtype} {tuple(tensor.shape)}, planned {planned}")
         data = memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
         done = 0
-        while done < len(data):
-            done += os.pwrite(fd, data[done:], offset + done)
+        try:
+            while done < len(data):
+                done += os.pwrite(fd, data[done:], offset + done)
+        except OSError as exc:
+            raise _output_error(self.partial, exc) from None
+        self._unsynced.append(key)
+        self._unsynced_bytes += done
+        if self._unsynced_bytes >= JOURNAL_EVERY_BYTES:
+            self.sync()
         return done
+
+    def sync(self) -> None:
+        """Make every written tensor durable, then record it in the journal."""
+        if not self._unsynced:
+            return
+        try:
+            for fd in self._fds:
+                os.fsync(fd)
+            self._append_journal({"done": self._unsynced})
+        except OSError as exc:
+            raise _output_error(self.partial, exc) from None
+        self.done.update(self._unsynced)
+        self._unsynced, self._unsynced_bytes = [], 0
 
     def finish_weights(self) -> None:
         """fsync every shard and write the index (only when there are several shards, as HF does)."""
-        for fd in self._fds:
-            os.fsync(fd)
-            os.close(fd)
-        self._fds.clear()
+        self.sync()
+        self._close()
         if len(self.shards) > 1:
             index = {
                 "metadata": {"total_size": sum(s.nbytes for s in self.shards)},
@@ -112,21 +189,77 @@ class CheckpointWriter:
 
     def commit(self, force: bool) -> None:
         """Make the output visible in one rename; an older ``OUT`` is replaced only with ``force``."""
-        _fsync_tree(self.partial)
-        if self.out.exists():
-            if not force:
-                raise MergebenchError(f"{self.out}: already exists (use --force to replace it)")
-            old = self.out.with_name(self.out.name + ".old")
-            os.replace(self.out, old)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        os.replace(self.partial, self.out)
-        _fsync_dir(self.out.parent)
+        try:
+            (self.partial / JOURNAL_NAME).unlink(missing_ok=True)
+            _fsync_tree(self.partial)
+            if self.out.exists():
+                if not force:
+                    raise MergebenchError(f"{self.out}: already exists (use --force to replace it)")
+                old = self.out.with_name(self.out.name + ".old")
+                os.replace(self.out, old)
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+            os.replace(self.partial, self.out)
+            _fsync_dir(self.out.parent)
+        except OSError as exc:
+            raise _output_error(self.out, exc) from None
 
-    def abort(self) -> None:
+    def _close(self) -> None:
         for fd in self._fds:
             os.close(fd)
         self._fds.clear()
+
+    def abort(self) -> None:
+        """Remove the partial output (the run failed on its inputs: nothing to resume)."""
+        self._close()
         shutil.rmtree(self.partial, ignore_errors=True)
+
+    def close(self) -> None:
+        """Leave the partial output for --resume (the run stopped on a write error or an interrupt)."""
+        self._close()
+
+
+def _output_error(path: Path, exc: OSError) -> OutputError:
+    reason = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+    return OutputError(f"{path}: cannot write ({reason}); anything already written is kept: fix the cause and "
+                       f"rerun with --resume")
+
+
+class OutputLock:
+    """An exclusive lock on ``OUT.lock`` for the duration of a run; a second run fails at once."""
+
+    def __init__(self, out: Path):
+        self.path = out.with_name(out.name + ".lock")
+        self._fd: int | None = None
+
+    def __enter__(self) -> OutputLock:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            while True:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    raise MergebenchError(f"{self.path}: another mergebench run is writing this output") from None
+                if _same_file(fd, self.path):  # not unlinked by a run that finished meanwhile
+                    self._fd = fd
+                    return self
+                os.close(fd)
+        except OSError as exc:
+            raise _output_error(self.path.parent, exc) from None
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self._fd)
+            self._fd = None
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.fstat(fd).st_ino == path.stat().st_ino
+    except FileNotFoundError:
+        return False
 
 
 def _fsync_tree(folder: Path) -> None:
