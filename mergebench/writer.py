@@ -29,7 +29,8 @@ from mergebench.safetensors_format import encode_header
 
 INDEX_NAME = "model.safetensors.index.json"
 JOURNAL_NAME = ".mergebench-journal"
-JOURNAL_EVERY_BYTES = 256 * 2**20  # fsync and journal at least this often
+# fsync and journal at least every this many bytes (MERGEBENCH_SYNC_BYTES overrides: smaller loses less on a crash)
+JOURNAL_EVERY_BYTES = int(os.environ.get("MERGEBENCH_SYNC_BYTES", 256 * 2**20))
 
 
 class OutputError(MergebenchError):
