@@ -176,10 +176,12 @@ def _indexed_files(index: Path) -> list[tuple[Path, set[str] | None]]:
     folder = index.parent.resolve()
     by_shard: dict[str, set[str]] = {}
     for key, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise MergebenchError(f"{index}: tensor '{key}' maps to {shard!r}, not a shard file name")
         by_shard.setdefault(shard, set()).add(key)
     files = []
     for shard in sorted(by_shard):
-        if not isinstance(shard, str) or os.path.isabs(shard) or ".." in Path(shard).parts:
+        if os.path.isabs(shard) or ".." in Path(shard).parts:
             raise MergebenchError(f"{index}: shard name {shard!r} must be a plain name inside the folder")
         file = (index.parent / shard).resolve()
         if folder not in file.parents:
