@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
@@ -126,6 +126,7 @@ def test_random_recipes_run_and_match_eager_or_exit_2(case, cli):
             "outputs": [{"from": "m", "path": "out"}],
         })
         result = cli("run", recipe, "--quiet")
+        event(f"exit code {result.exit_code}")
         assert result.exit_code in (0, 2), result.output
         assert not (folder / "out.partial").exists()
         if result.exit_code == 2:
