@@ -18,7 +18,7 @@ from mergebench.checkpoint import StateDictSource
 from mergebench.errors import MergebenchError
 from mergebench.executor import execute
 from mergebench.graph import Graph
-from mergebench.operators.base import CHECKPOINT, Operator, element_type, is_list_type
+from mergebench.operators.base import CHECKPOINT, SEQUENCE, Operator, element_type, is_list_type
 from mergebench.recipe import MEMORY_PATH, build_recipe, load_recipe
 from mergebench.runner import RunResult, run_recipe
 
@@ -139,18 +139,23 @@ def _eager(op: Operator, inputs: dict[str, Any], params: dict[str, Any], common:
     if signature is None:
         accepted = "; ".join(s.describe() for s in op.signatures)
         raise MergebenchError(f"{op.name} takes inputs {accepted}, got ({', '.join(inputs)})")
-    plain_tensors = any(isinstance(v, torch.Tensor) for v in _leaves(inputs))
-    sources: dict[str, StateDictSource] = {}
+    sources = _MemorySources()
     model_types: dict[str, str] = {}
+    sequences: dict[str, list[tuple[int, str]]] = {}
     refs: dict[str, Any] = {}
     for slot, value in inputs.items():
+        if SEQUENCE in signature.slots[slot]:
+            sequences[slot] = [(int(step), sources.add(f"{slot}@{step}", state))
+                               for step, state in _steps_and_states(slot, value)]
+            refs[slot] = slot
+            continue
         is_list = isinstance(value, (list, tuple))
         accepted = [t for t in signature.slots[slot] if is_list_type(t) == is_list]
         value_type = element_type(accepted[0]) if accepted else CHECKPOINT
         if is_list:
-            refs[slot] = [_add_source(sources, f"{slot}_{i}", v) for i, v in enumerate(value)]
+            refs[slot] = [sources.add(f"{slot}_{i}", v) for i, v in enumerate(value)]
         else:
-            refs[slot] = _add_source(sources, slot, value)
+            refs[slot] = sources.add(slot, value)
         model_types.update(dict.fromkeys([refs[slot]] if not is_list else refs[slot], value_type))
     node = {"op": op.name, "inputs": refs, "params": params, **common}
     output: dict[str, Any] = {"from": "result", "path": MEMORY_PATH}
@@ -159,10 +164,11 @@ def _eager(op: Operator, inputs: dict[str, Any], params: dict[str, Any], common:
     doc = {"models": dict.fromkeys(sources, MEMORY_PATH), "nodes": {"result": node}, "outputs": [output],
            "seed": common.get("seed", 0)}
     recipe = build_recipe(doc, PYTHON_SOURCE, {}, {}, base_dir=Path.cwd(), in_memory=frozenset(sources),
-                          model_types=model_types)
+                          model_types=model_types, memory_sequences=sequences)
     graph = Graph(recipe, sources)
     sink = _DictSink()
-    execute(graph, [sink], _device_of(inputs))
+    plain_tensors = bool(sources.bare)
+    execute(graph, [sink], sources.device)
     if is_list_type(signature.result):
         count = len(next(iter(sink.values.values())))
         results = [{k: v[i] for k, v in sink.values.items()} for i in range(count)]
@@ -170,25 +176,42 @@ def _eager(op: Operator, inputs: dict[str, Any], params: dict[str, Any], common:
     return sink.values[EAGER_TENSOR_KEY] if plain_tensors else sink.values
 
 
-def _add_source(sources: dict[str, StateDictSource], name: str, value: Any) -> str:
-    if isinstance(value, torch.Tensor):
-        value = {EAGER_TENSOR_KEY: value}
-    if not _is_state_dict(value):
-        raise MergebenchError(f"input '{name}': expected a tensor or a state dict, got {type(value).__name__}")
-    sources[name] = StateDictSource(value, name)
-    return name
+def _steps_and_states(slot: str, value: Any) -> list[tuple[int, Any]]:
+    """A sequence given eagerly: ``{step: state}`` or a list of ``(step, state)`` pairs, in step order."""
+    pairs = list(value.items()) if isinstance(value, Mapping) else value
+    try:
+        pairs = sorted((int(step), state) for step, state in pairs)
+    except (TypeError, ValueError):
+        raise MergebenchError(f"input '{slot}': a sequence is {{step: state dict}} or [(step, state dict), ...]"
+                              ) from None
+    if not pairs:
+        raise MergebenchError(f"input '{slot}': a sequence needs at least one checkpoint")
+    return pairs
 
 
-def _leaves(inputs: dict[str, Any]) -> list[Any]:
-    return [v for value in inputs.values() for v in (value if isinstance(value, (list, tuple)) else [value])]
+class _MemorySources(dict):
+    """The in-memory inputs of an eager call, by model name; remembers which were bare tensors."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.bare: set[str] = set()
 
-def _device_of(inputs: dict[str, Any]) -> torch.device:
-    for leaf in _leaves(inputs):
-        tensor = leaf if isinstance(leaf, torch.Tensor) else next(iter(leaf.values()), None)
-        if tensor is not None:
-            return tensor.device
-    return torch.device("cpu")
+    def add(self, name: str, value: Any) -> str:
+        if isinstance(value, torch.Tensor):
+            value = {EAGER_TENSOR_KEY: value}
+            self.bare.add(name)
+        if not _is_state_dict(value):
+            raise MergebenchError(f"input '{name}': expected a tensor or a state dict, got {type(value).__name__}")
+        self[name] = StateDictSource(value, name)
+        return name
+
+    @property
+    def device(self) -> torch.device:
+        """Where the inputs live (the first tensor's device): eager results are computed there."""
+        for source in self.values():
+            for key in source.keys:
+                return source.read(key).device
+        return torch.device("cpu")
 
 
 class _DictSink:

@@ -22,7 +22,14 @@ from mergebench.errors import MergebenchError
 from mergebench.graph import Graph, OutputPlan
 from mergebench.layers import block_index_for
 from mergebench.numerics import compute_dtype
-from mergebench.operators.base import CHECKPOINT, DELTA, KeyContext, StatisticsPass, is_list_type
+from mergebench.operators.base import (
+    CHECKPOINT,
+    DELTA,
+    KeyContext,
+    StatisticsPass,
+    TensorSequence,
+    is_list_type,
+)
 from mergebench.recipe import Node
 
 PREFETCH_KEYS = 1  # keys read ahead of the one being computed: overlap without doubling memory twice
@@ -105,7 +112,7 @@ def execute(
         for plan, sink in pending(key):
             bytes_written += sink.write(key, _output_value(graph, plan, env, allow_non_finite))
             tensors += 1
-        read_now = sum(t.nbytes for t in raw.values())
+        read_now = sum(t.nbytes for t in raw.values()) + env.lazy_bytes
         del raw, env  # free this key's tensors before the reader allocates the one after next
         bytes_read += read_now
         if progress:
@@ -129,7 +136,7 @@ def _statistics_pass(graph: Graph, stage: Stage, device: torch.device, stats: di
         for (node, stat_pass), state in zip(entries, states):
             if node.selects(key) and graph.is_floating(node.name, key):
                 stat_pass.accumulate(state, env.inputs(node), node.params_for(key), env.context(node))
-        read_now = sum(t.nbytes for t in raw.values())
+        read_now = sum(t.nbytes for t in raw.values()) + env.lazy_bytes
         del raw, env
         bytes_read += read_now
         if progress:
@@ -189,15 +196,26 @@ class _KeyValues:
         self.device = device
         self.stats = stats
         self.cache: dict[str, Value] = {}
+        self.lazy_bytes = 0  # bytes read during the computation (sequences), beyond the read-ahead
 
     def value(self, ref: str) -> Value:
+        if ref in self.graph.recipe.sequences:
+            return self._sequence(ref)
         if ref not in self.cache:
             self.cache[ref] = self._model(ref) if ref in self.graph.sources else self._node(self.graph.nodes[ref])
         return self.cache[ref]
 
     def _model(self, name: str) -> torch.Tensor:
-        tensor = self.raw[name]
+        if name in self.raw:
+            tensor = self.raw[name]
+        else:  # a sequence's checkpoint, read when its fold reaches it
+            tensor = self.graph.sources[name].read(self.key)
+            self.lazy_bytes += tensor.nbytes
         return tensor.to(device=self.device, dtype=compute_dtype(tensor.dtype))
+
+    def _sequence(self, name: str) -> TensorSequence:
+        members = self.graph.recipe.sequences[name]
+        return TensorSequence([step for step, _ in members], lambda index: self._model(members[index][1]))
 
     def _node(self, node: Node) -> Value:
         if not node.selects(self.key):
@@ -218,7 +236,8 @@ class _KeyValues:
     def _unchanged(self, node: Node) -> Value:
         """An unselected key: a Checkpoint keeps its primary input's value, a Delta is zero."""
         if node.result == CHECKPOINT:
-            return self.value(node.primary)
+            sequence = self.graph.recipe.sequences.get(node.primary)
+            return self.value(sequence[-1][1] if sequence else node.primary)
         shape = self.graph.info(node.name, self.key).shape
         zero = torch.zeros(shape, dtype=torch.float32, device=self.device)
         if is_list_type(node.result):

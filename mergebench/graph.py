@@ -54,9 +54,11 @@ class Graph:
             self._check_shapes(self.nodes[name])
 
     def models_of(self, ref: str) -> tuple[str, ...]:
-        """The models a node depends on, in first-use order."""
+        """The models a node depends on, in first-use order (a sequence: each of its checkpoints)."""
         if ref in self.sources:
             return (ref,)
+        if ref in self.recipe.sequences:
+            return tuple(member for _, member in self.recipe.sequences[ref])
         if ref not in self._models_of:
             seen: dict[str, None] = {}
             for r in self.nodes[ref].refs():
@@ -65,14 +67,19 @@ class Graph:
         return self._models_of[ref]
 
     def _nodes_of(self, ref: str) -> set[str]:
-        if ref in self.sources:
+        if ref not in self.nodes:
             return set()
         return {ref}.union(*(self._nodes_of(r) for r in self.nodes[ref].refs()))
 
     def needed(self, ref: str, key: str) -> set[str]:
-        """The models that must be read to compute ``ref`` at ``key`` (an unselected key reads less)."""
+        """The models read ahead to compute ``ref`` at ``key`` (an unselected key reads less).
+
+        A sequence's checkpoints are not among them: operators read those one at a time.
+        """
         if ref in self.sources:
             return {ref}
+        if ref in self.recipe.sequences:
+            return set()
         node = self.nodes[ref]
         if not node.selects(key):
             return self.needed(node.primary, key) if node.result == CHECKPOINT else set()

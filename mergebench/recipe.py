@@ -22,12 +22,14 @@ from mergebench.errors import MergebenchError, located
 from mergebench.operators import REGISTRY
 from mergebench.operators.base import (
     CHECKPOINT,
+    SEQUENCE,
     Operator,
     Params,
     Signature,
     is_list_type,
     list_of,
 )
+from mergebench.sequences import is_glob, resolve_sequence
 
 MAX_YAML_NODES = 100_000
 MEMORY_PATH = "<memory>"  # an output kept in memory (the eager API): any value type, no files
@@ -87,8 +89,14 @@ class OutputSpec(_Strict):
         return value
 
 
+class SequenceSpec(_Strict):
+    paths: str | list[str]
+    steps: list[int] | None = None
+    allow_gaps: bool = False
+
+
 class RecipeSpec(_Strict):
-    models: dict[str, str]
+    models: dict[str, str | list[str] | SequenceSpec]
     nodes: dict[str, NodeSpec]
     outputs: list[OutputSpec] = Field(min_length=1)
     seed: int = 0
@@ -150,6 +158,7 @@ class Recipe:
 
     file: Path
     models: dict[str, str]
+    sequences: dict[str, tuple[tuple[int, str], ...]]  # name -> (step, member model) in step order
     nodes: dict[str, Node]  # in topological order
     outputs: tuple[Output, ...]
     seed: int
@@ -180,10 +189,12 @@ def build_recipe(
     base_dir: Path,
     in_memory: frozenset[str] = frozenset(),
     model_types: dict[str, str] | None = None,
+    memory_sequences: dict[str, list[tuple[int, str]]] | None = None,
 ) -> Recipe:
     """Validate recipe data (from YAML or from the Python API).
 
-    Models in ``in_memory`` are not paths; ``model_types`` lets an in-memory model be a Delta.
+    Models in ``in_memory`` are not paths; ``model_types`` lets an in-memory model be a Delta;
+    ``memory_sequences`` are sequences of in-memory models (step, model name).
     """
     where = _Locator(file, lines)
     if not isinstance(data, dict):
@@ -193,24 +204,47 @@ def build_recipe(
         spec = RecipeSpec.model_validate(data)
     except ValidationError as exc:
         raise where.pydantic(exc, ()) from None
-    models = {
-        name: p if name in in_memory else str((base_dir / p).resolve()) for name, p in spec.models.items()
-    }
-    nodes = _check_nodes(spec, where, model_types or {})
-    outputs = tuple(_check_output(i, out, spec, nodes, models, base_dir, where, in_memory)
+    models: dict[str, str] = {}
+    sequences: dict[str, tuple[tuple[int, str], ...]] = {}
+    for name, entry in spec.models.items():
+        if name in in_memory:
+            models[name] = entry
+        elif isinstance(entry, str) and not is_glob(entry):
+            models[name] = str((base_dir / entry).resolve())
+        else:
+            members = _resolve_sequence(name, entry, base_dir, where)
+            sequences[name] = tuple((step, f"{name}@{step}") for step, _ in members)
+            models.update({f"{name}@{step}": path for step, path in members})
+    for name, members in (memory_sequences or {}).items():
+        sequences[name] = tuple(members)
+    types = {**(model_types or {}), **dict.fromkeys(sequences, SEQUENCE)}
+    nodes = _check_nodes(spec, where, types, sequences)
+    outputs = tuple(_check_output(i, out, nodes, models, sequences, base_dir, where, in_memory)
                     for i, out in enumerate(spec.outputs))
     resolved = spec.model_dump(by_alias=True, exclude_none=True)
     resolved["models"] = models
+    if sequences:
+        resolved["sequences"] = {name: [list(m) for m in members] for name, members in sequences.items()}
     for out_doc, out in zip(resolved["outputs"], outputs):
         out_doc["path"] = str(out.path)
         if out.copy_files_from:
             out_doc["copy_files_from"] = out.copy_files_from
-    return Recipe(file, models, nodes, outputs, spec.seed, resolved)
+    return Recipe(file, models, sequences, nodes, outputs, spec.seed, resolved)
 
 
-def _check_nodes(spec: RecipeSpec, where: _Locator, model_types: dict[str, str]) -> dict[str, Node]:
+def _resolve_sequence(name: str, entry: str | list[str] | SequenceSpec, base_dir: Path,
+                      where: _Locator) -> list[tuple[int, str]]:
+    line = where.line(("models", name))
+    location = f"{where.file}:{line}: sequence '{name}'" if line else f"{where.file}: sequence '{name}'"
+    if isinstance(entry, SequenceSpec):
+        return resolve_sequence(entry.paths, entry.steps, entry.allow_gaps, base_dir, location)
+    return resolve_sequence(entry, None, False, base_dir, location)
+
+
+def _check_nodes(spec: RecipeSpec, where: _Locator, model_types: dict[str, str],
+                 sequences: dict[str, tuple[tuple[int, str], ...]]) -> dict[str, Node]:
     for name in spec.nodes:
-        if name in spec.models:
+        if name in spec.models or name in sequences:
             raise where.error(("nodes", name), f"node '{name}' has the same name as a model")
     order = _topological_order(spec, where)
     nodes: dict[str, Node] = {}
@@ -274,8 +308,10 @@ def _ref_type(ref: str | list[str], recipe: RecipeSpec, done: dict[str, Node], m
         if len(types) != 1 or is_list_type(next(iter(types))):
             raise where.error(loc, f"list elements must all be single values of one type, got {sorted(types)}")
         return list_of(types.pop())
+    if ref in model_types:
+        return model_types[ref]
     if ref in recipe.models:
-        return model_types.get(ref, CHECKPOINT)
+        return CHECKPOINT
     if ref in done:
         return done[ref].result
     raise where.error(loc, f"node '{loc[1]}': input '{ref}' names no model or node")
@@ -319,13 +355,16 @@ def _topological_order(spec: RecipeSpec, where: _Locator) -> list[str]:
     return order
 
 
-def _check_output(i: int, out: OutputSpec, spec: RecipeSpec, nodes: dict[str, Node], models: dict[str, str],
-                  base_dir: Path, where: _Locator, in_memory: frozenset[str]) -> Output:
+def _check_output(i: int, out: OutputSpec, nodes: dict[str, Node], models: dict[str, str],
+                  sequences: dict[str, tuple[tuple[int, str], ...]], base_dir: Path, where: _Locator,
+                  in_memory: frozenset[str]) -> Output:
     loc = ("outputs", i)
     if out.from_ in nodes:
         value_type = nodes[out.from_].result
     elif out.from_ in models:
         value_type = CHECKPOINT
+    elif out.from_ in sequences:
+        value_type = SEQUENCE
     else:
         raise where.error((*loc, "from"), f"output {i} comes from '{out.from_}', which names no node or model")
     if out.path == MEMORY_PATH:
@@ -343,21 +382,25 @@ def _check_output(i: int, out: OutputSpec, spec: RecipeSpec, nodes: dict[str, No
             raise where.error((*loc, "path"), f"output path {path} would overwrite input '{name}' ({model})")
     copy_from = out.copy_files_from
     if copy_from is None and "copy_files_from" not in out.model_fields_set:
-        copy_from = _primary_model(out.from_, nodes)
+        copy_from = out.from_
+    if copy_from is not None:
+        copy_from = _primary_model(copy_from, nodes, sequences)
     if copy_from is not None and copy_from not in models:
         raise where.error((*loc, "copy_files_from"), f"copy_files_from names '{copy_from}', which is not a model")
     return Output(out.from_, path, out.dtype, parse_size(out.shard_size), copy_from)
 
 
-def _primary_model(ref: str, nodes: dict[str, Node]) -> str:
+def _primary_model(ref: str, nodes: dict[str, Node], sequences: dict[str, tuple[tuple[int, str], ...]]) -> str:
     while ref in nodes:
         ref = nodes[ref].primary
+    if ref in sequences:  # a training run: its latest checkpoint
+        ref = sequences[ref][-1][1]
     return ref
 
 
 def primary_model(recipe: Recipe, ref: str) -> str:
     """The model a node's non-weight files, buffers and default dtypes come from."""
-    return _primary_model(ref, recipe.nodes)
+    return _primary_model(ref, recipe.nodes, recipe.sequences)
 
 
 def _apply_sets(data: dict[str, Any], sets: dict[str, Any], where: _Locator) -> None:

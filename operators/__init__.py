@@ -10,9 +10,11 @@ from mergebench.operators.breadcrumbs import breadcrumbs
 from mergebench.operators.dare import dare, dare_linear, darex_q
 from mergebench.operators.interpolation import linear, wise_ft
 from mergebench.operators.lines import lines
+from mergebench.operators.sequence import bema, ema, momentum_interp
 from mergebench.operators.slerp import slerp
 from mergebench.operators.task_vectors import apply, delta, task_arithmetic
 from mergebench.operators.ties import dare_ties, ties
 
-__all__ = ["REGISTRY", "Operator", "apply", "bitdelta", "breadcrumbs", "dare", "dare_linear", "dare_ties",
-           "darex_q", "delta", "linear", "lines", "slerp", "task_arithmetic", "ties", "wise_ft"]
+__all__ = ["REGISTRY", "Operator", "apply", "bema", "bitdelta", "breadcrumbs", "dare", "dare_linear", "dare_ties",
+           "darex_q", "delta", "ema", "linear", "lines", "momentum_interp", "slerp", "task_arithmetic", "ties",
+           "wise_ft"]

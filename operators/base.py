@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict
 # Value types flowing along the recipe's edges (OPERATORS.md §0.9).
 CHECKPOINT = "Checkpoint"
 DELTA = "Delta"
+SEQUENCE = "Sequence"  # ordered checkpoints of one training run, with their steps
 
 
 def list_of(value_type: str) -> str:
@@ -33,6 +34,25 @@ def is_list_type(value_type: str) -> bool:
 
 def element_type(value_type: str) -> str:
     return value_type[1:-1] if is_list_type(value_type) else value_type
+
+
+class TensorSequence:
+    """One key of every checkpoint of a training run, read one at a time as it is iterated.
+
+    Iterating yields (step, float32 tensor) in step order; only the tensor in hand is in memory,
+    so a fold over a long run costs O(1) tensors per key.
+    """
+
+    def __init__(self, steps: list[int], load: Callable[[int], torch.Tensor]):
+        self.steps = steps
+        self._load = load
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __iter__(self):
+        for index, step in enumerate(self.steps):
+            yield step, self._load(index)
 
 
 class Params(BaseModel):
