@@ -184,7 +184,7 @@ def plan(recipe: RecipeArg, set_: SetOpt = None, allow_pickle: PickleOpt = False
     for column in ("from", "path", "dtype", "tensors", "size", "shard size"):
         outputs.add_column(column)
     for out in graph.outputs:
-        outputs.add_row(out.output.node, str(out.output.path), out.output.dtype or "as inputs",
+        outputs.add_row(out.output.node, str(out.path), out.output.dtype or "as inputs",
                         str(len(out.tensors)), _size(out.nbytes), _size(out.output.shard_size))
     console.print(outputs)
     passes = 1 + len(statistics_stages(graph))

@@ -176,7 +176,7 @@ def _indexed_files(index: Path) -> list[tuple[Path, set[str] | None]]:
     folder = index.parent.resolve()
     by_shard: dict[str, set[str]] = {}
     for key, shard in weight_map.items():
-        if not isinstance(shard, str) or not shard:
+        if not isinstance(shard, str) or not shard or "\x00" in shard:
             raise MergebenchError(f"{index}: tensor '{key}' maps to {shard!r}, not a shard file name")
         by_shard.setdefault(shard, set()).add(key)
     files = []

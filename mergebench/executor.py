@@ -153,6 +153,8 @@ def _output_value(graph: Graph, plan: OutputPlan, env: _KeyValues, allow_non_fin
         return _buffer(plan.primary, plan.models, env)
     dtype = plan.dtypes[key]
     value = env.value(plan.output.node)
+    if plan.element is not None:
+        value = value[plan.element]
     values = value if isinstance(value, list) else [value]
     cast = []
     for v in values:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 
 import torch
 
@@ -24,7 +25,12 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 @dataclass(frozen=True)
 class OutputPlan:
+    """One checkpoint to write: an output of the recipe, or one step of an output's series."""
+
     output: Output
+    index: int  # the output's position in the recipe
+    element: int | None  # for a series: which element of the node's list; None otherwise
+    path: Path
     primary: str  # the model whose buffers, dtypes and files the output inherits
     models: tuple[str, ...]  # every model the output depends on
     tensors: tuple[PlannedTensor, ...]  # in write order
@@ -46,7 +52,7 @@ class Graph:
         for name, path in recipe.models.items():
             if name not in self.sources:
                 self.sources[name] = open_checkpoint(path, allow_pickle)
-        self.outputs = [self._plan_output(out) for out in recipe.outputs]
+        self.outputs = [plan for i, out in enumerate(recipe.outputs) for plan in self._plan_output(i, out)]
         self.keys = self._key_order()
         self.key_lists = {name: tuple(self.sources[primary_model(recipe, name)].keys) for name in self.nodes}
         reachable = {n for plan in self.outputs for n in self._nodes_of(plan.output.node)}
@@ -121,7 +127,7 @@ class Graph:
             return set(plan.models)
         return self.needed(plan.output.node, key)
 
-    def _plan_output(self, out: Output) -> OutputPlan:
+    def _plan_output(self, index: int, out: Output) -> list[OutputPlan]:
         primary = primary_model(self.recipe, out.node)
         models = self.models_of(out.node)
         reference = self.sources[primary]
@@ -132,7 +138,12 @@ class Graph:
             info = reference.info(key)
             dtype = DTYPES[out.dtype] if out.dtype and info.is_floating else info.dtype
             tensors.append(PlannedTensor(key, dtype, info.shape))
-        return OutputPlan(out, primary, models, tuple(tensors), {t.key: t.dtype for t in tensors})
+        dtypes = {t.key: t.dtype for t in tensors}
+        node = self.nodes.get(out.node)
+        if node is None or node.series_steps is None:
+            return [OutputPlan(out, index, None, out.path, primary, models, tuple(tensors), dtypes)]
+        return [OutputPlan(out, index, i, out.path / f"step-{step}", primary, models, tuple(tensors), dtypes)
+                for i, step in enumerate(node.series_steps)]
 
     def _check_same_keys(self, reference: Source, ref_name: str, other: Source, other_name: str) -> None:
         a, b = set(reference.keys), set(other.keys)

@@ -116,10 +116,11 @@ class Node:
     exclude: tuple[re.Pattern[str], ...]
     seed: int
     list_length: int | None  # how many values a list-valued node yields
+    series_steps: tuple[int, ...] | None = None  # a sequence node emitting a series: its steps
 
     @property
     def result(self) -> str:
-        return self.signature.result
+        return list_of(CHECKPOINT) if self.series_steps else self.signature.result
 
     @property
     def primary(self) -> str:
@@ -250,12 +251,12 @@ def _check_nodes(spec: RecipeSpec, where: _Locator, model_types: dict[str, str],
     nodes: dict[str, Node] = {}
     for name in order:
         node_spec = spec.nodes[name]
-        nodes[name] = _check_node(name, node_spec, spec, nodes, where, model_types)
+        nodes[name] = _check_node(name, node_spec, spec, nodes, where, model_types, sequences)
     return nodes
 
 
 def _check_node(name: str, spec: NodeSpec, recipe: RecipeSpec, done: dict[str, Node], where: _Locator,
-                model_types: dict[str, str]) -> Node:
+                model_types: dict[str, str], sequences: dict[str, tuple[tuple[int, str], ...]]) -> Node:
     loc = ("nodes", name)
     op = REGISTRY.get(spec.op)
     if op is None:
@@ -296,7 +297,17 @@ def _check_node(name: str, spec: NodeSpec, recipe: RecipeSpec, done: dict[str, N
         exclude=tuple(_compile(p, where, (*loc, "exclude", i)) for i, p in enumerate(spec.exclude)),
         seed=recipe.seed if spec.seed is None else spec.seed,
         list_length=next(iter(lengths.values()), None) if is_list_type(sig.result) else None,
+        series_steps=_series_steps(op, params, spec, sequences),
     )
+
+
+def _series_steps(op: Operator, params: Params, spec: NodeSpec,
+                  sequences: dict[str, tuple[tuple[int, str], ...]]) -> tuple[int, ...] | None:
+    runs = [ref for ref in spec.inputs.values() if isinstance(ref, str) and ref in sequences]
+    if op.series is None or not runs:
+        return None
+    emitted = op.series(params, [step for step, _ in sequences[runs[0]]])
+    return tuple(emitted) if emitted else None
 
 
 def _ref_type(ref: str | list[str], recipe: RecipeSpec, done: dict[str, Node], model_types: dict[str, str],
@@ -369,7 +380,8 @@ def _check_output(i: int, out: OutputSpec, nodes: dict[str, Node], models: dict[
         raise where.error((*loc, "from"), f"output {i} comes from '{out.from_}', which names no node or model")
     if out.path == MEMORY_PATH:
         return Output(out.from_, Path(MEMORY_PATH), out.dtype, parse_size(out.shard_size), None)
-    if value_type != CHECKPOINT:
+    is_series = out.from_ in nodes and nodes[out.from_].series_steps is not None
+    if value_type != CHECKPOINT and not is_series:
         raise where.error((*loc, "from"), f"output {i} comes from '{out.from_}', a {value_type}: add an 'apply' "
                                           f"node to turn it into a Checkpoint")
     path = (base_dir / out.path).resolve()

@@ -79,26 +79,26 @@ def run_recipe(
     """
     torch_device = resolve_device(device)
     with ExitStack() as locks:
-        for out in sorted(recipe.outputs, key=lambda o: str(o.path)):
-            locks.enter_context(OutputLock(out.path))
-        for out in recipe.outputs:
-            if out.path.exists() and not force:
-                raise MergebenchError(f"{out.path}: already exists (use --force to replace it)")
         graph = Graph(recipe, sources, allow_pickle=allow_pickle)
+        for plan in sorted(graph.outputs, key=lambda p: str(p.path)):
+            locks.enter_context(OutputLock(plan.path))
+        for plan in graph.outputs:
+            if plan.path.exists() and not force:
+                raise MergebenchError(f"{plan.path}: already exists (use --force to replace it)")
         metadata = {"format": "pt", "mergebench_version": version(), "mergebench_recipe_sha256": recipe.sha256}
         writers: list[CheckpointWriter] = []
         try:
-            for index, plan in enumerate(graph.outputs):
-                writers.append(CheckpointWriter(plan.output.path, list(plan.tensors), plan.output.shard_size,
-                                                metadata, identity=_identity(graph, plan, index), resume=resume))
+            for plan in graph.outputs:
+                writers.append(CheckpointWriter(plan.path, list(plan.tensors), plan.output.shard_size,
+                                                metadata, identity=_identity(graph, plan), resume=resume))
             progress = progress_factory(graph) if progress_factory else None
             summary = execute(graph, [_FileSink(w) for w in writers], torch_device, progress,
                               done=[set(w.done) for w in writers], allow_non_finite=allow_non_finite)
             results = []
-            for index, (plan, writer) in enumerate(zip(graph.outputs, writers)):
+            for plan, writer in zip(graph.outputs, writers):
                 writer.finish_weights()
-                _write_companions(graph, plan, writer, index)
-                results.append({"path": str(plan.output.path), "tensors": len(plan.tensors),
+                _write_companions(graph, plan, writer)
+                results.append({"path": str(plan.path), "tensors": len(plan.tensors),
                                 "shards": len(writer.shards), "bytes": plan.nbytes})
             for writer in writers:
                 writer.commit(force)
@@ -113,9 +113,9 @@ def run_recipe(
     return RunResult(summary, results)
 
 
-def _identity(graph: Graph, plan: OutputPlan, index: int) -> str:
+def _identity(graph: Graph, plan: OutputPlan) -> str:
     """What a partial output must have been made from to be resumed: recipe, inputs, layout."""
-    digest = hashlib.sha256(f"{graph.recipe.sha256}:{index}:".encode())
+    digest = hashlib.sha256(f"{graph.recipe.sha256}:{plan.index}:{plan.element}:".encode())
     for name in plan.models:
         source = graph.sources[name]
         fingerprint = source.fingerprint() if hasattr(source, "fingerprint") else source.label
@@ -125,7 +125,7 @@ def _identity(graph: Graph, plan: OutputPlan, index: int) -> str:
     return digest.hexdigest()
 
 
-def _write_companions(graph: Graph, plan: OutputPlan, writer: CheckpointWriter, index: int) -> None:
+def _write_companions(graph: Graph, plan: OutputPlan, writer: CheckpointWriter) -> None:
     recipe = graph.recipe
     source_name = plan.output.copy_files_from
     source = graph.sources.get(source_name) if source_name else None
@@ -134,7 +134,7 @@ def _write_companions(graph: Graph, plan: OutputPlan, writer: CheckpointWriter, 
         copy_model_files(folder, writer.partial, _dominant_float_dtype(plan))
     fingerprints = {name: src.fingerprint() for name, src in graph.sources.items()
                     if name in plan.models and hasattr(src, "fingerprint")}
-    card = model_card(recipe.resolved, recipe.sha256, index, fingerprints, version())
+    card = model_card(recipe.resolved, recipe.sha256, plan.index, fingerprints, version())
     (writer.partial / "README.md").write_text(card)
 
 

@@ -136,6 +136,7 @@ class Operator:
     execution: str
     passes: Passes = no_passes
     check: Callable[[Params, dict[str, int]], str | None] | None = None
+    series: Callable[[Params, list[int]], list[int] | None] | None = None
     doc: str = field(default="")
 
     def signature_for(self, slot_names: set[str]) -> Signature | None:
@@ -166,6 +167,7 @@ def operator(
     execution: str = "per-tensor",
     passes: Passes | tuple[StatisticsPass, ...] = (),
     check: Callable[[Params, dict[str, int]], str | None] | None = None,
+    series: Callable[[Params, list[int]], list[int] | None] | None = None,
 ) -> Callable[[Callable[..., Any]], Operator]:
     """Register ``fn(**slots, p=params, ctx=KeyContext)`` under its recipe name.
 
@@ -177,6 +179,9 @@ def operator(
     node keeps that input's value (a Delta-valued node gives a zero delta), and the output dtype of a
     key is that input's dtype.
     ``check(params, list_lengths)`` catches parameter errors that depend on how many inputs a list has.
+    ``series(params, steps)`` is for sequence operators that can emit a series: the steps emitted for
+    a run with these steps, or None for a single result; with a series the node yields a list of
+    Checkpoints, one per emitted step, and an output writes each into ``PATH/step-N``.
     """
 
     def register(fn: Callable[..., Any]) -> Operator:
@@ -188,6 +193,7 @@ def operator(
             execution=execution,
             passes=passes if callable(passes) else (lambda params, slots, fixed=tuple(passes): fixed),
             check=check,
+            series=series,
             doc=(fn.__doc__ or "").strip(),
         )
         if name in REGISTRY:
