@@ -1,10 +1,14 @@
 """Folds over the checkpoints of one training run (OPERATORS.md §7, §8): momentum interpolation, EMA, BEMA.
 
 Each key is folded over the sequence one checkpoint at a time, so memory holds a few tensors of one
-key whatever the length of the run.
+key whatever the length of the run. With ``every: k`` a fold also emits its running value at every
+k-th checkpoint (and the last): one pass over the run writes the whole series.
 """
 
 from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
 
 import torch
 from pydantic import Field
@@ -21,24 +25,50 @@ from mergebench.operators.base import (
 )
 
 
-class MomentumParams(Params):
+class SeriesParams(Params):
+    every: int | None = Field(None, ge=1, description="also emit the running value at every k-th checkpoint "
+                                                       "and the last (a series, written to PATH/step-N)")
+
+
+def emitted_steps(p: SeriesParams, steps: list[int], first_step: int = 0) -> list[int] | None:
+    """The steps a series emits: every k-th checkpoint at or after ``first_step``, and the last."""
+    if p.every is None:
+        return None
+    used = [s for s in steps if s >= first_step]
+    return sorted(set(used[p.every - 1::p.every]) | set(used[-1:]))
+
+
+def collect(states: Iterator[tuple[int, torch.Tensor]], p: SeriesParams, steps: list[int],
+            first_step: int = 0) -> torch.Tensor | list[torch.Tensor]:
+    """The last running value, or (with ``every``) a copy of it at each emitted step."""
+    wanted = emitted_steps(p, steps, first_step)
+    if wanted is None:
+        return deque(states, maxlen=1)[0][1]
+    return [value.clone() for step, value in states if step in wanted]
+
+
+class MomentumParams(SeriesParams):
     tau: float = Field(0.99, ge=0, le=1, description="momentum τ: the slow weights keep τ of themselves per event")
     steps_per_checkpoint: int = Field(1, ge=1, description="interpolation events between consecutive "
                                                             "checkpoints (τ_eff = τ^N)")
 
 
-@operator("momentum_interp", signatures=[signature(CHECKPOINT, init=CHECKPOINT, sequence=SEQUENCE)],
-          params=MomentumParams, execution="sequence")
-def momentum_interp(init: torch.Tensor, sequence: TensorSequence, p: MomentumParams, ctx: KeyContext) -> torch.Tensor:
-    """Momentum interpolation (Stojanovski et al., 2022): s_k = τ_eff·s_{k−1} + (1 − τ_eff)·θ_k, s_0 = init."""
+def momentum_states(init: torch.Tensor, sequence: TensorSequence, p: MomentumParams
+                    ) -> Iterator[tuple[int, torch.Tensor]]:
     tau = p.tau ** p.steps_per_checkpoint
     slow = init.clone()
-    for _, theta in sequence:
-        slow.lerp_(theta, 1.0 - tau)
-    return slow
+    for step, theta in sequence:
+        yield step, slow.lerp_(theta, 1.0 - tau)
 
 
-class ScheduleParams(Params):
+@operator("momentum_interp", signatures=[signature(CHECKPOINT, init=CHECKPOINT, sequence=SEQUENCE)],
+          params=MomentumParams, execution="sequence", series=lambda p, steps: emitted_steps(p, steps))
+def momentum_interp(init: torch.Tensor, sequence: TensorSequence, p: MomentumParams, ctx: KeyContext):
+    """Momentum interpolation (Stojanovski et al., 2022): s_k = τ_eff·s_{k−1} + (1 − τ_eff)·θ_k, s_0 = init."""
+    return collect(momentum_states(init, sequence, p), p, sequence.steps)
+
+
+class ScheduleParams(SeriesParams):
     ema_power: float = Field(0.5, ge=0, lt=1, description="κ: the EMA weight of checkpoint k is (ρ + γ·s_k)^−κ")
     lag: float = Field(10.0, ge=0, description="ρ: offset of the schedule in steps")
     multiplier: float = Field(1.0, gt=0, description="γ: steps are multiplied by γ in the schedule")
@@ -59,52 +89,63 @@ class EmaParams(ScheduleParams):
                                                               "bias correction")
 
 
-def bema_fold(sequence: TensorSequence, p: ScheduleParams, init: torch.Tensor | None, use_ema: bool,
-              bias_correction: bool, bias_power: float) -> torch.Tensor:
-    """EMA_k = (1 − β_k)·EMA_{k−1} + β_k·θ_k and BEMA_K = EMA_K + α_K·(θ_K − θ_anchor), s_k = t_k − τ."""
+def bema_states(sequence: TensorSequence, p: ScheduleParams, init: torch.Tensor | None, use_ema: bool,
+                bias_correction: bool, bias_power: float) -> Iterator[tuple[int, torch.Tensor]]:
+    """EMA_k = (1 − β_k)·EMA_{k−1} + β_k·θ_k and BEMA_k = EMA_k + α_k·(θ_k − θ_anchor), s_k = t_k − τ.
+
+    Yields the EMA itself, or a fresh BEMA_k, after each checkpoint from the anchor on.
+    """
     anchor = init
     ema = init.clone() if init is not None else None
-    last, alpha = anchor, 0.0
     for step, theta in sequence:
         if step < p.update_after:
             continue
         if anchor is None:
-            anchor, ema, last = theta, theta.clone(), theta
+            anchor, ema = theta, theta.clone()
+            yield step, ema
             continue
         base = p.lag + p.multiplier * (step - p.update_after)
         if base <= 0:
             raise MergebenchError(f"lag + multiplier·(step − update_after) must be positive; it is {base} at step "
                                   f"{step}")
-        beta = max(base ** -p.ema_power, p.min_ema_multiplier)
-        alpha = base ** -bias_power
-        ema = ema.lerp_(theta, beta) if use_ema else theta.clone()
-        last = theta
+        ema = ema.lerp_(theta, max(base ** -p.ema_power, p.min_ema_multiplier)) if use_ema else theta.clone()
+        yield step, ema.add(theta - anchor, alpha=base ** -bias_power) if bias_correction else ema
     if anchor is None:
         raise MergebenchError(f"no checkpoint at or after update_after = {p.update_after}")
-    if not bias_correction or last is anchor:
-        return ema
-    return ema.add_(last - anchor, alpha=alpha)
 
 
 SEQUENCE_SIGNATURES = [signature(CHECKPOINT, sequence=SEQUENCE),
                        signature(CHECKPOINT, sequence=SEQUENCE, init=CHECKPOINT)]
 
 
-@operator("bema", signatures=SEQUENCE_SIGNATURES, params=BemaParams, execution="sequence")
-def bema(sequence: TensorSequence, p: BemaParams, ctx: KeyContext, init: torch.Tensor | None = None) -> torch.Tensor:
+def _schedule_series(p: ScheduleParams, steps: list[int]) -> list[int] | None:
+    uses_schedule = getattr(p, "decay", None) is None  # a constant-decay EMA has no burn-in
+    return emitted_steps(p, steps, p.update_after if uses_schedule else 0)
+
+
+@operator("bema", signatures=SEQUENCE_SIGNATURES, params=BemaParams, execution="sequence", series=_schedule_series)
+def bema(sequence: TensorSequence, p: BemaParams, ctx: KeyContext, init: torch.Tensor | None = None):
     """BEMA (Block & Zhang, 2025): an EMA of the iterates plus a bias correction that removes its lag.
 
     ``init`` is the anchor at step ``update_after`` when the run has no checkpoint there (the base model).
     """
-    return bema_fold(sequence, p, init, p.ema, p.bias_correction, p.bias_power)
+    states = bema_states(sequence, p, init, p.ema, p.bias_correction, p.bias_power)
+    return collect(states, p, sequence.steps, p.update_after)
 
 
-@operator("ema", signatures=SEQUENCE_SIGNATURES, params=EmaParams, execution="sequence")
-def ema(sequence: TensorSequence, p: EmaParams, ctx: KeyContext, init: torch.Tensor | None = None) -> torch.Tensor:
+def _ema_states(sequence: TensorSequence, p: EmaParams, init: torch.Tensor | None
+                ) -> Iterator[tuple[int, torch.Tensor]]:
+    average = init.clone() if init is not None else None
+    for step, theta in sequence:
+        average = theta.clone() if average is None else average.lerp_(theta, 1.0 - p.decay)
+        yield step, average
+
+
+@operator("ema", signatures=SEQUENCE_SIGNATURES, params=EmaParams, execution="sequence", series=_schedule_series)
+def ema(sequence: TensorSequence, p: EmaParams, ctx: KeyContext, init: torch.Tensor | None = None):
     """Exponential moving average of the checkpoints: constant ``decay``, or BEMA's schedule uncorrected."""
     if p.decay is None:
-        return bema_fold(sequence, p, init, use_ema=True, bias_correction=False, bias_power=0.0)
-    average = init.clone() if init is not None else None
-    for _, theta in sequence:
-        average = theta.clone() if average is None else average.lerp_(theta, 1.0 - p.decay)
-    return average
+        states = bema_states(sequence, p, init, use_ema=True, bias_correction=False, bias_power=0.0)
+    else:
+        states = _ema_states(sequence, p, init)
+    return collect(states, p, sequence.steps, p.update_after if p.decay is None else 0)

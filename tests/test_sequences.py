@@ -193,3 +193,30 @@ def test_a_sequence_is_not_a_checkpoint(tmp_path, cli):
     })
     result = cli("run", recipe)
     assert result.exit_code == 2 and "needs Checkpoint, got Sequence" in result.output
+
+
+def test_a_series_from_one_pass(tmp_path, cli):
+    states = _save_run(tmp_path / "run", [200, 400, 600, 800, 1000, 1200, 1400])
+    recipe = write_recipe(tmp_path / "r.yaml", {
+        "models": {"run": "run/checkpoint-*", "start": "run/checkpoint-200"},
+        "nodes": {"bema": {"op": "bema", "inputs": {"sequence": "run"}, "params": {"every": 3, "lag": 5}},
+                  "slow": {"op": "momentum_interp", "inputs": {"init": "start", "sequence": "run"},
+                           "params": {"every": 2, "tau": 0.9}}},
+        "outputs": [{"from": "bema", "path": "bema-series", "dtype": "bfloat16"},
+                    {"from": "slow", "path": "slow-series"}],
+    })
+    result = cli("run", recipe, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "bema-series").iterdir()) == ["step-1200", "step-1400", "step-600"]
+    assert sorted(p.name for p in (tmp_path / "slow-series").iterdir()) == [
+        "step-1200", "step-1400", "step-400", "step-800"]
+    for step in (600, 1200, 1400):
+        prefix = {s: v for s, v in states.items() if s <= step}
+        expected = ops.bema(sequence=prefix, lag=5)
+        out = read_checkpoint(tmp_path / "bema-series" / f"step-{step}")
+        for key in expected:
+            assert torch.equal(out[key], expected[key].to(out[key].dtype)), (step, key)
+    prefix = {s: v for s, v in states.items() if s <= 800}
+    expected = ops.momentum_interp(init=states[200], sequence=prefix, tau=0.9)
+    out = read_checkpoint(tmp_path / "slow-series" / "step-800")
+    assert all(torch.equal(out[k], expected[k]) for k in expected)
