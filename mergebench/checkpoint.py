@@ -270,9 +270,14 @@ class PickledCheckpoint:
         return sum(self.info(k).nbytes for k in self._tensors)
 
 
-def open_checkpoint(path: str | os.PathLike[str], allow_pickle: bool = False) -> Checkpoint | PickledCheckpoint:
-    """Safetensors where there are any; pickled weights only when allowed and nothing else is there."""
+def open_checkpoint(path: str | os.PathLike[str], allow_pickle: bool = False):
+    """A source for ``path``: a mask or sparse-delta artifact, safetensors weights, or (only when allowed
+    and nothing else is there) pickled weights."""
+    from mergebench.artifacts import ArtifactSource, artifact_type
+
     path = Path(path)
+    if artifact_type(path):
+        return ArtifactSource(path)
     if allow_pickle and path.exists():
         has_safetensors = path.suffix == ".safetensors" or (path.is_dir() and any(path.glob("*.safetensors")))
         if not has_safetensors and (path.is_file() or _pickled_files(path)):

@@ -23,6 +23,7 @@ from mergebench.graph import Graph, OutputPlan
 from mergebench.layers import block_index_for
 from mergebench.numerics import compute_dtype
 from mergebench.operators.base import (
+    ARTIFACT_TYPES,
     CHECKPOINT,
     DELTA,
     KeyContext,
@@ -149,6 +150,8 @@ def _statistics_pass(graph: Graph, stage: Stage, device: torch.device, stats: di
 def _output_value(graph: Graph, plan: OutputPlan, env: _KeyValues, allow_non_finite: bool = False) -> Value:
     """The finished tensor(s) of one output at one key: cast once, checked finite, on the CPU."""
     key = env.key
+    if plan.output.kind in ARTIFACT_TYPES:  # a mask or a sparse delta: no cast, the writer encodes it
+        return env.value(plan.output.node).cpu()
     if not graph.is_floating(plan.primary, key):
         return _buffer(plan.primary, plan.models, env)
     dtype = plan.dtypes[key]
@@ -208,11 +211,17 @@ class _KeyValues:
         return self.cache[ref]
 
     def _model(self, name: str) -> torch.Tensor:
+        source = self.graph.sources[name]
         if name in self.raw:
             tensor = self.raw[name]
+        elif self.key not in source.keys:  # an artifact that leaves the key out: all-False / zero
+            dtype = source.info(source.keys[0]).dtype if source.keys else torch.float32
+            return torch.zeros(self.graph.shape_of(self.key), dtype=dtype, device=self.device)
         else:  # a sequence's checkpoint, read when its fold reaches it
-            tensor = self.graph.sources[name].read(self.key)
+            tensor = source.read(self.key)
             self.lazy_bytes += tensor.nbytes
+        if not tensor.dtype.is_floating_point:
+            return tensor.to(device=self.device)  # masks stay boolean
         return tensor.to(device=self.device, dtype=compute_dtype(tensor.dtype))
 
     def _sequence(self, name: str) -> TensorSequence:
@@ -253,7 +262,8 @@ def _prefetch(graph: Graph, keys: list[str], needed: Callable[[str], set[str]]
     """Yield each key with its input tensors, read in a background thread a few keys ahead."""
 
     def read(key: str) -> dict[str, torch.Tensor]:
-        return {model: graph.sources[model].read(key) for model in sorted(needed(key))}
+        sources = graph.sources
+        return {model: sources[model].read(key) for model in sorted(needed(key)) if key in sources[model].keys}
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergebench-read") as pool:
         pending: deque = deque()

@@ -15,7 +15,7 @@ import torch
 
 from mergebench.checkpoint import Source, open_checkpoint
 from mergebench.errors import MergebenchError
-from mergebench.operators.base import CHECKPOINT
+from mergebench.operators.base import ARTIFACT_TYPES, CHECKPOINT
 from mergebench.recipe import Node, Output, Recipe, primary_model
 from mergebench.safetensors_format import TensorInfo
 from mergebench.writer import PlannedTensor
@@ -92,8 +92,8 @@ class Graph:
         return set().union(*(self.needed(r, key) for r in node.refs()))
 
     def info(self, ref: str, key: str) -> TensorInfo:
-        """Header facts of a key as ``ref`` sees it (from its first model; shapes agree by construction)."""
-        return self.sources[self.models_of(ref)[0]].info(key)
+        """Header facts of a key as ``ref`` sees it (from its first model holding the key; shapes agree)."""
+        return next(self.sources[m].info(key) for m in self.models_of(ref) if key in self.sources[m].keys)
 
     def is_floating(self, ref: str, key: str) -> bool:
         return self.info(ref, key).is_floating
@@ -127,15 +127,37 @@ class Graph:
             return set(plan.models)
         return self.needed(plan.output.node, key)
 
+    def is_artifact(self, name: str) -> bool:
+        return getattr(self.sources.get(name), "value_type", None) in ARTIFACT_TYPES
+
+    def shape_of(self, key: str) -> tuple[int, ...]:
+        """A key's shape from the first source holding it (artifacts may leave keys out)."""
+        return next(src.info(key).shape for src in self.sources.values() if key in src.keys)
+
     def _plan_output(self, index: int, out: Output) -> list[OutputPlan]:
-        primary = primary_model(self.recipe, out.node)
         models = self.models_of(out.node)
+        weights = [m for m in models if not self.is_artifact(m)]
+        primary = primary_model(self.recipe, out.node)
+        if self.is_artifact(primary) and weights:
+            primary = weights[0]
         reference = self.sources[primary]
-        for model in models:
+        for model in weights:
             self._check_same_keys(reference, primary, self.sources[model], model)
+        for model in models:
+            extra = set(self.sources[model].keys) - set(reference.keys)
+            if self.is_artifact(model) and weights and extra:
+                raise MergebenchError(f"{self.recipe.file}: '{model}' ({self.sources[model].label}) has tensors the "
+                                      f"models lack: {', '.join(sorted(extra)[:5])}")
+        keys = dict.fromkeys(reference.keys)
+        if not weights:  # only artifacts: every key any of them lists
+            for model in models:
+                keys.update(dict.fromkeys(self.sources[model].keys))
         tensors = []
-        for key in reference.keys:
-            info = reference.info(key)
+        for key in keys:
+            source = next(self.sources[m] for m in (primary, *models) if key in self.sources[m].keys)
+            info = source.info(key)
+            if out.kind != CHECKPOINT and not info.is_floating and info.dtype != torch.bool:
+                continue  # integer buffers have no place in a mask or a sparse delta
             dtype = DTYPES[out.dtype] if out.dtype and info.is_floating else info.dtype
             tensors.append(PlannedTensor(key, dtype, info.shape))
         dtypes = {t.key: t.dtype for t in tensors}
@@ -164,8 +186,11 @@ class Graph:
                 continue
             info = reference.info(key)
             for model in models[1:]:
+                if key not in self.sources[model].keys:
+                    continue  # an artifact that leaves the key out: all-False / zero there
                 other = self.sources[model].info(key)
-                if other.shape != info.shape or other.is_floating != info.is_floating:
+                kinds_differ = other.is_floating != info.is_floating and not self.is_artifact(model)
+                if other.shape != info.shape or kinds_differ:
                     raise MergebenchError(
                         f"{self.recipe.file}: node '{node.name}': tensor '{key}' is {info.dtype} {list(info.shape)} "
                         f"in '{models[0]}' but {other.dtype} {list(other.shape)} in '{model}' "

@@ -18,9 +18,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from mergebench.artifacts import artifact_type
 from mergebench.errors import MergebenchError, located
 from mergebench.operators import REGISTRY
 from mergebench.operators.base import (
+    ARTIFACT_TYPES,
     CHECKPOINT,
     SEQUENCE,
     Operator,
@@ -151,6 +153,7 @@ class Output:
     dtype: str | None
     shard_size: int
     copy_files_from: str | None
+    kind: str = CHECKPOINT  # or Mask / SparseDelta: an artifact file rather than a checkpoint folder
 
 
 @dataclass(frozen=True)
@@ -207,18 +210,22 @@ def build_recipe(
         raise where.pydantic(exc, ()) from None
     models: dict[str, str] = {}
     sequences: dict[str, tuple[tuple[int, str], ...]] = {}
+    artifact_types: dict[str, str] = {}
     for name, entry in spec.models.items():
         if name in in_memory:
             models[name] = entry
         elif isinstance(entry, str) and not is_glob(entry):
             models[name] = str((base_dir / entry).resolve())
+            kind = artifact_type(models[name])
+            if kind:
+                artifact_types[name] = kind
         else:
             members = _resolve_sequence(name, entry, base_dir, where)
             sequences[name] = tuple((step, f"{name}@{step}") for step, _ in members)
             models.update({f"{name}@{step}": path for step, path in members})
     for name, members in (memory_sequences or {}).items():
         sequences[name] = tuple(members)
-    types = {**(model_types or {}), **dict.fromkeys(sequences, SEQUENCE)}
+    types = {**(model_types or {}), **artifact_types, **dict.fromkeys(sequences, SEQUENCE)}
     nodes = _check_nodes(spec, where, types, sequences)
     outputs = tuple(_check_output(i, out, nodes, models, sequences, base_dir, where, in_memory)
                     for i, out in enumerate(spec.outputs))
@@ -381,9 +388,11 @@ def _check_output(i: int, out: OutputSpec, nodes: dict[str, Node], models: dict[
     if out.path == MEMORY_PATH:
         return Output(out.from_, Path(MEMORY_PATH), out.dtype, parse_size(out.shard_size), None)
     is_series = out.from_ in nodes and nodes[out.from_].series_steps is not None
-    if value_type != CHECKPOINT and not is_series:
+    if value_type not in (CHECKPOINT, *ARTIFACT_TYPES) and not is_series:
         raise where.error((*loc, "from"), f"output {i} comes from '{out.from_}', a {value_type}: add an 'apply' "
                                           f"node to turn it into a Checkpoint")
+    if value_type in ARTIFACT_TYPES and not out.path.endswith(".safetensors"):
+        raise where.error((*loc, "path"), f"output {i} is a {value_type} file: its path must end in .safetensors")
     path = (base_dir / out.path).resolve()
     for name, model_path in models.items():
         if name in in_memory:
@@ -393,13 +402,16 @@ def _check_output(i: int, out: OutputSpec, nodes: dict[str, Node], models: dict[
         if path == model or path in model.parents or inside_model:
             raise where.error((*loc, "path"), f"output path {path} would overwrite input '{name}' ({model})")
     copy_from = out.copy_files_from
-    if copy_from is None and "copy_files_from" not in out.model_fields_set:
+    if value_type in ARTIFACT_TYPES:
+        copy_from = None
+    elif copy_from is None and "copy_files_from" not in out.model_fields_set:
         copy_from = out.from_
     if copy_from is not None:
         copy_from = _primary_model(copy_from, nodes, sequences)
     if copy_from is not None and copy_from not in models:
         raise where.error((*loc, "copy_files_from"), f"copy_files_from names '{copy_from}', which is not a model")
-    return Output(out.from_, path, out.dtype, parse_size(out.shard_size), copy_from)
+    kind = value_type if value_type in ARTIFACT_TYPES else CHECKPOINT
+    return Output(out.from_, path, out.dtype, parse_size(out.shard_size), copy_from, kind)
 
 
 def _primary_model(ref: str, nodes: dict[str, Node], sequences: dict[str, tuple[tuple[int, str], ...]]) -> str:

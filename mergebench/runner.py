@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import Counter
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
@@ -10,10 +11,12 @@ from dataclasses import dataclass
 
 import torch
 
+from mergebench.artifacts import ArtifactWriter
 from mergebench.checkpoint import Source
 from mergebench.errors import MergebenchError
 from mergebench.executor import Summary, execute
 from mergebench.graph import Graph, OutputPlan
+from mergebench.operators.base import ARTIFACT_TYPES
 from mergebench.output_files import copy_model_files, model_card
 from mergebench.recipe import Recipe
 from mergebench.safetensors_format import DTYPE_NAMES
@@ -89,6 +92,9 @@ def run_recipe(
         writers: list[CheckpointWriter] = []
         try:
             for plan in graph.outputs:
+                if plan.output.kind in ARTIFACT_TYPES:
+                    writers.append(ArtifactWriter(plan.path, plan.output.kind, _artifact_metadata(graph, plan)))
+                    continue
                 writers.append(CheckpointWriter(plan.path, list(plan.tensors), plan.output.shard_size,
                                                 metadata, identity=_identity(graph, plan), resume=resume))
             progress = progress_factory(graph) if progress_factory else None
@@ -97,9 +103,10 @@ def run_recipe(
             results = []
             for plan, writer in zip(graph.outputs, writers):
                 writer.finish_weights()
-                _write_companions(graph, plan, writer)
+                if isinstance(writer, CheckpointWriter):
+                    _write_companions(graph, plan, writer)
                 results.append({"path": str(plan.path), "tensors": len(plan.tensors),
-                                "shards": len(writer.shards), "bytes": plan.nbytes})
+                                "shards": len(writer.shards), "bytes": _written_bytes(plan, writer)})
             for writer in writers:
                 writer.commit(force)
         except MergebenchError as exc:
@@ -111,6 +118,20 @@ def run_recipe(
                 writer.close()
             raise
     return RunResult(summary, results)
+
+
+def _artifact_metadata(graph: Graph, plan: OutputPlan) -> dict[str, str]:
+    """Provenance of a mask or sparse delta: the recipe, the node and the models it came from."""
+    node = graph.nodes[plan.output.node]
+    return {"created_by": f"mergebench {version()}", "mergebench_recipe_sha256": graph.recipe.sha256,
+            "node": node.name, "operator": node.op.name,
+            "params": json.dumps(node.params.model_dump(by_alias=True), sort_keys=True),
+            "models": json.dumps({m: graph.sources[m].label for m in plan.models}, sort_keys=True),
+            "base_model": graph.sources[plan.primary].label}
+
+
+def _written_bytes(plan: OutputPlan, writer: CheckpointWriter | ArtifactWriter) -> int:
+    return plan.nbytes if isinstance(writer, CheckpointWriter) else writer.partial.stat().st_size
 
 
 def _identity(graph: Graph, plan: OutputPlan) -> str:

@@ -22,6 +22,9 @@ from pydantic import BaseModel, ConfigDict
 CHECKPOINT = "Checkpoint"
 DELTA = "Delta"
 SEQUENCE = "Sequence"  # ordered checkpoints of one training run, with their steps
+MASK = "Mask"  # per key, a boolean tensor (an artifact file: mergebench.artifacts)
+SPARSE_DELTA = "SparseDelta"  # per key, a delta stored as indices and values (an artifact file)
+ARTIFACT_TYPES = (MASK, SPARSE_DELTA)
 
 
 def list_of(value_type: str) -> str:

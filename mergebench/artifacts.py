@@ -1,0 +1,213 @@
+"""Masks and sparse deltas as files: small, typed, safetensors underneath (OPERATORS.md §6.5).
+
+A *Mask* file holds, per key, the row-major flattened boolean mask packed 8 to a byte
+(``mask/K``, uint8, ``numpy.packbits`` big-endian bit order). A *SparseDelta* file holds, per key,
+strictly increasing row-major flat indices (``sparse/K/indices``, int64) and their values
+(``sparse/K/values``, float32). Shapes and provenance live in the header metadata (``shape/K`` as JSON,
+``format``, ``base_model``, ``created_by``, ...). Keys an artifact does not list are all-False / zero.
+
+In a recipe an artifact is a model like any other; its type (Mask or SparseDelta) comes from the
+``format`` in its header, and each key reads back as a dense bool mask or float32 delta.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mergebench.checkpoint import Checkpoint, sampled_fingerprint
+from mergebench.errors import MergebenchError
+from mergebench.layers import BlockIndex
+from mergebench.operators.base import MASK, SPARSE_DELTA
+from mergebench.safetensors_format import TensorInfo, encode_header, read_header
+
+FORMATS = {MASK: "mergebench.mask/1", SPARSE_DELTA: "mergebench.sparse_delta/1"}
+TYPES = {name: value_type for value_type, name in FORMATS.items()}
+
+
+def artifact_type(path: str | os.PathLike[str]) -> str | None:
+    """Mask or SparseDelta when ``path`` is a mergebench artifact file, else None (headers only)."""
+    path = Path(path)
+    if not (path.is_file() and path.suffix == ".safetensors"):
+        return None
+    return TYPES.get(read_header(path).metadata.get("format", ""))
+
+
+class ArtifactSource:
+    """A Mask or SparseDelta file seen as a source: ``read(key)`` gives the dense bool mask or float32 delta."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        self.label = str(path)
+        self.folder = None
+        self._file = Checkpoint(self.path)
+        metadata = read_header(self.path).metadata
+        self.value_type = TYPES.get(metadata.get("format", ""))
+        if self.value_type is None:
+            raise MergebenchError(f"{self.path}: not a mergebench mask or sparse delta")
+        self.metadata = metadata
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        for name, value in metadata.items():
+            if name.startswith("shape/"):
+                try:
+                    shape = tuple(int(d) for d in json.loads(value))
+                except (ValueError, TypeError):
+                    raise MergebenchError(f"{self.path}: metadata {name} is not a shape: {value!r}") from None
+                self._shapes[name[len("shape/"):]] = shape
+        self.reads = self._file.reads
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self._shapes)
+
+    def info(self, key: str) -> TensorInfo:
+        dtype = torch.bool if self.value_type == MASK else torch.float32
+        shape = self._shapes[key]
+        return TensorInfo(key, dtype, shape, None, 0, math.prod(shape) * dtype.itemsize)
+
+    def read(self, key: str) -> torch.Tensor:
+        shape = self._shapes[key]
+        numel = math.prod(shape)
+        if self.value_type == MASK:
+            packed = self._file.read(f"mask/{key}").numpy()
+            bits = np.unpackbits(packed, count=numel, bitorder="big")
+            return torch.from_numpy(bits.astype(bool)).reshape(shape)
+        indices = self._file.read(f"sparse/{key}/indices")
+        values = self._file.read(f"sparse/{key}/values").to(torch.float32)
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= numel):
+            raise MergebenchError(f"{self.path}: indices of '{key}' fall outside its shape {list(shape)}")
+        dense = torch.zeros(numel, dtype=torch.float32)
+        dense[indices] = values
+        return dense.reshape(shape)
+
+    def stored_entries(self, key: str) -> int:
+        """How many entries of a key the file stores (set bits of a mask, indices of a sparse delta)."""
+        if self.value_type == MASK:
+            return int(self.read(key).sum())
+        return self._file.info(f"sparse/{key}/indices").numel
+
+    def fingerprint(self) -> str:
+        return sampled_fingerprint([self.path])
+
+    @property
+    def total_bytes(self) -> int:
+        return self.path.stat().st_size
+
+
+class ArtifactWriter:
+    """Writes an artifact whose tensor sizes are known only as they come: data to a side file, header last.
+
+    The file appears at ``path`` by one rename once complete, like a checkpoint folder.
+    """
+
+    def __init__(self, path: Path, value_type: str, metadata: dict[str, str]):
+        self.path = path
+        self.value_type = value_type
+        self.metadata = {**metadata, "format": FORMATS[value_type]}
+        self.partial = path.with_name(path.name + ".partial")
+        self._data_path = path.with_name(path.name + ".partial-data")
+        self._entries: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
+        self.stored = 0  # entries kept (set bits or indices)
+        self.dense_bytes = 0  # what the same keys take as dense float32 tensors
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._data = open(self._data_path, "wb")  # noqa: SIM115 - closed in finish/abort
+
+    def write(self, key: str, value: torch.Tensor) -> int:
+        flat = value.detach().to("cpu").reshape(-1)
+        self.metadata[f"shape/{key}"] = json.dumps(list(value.shape))
+        self.dense_bytes += flat.numel() * 4
+        if self.value_type == MASK:
+            packed = np.packbits(flat.to(torch.bool).numpy(), bitorder="big")
+            self.stored += int(flat.to(torch.bool).sum())
+            return self._add(f"mask/{key}", torch.from_numpy(packed))
+        indices = torch.nonzero(flat, as_tuple=True)[0].to(torch.int64)
+        self.stored += indices.numel()
+        return (self._add(f"sparse/{key}/indices", indices)
+                + self._add(f"sparse/{key}/values", flat[indices].to(torch.float32)))
+
+    def _add(self, name: str, tensor: torch.Tensor) -> int:
+        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        self._data.write(data)
+        self._entries.append((name, tensor.dtype, tuple(tensor.shape)))
+        return len(data)
+
+    done: frozenset[str] = frozenset()  # nothing to resume: an artifact is cheap to recompute
+    shards = (None,)  # one file
+
+    def finish_weights(self) -> None:
+        self._data.close()
+        with open(self.partial, "wb") as out, open(self._data_path, "rb") as data:
+            out.write(encode_header(self._entries, self.metadata))
+            while chunk := data.read(1 << 24):
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        self._data_path.unlink()
+
+    def commit(self, force: bool) -> None:
+        if self.path.exists() and not force:
+            raise MergebenchError(f"{self.path}: already exists (use --force to replace it)")
+        os.replace(self.partial, self.path)
+
+    def abort(self) -> None:
+        self._data.close()
+        for leftover in (self._data_path, self.partial):
+            leftover.unlink(missing_ok=True)
+
+    close = abort
+
+
+def describe(source: ArtifactSource) -> list[tuple[str, int, int]]:
+    """(stack/block label, stored entries, elements) per block of an artifact, blocks in order."""
+    blocks = BlockIndex(source.keys)
+    rows: dict[str, list[int]] = {}
+    for key in source.keys:
+        position = blocks.position(key)
+        label = "outside blocks" if position is None else f"block {position[0]}"
+        entry = rows.setdefault(label, [0, 0])
+        entry[0] += source.stored_entries(key)
+        entry[1] += math.prod(source.info(key).shape)
+    return [(label, stored, total) for label, (stored, total) in rows.items()]
+
+
+def mask_overlap(sources: Iterable[ArtifactSource]) -> dict[str, dict[str, float]]:
+    """Jaccard |A∩B|/|A∪B| of every pair of masks, per block and overall (the paper's task-similarity proxy)."""
+    masks = list(sources)
+    for mask in masks:
+        if mask.value_type != MASK:
+            raise MergebenchError(f"{mask.label}: not a mask")
+    keys = sorted(set().union(*(m.keys for m in masks)))
+    blocks = BlockIndex(keys)
+    report: dict[str, dict[str, float]] = {}
+    for i, a in enumerate(masks):
+        for b in masks[i + 1:]:
+            counts: dict[str, list[int]] = {}
+            for key in keys:
+                position = blocks.position(key)
+                label = "outside blocks" if position is None else f"block {position[0]}"
+                ma = a.read(key) if key in a.keys else None
+                mb = b.read(key) if key in b.keys else None
+                if ma is None and mb is None:
+                    continue
+                ma = torch.zeros_like(mb) if ma is None else ma
+                mb = torch.zeros_like(ma) if mb is None else mb
+                for name in (label, "overall"):
+                    entry = counts.setdefault(name, [0, 0])
+                    entry[0] += int((ma & mb).sum())
+                    entry[1] += int((ma | mb).sum())
+            pair = f"{Path(a.label).name} ~ {Path(b.label).name}"
+            report[pair] = {name: (inter / union if union else 0.0) for name, (inter, union) in
+                            sorted(counts.items(), key=lambda item: _block_order(item[0]))}
+    return report
+
+
+def _block_order(label: str) -> tuple[int, int]:
+    match = re.fullmatch(r"block (\d+)", label)
+    return (0, int(match.group(1))) if match else (1 if label == "outside blocks" else 2, 0)
