@@ -18,7 +18,7 @@ from mergebench.checkpoint import StateDictSource
 from mergebench.errors import MergebenchError
 from mergebench.executor import execute
 from mergebench.graph import Graph
-from mergebench.operators.base import CHECKPOINT, SEQUENCE, Operator, element_type, is_list_type
+from mergebench.operators.base import ARTIFACT_TYPES, CHECKPOINT, SEQUENCE, Operator, element_type, is_list_type
 from mergebench.recipe import MEMORY_PATH, build_recipe, load_recipe
 from mergebench.runner import RunResult, run_recipe
 
@@ -159,7 +159,7 @@ def _eager(op: Operator, inputs: dict[str, Any], params: dict[str, Any], common:
         model_types.update(dict.fromkeys([refs[slot]] if not is_list else refs[slot], value_type))
     node = {"op": op.name, "inputs": refs, "params": params, **common}
     output: dict[str, Any] = {"from": "result", "path": MEMORY_PATH}
-    if signature.result != CHECKPOINT:
+    if signature.result not in (CHECKPOINT, *ARTIFACT_TYPES):
         output["dtype"] = "float32"  # deltas stay exact until something applies them
     doc = {"models": dict.fromkeys(sources, MEMORY_PATH), "nodes": {"result": node}, "outputs": [output],
            "seed": common.get("seed", 0)}

@@ -25,7 +25,7 @@ from mergebench.numerics import compute_dtype
 from mergebench.operators.base import (
     ARTIFACT_TYPES,
     CHECKPOINT,
-    DELTA,
+    MASK,
     KeyContext,
     StatisticsPass,
     TensorSequence,
@@ -250,10 +250,9 @@ class _KeyValues:
             sequence = self.graph.recipe.sequences.get(node.primary)
             return self.value(sequence[-1][1] if sequence else node.primary)
         shape = self.graph.info(node.name, self.key).shape
-        zero = torch.zeros(shape, dtype=torch.float32, device=self.device)
+        zero = torch.zeros(shape, dtype=torch.bool if node.result == MASK else torch.float32, device=self.device)
         if is_list_type(node.result):
             return [zero.clone() for _ in range(node.list_length or 1)]
-        assert node.result == DELTA
         return zero
 
 

@@ -189,7 +189,8 @@ class Graph:
                 if key not in self.sources[model].keys:
                     continue  # an artifact that leaves the key out: all-False / zero there
                 other = self.sources[model].info(key)
-                kinds_differ = other.is_floating != info.is_floating and not self.is_artifact(model)
+                # masks (bool) sit beside weights by design; the recipe's types already checked them
+                kinds_differ = other.is_floating != info.is_floating and torch.bool not in (other.dtype, info.dtype)
                 if other.shape != info.shape or kinds_differ:
                     raise MergebenchError(
                         f"{self.recipe.file}: node '{node.name}': tensor '{key}' is {info.dtype} {list(info.shape)} "

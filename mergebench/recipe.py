@@ -385,8 +385,9 @@ def _check_output(i: int, out: OutputSpec, nodes: dict[str, Node], models: dict[
         value_type = SEQUENCE
     else:
         raise where.error((*loc, "from"), f"output {i} comes from '{out.from_}', which names no node or model")
+    kind = value_type if value_type in ARTIFACT_TYPES else CHECKPOINT
     if out.path == MEMORY_PATH:
-        return Output(out.from_, Path(MEMORY_PATH), out.dtype, parse_size(out.shard_size), None)
+        return Output(out.from_, Path(MEMORY_PATH), out.dtype, parse_size(out.shard_size), None, kind)
     is_series = out.from_ in nodes and nodes[out.from_].series_steps is not None
     if value_type not in (CHECKPOINT, *ARTIFACT_TYPES) and not is_series:
         raise where.error((*loc, "from"), f"output {i} comes from '{out.from_}', a {value_type}: add an 'apply' "
@@ -410,7 +411,6 @@ def _check_output(i: int, out: OutputSpec, nodes: dict[str, Node], models: dict[
         copy_from = _primary_model(copy_from, nodes, sequences)
     if copy_from is not None and copy_from not in models:
         raise where.error((*loc, "copy_files_from"), f"copy_files_from names '{copy_from}', which is not a model")
-    kind = value_type if value_type in ARTIFACT_TYPES else CHECKPOINT
     return Output(out.from_, path, out.dtype, parse_size(out.shard_size), copy_from, kind)
 
 

@@ -10,11 +10,13 @@ from mergebench.operators.breadcrumbs import breadcrumbs
 from mergebench.operators.dare import dare, dare_linear, darex_q
 from mergebench.operators.interpolation import linear, wise_ft
 from mergebench.operators.lines import lines
+from mergebench.operators.localization import graft, mask_intersection, mask_topk, mask_union
 from mergebench.operators.sequence import bema, ema, momentum_interp
 from mergebench.operators.slerp import slerp
+from mergebench.operators.sparse import sft_compose, sft_extract
 from mergebench.operators.task_vectors import apply, delta, task_arithmetic
 from mergebench.operators.ties import dare_ties, ties
 
 __all__ = ["REGISTRY", "Operator", "apply", "bema", "bitdelta", "breadcrumbs", "dare", "dare_linear", "dare_ties",
-           "darex_q", "delta", "ema", "linear", "lines", "momentum_interp", "slerp", "task_arithmetic", "ties",
-           "wise_ft"]
+           "darex_q", "delta", "ema", "graft", "linear", "lines", "mask_intersection", "mask_topk", "mask_union",
+           "momentum_interp", "sft_compose", "sft_extract", "slerp", "task_arithmetic", "ties", "wise_ft"]

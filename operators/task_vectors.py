@@ -8,7 +8,7 @@ import torch
 from pydantic import Field
 
 from mergebench.numerics import weighted_sum
-from mergebench.operators.base import CHECKPOINT, DELTA, Params, list_of, operator, signature
+from mergebench.operators.base import CHECKPOINT, DELTA, SPARSE_DELTA, Params, list_of, operator, signature
 
 
 @operator("delta", signatures=[signature(list_of(DELTA), base=CHECKPOINT, models=list_of(CHECKPOINT))])
@@ -23,11 +23,12 @@ class ApplyParams(Params):
 
 @operator(
     "apply",
-    signatures=[signature(CHECKPOINT, base=CHECKPOINT, delta=(DELTA, list_of(DELTA)))],
+    signatures=[signature(CHECKPOINT, base=CHECKPOINT,
+                          delta=(DELTA, list_of(DELTA), SPARSE_DELTA, list_of(SPARSE_DELTA)))],
     params=ApplyParams,
 )
 def apply(base: torch.Tensor, delta: torch.Tensor | list[torch.Tensor], p: ApplyParams, ctx) -> torch.Tensor:
-    """θ = θ_base + scale·Σ τ: turns a Delta (or a list of them) back into a Checkpoint."""
+    """θ = θ_base + scale·Σ τ: turns a Delta or SparseDelta (or a list of them) back into a Checkpoint."""
     deltas = delta if isinstance(delta, list) else [delta]
     return weighted_sum([base, *deltas], [1.0] + [p.scale] * len(deltas))
 

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from mergebench.numerics import ExactThreshold, elect_sign, keep_count, keep_mask, threshold_for
+from mergebench.numerics import elect_sign, keep_count, keep_mask, threshold_for
 from mergebench.operators.base import (
     CHECKPOINT,
     DELTA,
@@ -27,8 +27,7 @@ from mergebench.operators.base import (
 )
 from mergebench.operators.dare import DareParams, drop_and_rescale
 from mergebench.operators.task_vectors import finish, task_vectors
-
-VectorsFn = Callable[[dict[str, Any], Params, KeyContext], list[torch.Tensor]]
+from mergebench.operators.topk import VectorsFn, global_threshold_passes
 
 
 class TiesParams(Params):
@@ -82,30 +81,7 @@ def ties_merge(taus: list[torch.Tensor], p: TiesParams, ctx: KeyContext) -> torc
 
 
 def ties_passes(vectors: VectorsFn) -> Callable[[Params, frozenset[str]], tuple[StatisticsPass, ...]]:
-    """Global scope: a coarse and a fine histogram pass per task (exact threshold), then the majority sign."""
-
-    def coarse_init(p: TiesParams, stats: Any) -> dict[str, Any]:
-        return {"thresholds": None}
-
-    def coarse(state: dict[str, Any], inputs: dict[str, Any], p: TiesParams, ctx: KeyContext) -> None:
-        taus = vectors(inputs, p, ctx)
-        if state["thresholds"] is None:
-            state["thresholds"] = [ExactThreshold() for _ in taus]
-        for selector, tau in zip(state["thresholds"], taus):
-            selector.add_coarse(tau.abs())
-
-    def coarse_done(state: dict[str, Any], p: TiesParams, stats: Any) -> dict[str, Any]:
-        for selector in state["thresholds"] or []:
-            selector.choose_bin(keep_count(p.density, selector.count))
-        return state
-
-    def fine(state: dict[str, Any], inputs: dict[str, Any], p: TiesParams, ctx: KeyContext) -> None:
-        for selector, tau in zip(state["thresholds"], vectors(inputs, p, ctx)):
-            if selector.bin >= 0:
-                selector.add_fine(tau.abs())
-
-    def fine_done(state: dict[str, Any], p: TiesParams, stats: Any) -> dict[str, Any]:
-        return {"thresholds": [selector.threshold() for selector in state["thresholds"] or []]}
+    """Global scope: the exact per-task thresholds (two histogram passes), then the majority sign."""
 
     def majority_init(p: TiesParams, stats: Any) -> dict[str, Any]:
         return {"thresholds": stats["thresholds"] if stats else None, "elected": 0}
@@ -121,8 +97,7 @@ def ties_passes(vectors: VectorsFn) -> Callable[[Params, frozenset[str]], tuple[
         majority = (state["elected"] > 0) - (state["elected"] < 0)
         return {"thresholds": state["thresholds"], "majority": float(majority)}
 
-    threshold_passes = (StatisticsPass(coarse_init, coarse, coarse_done),
-                        StatisticsPass(lambda p, stats: stats, fine, fine_done))
+    threshold_passes = global_threshold_passes(vectors, lambda p, n: keep_count(p.density, n))
     majority_pass = StatisticsPass(majority_init, count_signs, majority_done)
 
     def passes(p: Params, slots: frozenset[str]) -> tuple[StatisticsPass, ...]:

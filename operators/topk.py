@@ -1,0 +1,53 @@
+"""The global top-k threshold as two statistics passes, shared by TIES, grafting, masks and sparse deltas.
+
+Each selected key contributes the magnitudes of one or more vectors (TIES: one per task); the passes
+leave ``{"thresholds": [t_1, ...]}`` with t_i the exact k_i-th largest magnitude of vector i over the
+whole model (OPERATORS.md §0.4), computed with 65 536-bin histograms, never concatenating the model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from mergebench.numerics import ExactThreshold
+from mergebench.operators.base import KeyContext, Params, StatisticsPass
+
+VectorsFn = Callable[[dict[str, Any], Params, KeyContext], list[torch.Tensor]]
+KeepFn = Callable[[Params, int], int]  # (params, n) -> k
+
+
+def global_threshold_passes(vectors: VectorsFn, keep: KeepFn) -> tuple[StatisticsPass, StatisticsPass]:
+    """Coarse then fine histogram of |v| per vector; ``vectors`` may return [] for a key that does not count."""
+
+    def coarse(state: dict[str, Any], inputs: dict[str, Any], p: Params, ctx: KeyContext) -> None:
+        values = vectors(inputs, p, ctx)
+        if values and state["thresholds"] is None:
+            state["thresholds"] = [ExactThreshold() for _ in values]
+        for selector, value in zip(state["thresholds"] or [], values):
+            selector.add_coarse(value.abs())
+
+    def choose_bins(state: dict[str, Any], p: Params, stats: Any) -> dict[str, Any]:
+        for selector in state["thresholds"] or []:
+            selector.choose_bin(keep(p, selector.count))
+        return state
+
+    def fine(state: dict[str, Any], inputs: dict[str, Any], p: Params, ctx: KeyContext) -> None:
+        for selector, value in zip(state["thresholds"] or [], vectors(inputs, p, ctx)):
+            if selector.bin >= 0:
+                selector.add_fine(value.abs())
+
+    def thresholds(state: dict[str, Any], p: Params, stats: Any) -> dict[str, Any]:
+        return {"thresholds": [selector.threshold() for selector in state["thresholds"] or []]}
+
+    return (StatisticsPass(lambda p, stats: {"thresholds": None}, coarse, choose_bins),
+            StatisticsPass(lambda p, stats: stats, fine, thresholds))
+
+
+def global_threshold(ctx: KeyContext, index: int = 0) -> float:
+    """The threshold the passes found for vector ``index`` (+inf when nothing was selected)."""
+    found = (ctx.stats or {}).get("thresholds") or []
+    return found[index] if index < len(found) else math.inf
