@@ -238,16 +238,20 @@ _COMMON_DOCS = {
 
 @app.command()
 def inspect(
-    checkpoint: Annotated[Path, typer.Argument(help="a .safetensors file, HF folder or index")],
+    checkpoint: Annotated[Path, typer.Argument(help="a .safetensors file, HF folder, index, or mask/sparse delta")],
     allow_pickle: PickleOpt = False,
 ) -> None:
-    """List a checkpoint's tensors: dtype, shape, size and the block each belongs to."""
+    """List a checkpoint's tensors (dtype, shape, size, block), or describe a mask or sparse delta."""
     with _user_errors():
+        from mergebench.artifacts import ArtifactSource
         from mergebench.checkpoint import open_checkpoint
         from mergebench.layers import BlockIndex
 
         ckpt = open_checkpoint(checkpoint, allow_pickle)
-        blocks = BlockIndex(ckpt.keys)
+    if isinstance(ckpt, ArtifactSource):
+        _describe_artifact(ckpt)
+        return
+    blocks = BlockIndex(ckpt.keys)
     table = Table(title=str(checkpoint), title_justify="left")
     table.add_column("tensor", overflow="fold")
     for column in ("dtype", "shape", "size", "block"):
@@ -261,6 +265,81 @@ def inspect(
     stacks = ", ".join(f"{stack or '(top level)'}: {count}" for stack, count in blocks.stacks.items()) or "none"
     console.print(f"{len(ckpt.keys)} tensors, {_size(ckpt.total_bytes)}; blocks per stack: {stacks}",
                   highlight=False)
+
+
+def _describe_artifact(source) -> None:
+    from mergebench.artifacts import describe
+
+    table = Table(title=f"{source.label} ({source.value_type})", title_justify="left")
+    for column in ("where", "stored", "of", "density"):
+        table.add_column(column)
+    stored_total = elements_total = 0
+    for label, stored, elements in describe(source):
+        table.add_row(label, str(stored), str(elements), f"{stored / elements:.4%}" if elements else "-")
+        stored_total, elements_total = stored_total + stored, elements_total + elements
+    console.print(table)
+    dense = elements_total * 4
+    console.print(f"{len(source.keys)} tensors; {stored_total} of {elements_total} entries "
+                  f"({stored_total / max(elements_total, 1):.4%}); {_size(source.total_bytes)} on disk = "
+                  f"{source.total_bytes / max(dense, 1):.2%} of the dense float32 size ({_size(dense)})",
+                  highlight=False)
+    provenance = {k: v for k, v in source.metadata.items() if not k.startswith("shape/")}
+    console.print(escape(json.dumps(provenance, indent=2, sort_keys=True)), highlight=False)
+
+
+@app.command()
+def extract(
+    base: Annotated[Path, typer.Argument(help="the base (pretrained) checkpoint")],
+    fine_tuned: Annotated[Path, typer.Argument(help="the fine-tuned checkpoint")],
+    out: Annotated[Path, typer.Argument(help="the artifact to write (.safetensors)")],
+    mask: Annotated[bool, typer.Option("--mask", help="write the Mask of kept entries, not the SparseDelta")] = False,
+    proportion: Annotated[float | None, typer.Option(help="fraction of entries kept by |Δ| (top-K)")] = None,
+    k: Annotated[int | None, typer.Option(help="number of entries kept by |Δ|")] = None,
+    scope: Annotated[str, typer.Option(help="global or per_tensor top-K")] = "global",
+    eps: Annotated[float, typer.Option(help="sparse delta without --proportion/--k: keep |Δ| > eps")] = 1e-7,
+    include: Annotated[list[str], typer.Option("--include", help="only keys matching (regex, repeatable)")] = None,
+    exclude: Annotated[list[str], typer.Option("--exclude", help="skip keys matching (regex, repeatable)")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+    force: Annotated[bool, typer.Option("--force", help="replace an existing artifact")] = False,
+) -> None:
+    """Turn a fine-tune into a SparseDelta (or, with --mask, a Mask) artifact in one streamed pass."""
+    with _user_errors():
+        import mergebench as mb
+        from mergebench import operators as ops
+
+        params: dict = {"scope": scope, "include": include or [], "exclude": exclude or []}
+        if k is not None:
+            params["k"] = k
+        if mask:
+            params["proportion"] = proportion if proportion is not None else 0.01
+            node = ops.mask_topk(base=mb.load(base), fine_tuned=mb.load(fine_tuned), **params)
+        else:
+            if proportion is not None:
+                params["proportion"] = proportion
+            node = ops.sft_extract(base=mb.load(base), fine_tuned=mb.load(fine_tuned), eps=eps, **params)
+        result = node.save(out, device=device, force=force)
+    written = result.outputs[0]
+    console.print(f"wrote {written['path']} ({_size(written['bytes'])}) in {result.summary.seconds:.2f} s",
+                  highlight=False)
+
+
+@app.command()
+def overlap(masks: Annotated[list[Path], typer.Argument(help="two or more mask files")]) -> None:
+    """Jaccard overlap of task masks, per block and overall (near-disjoint masks compose with little interference)."""
+    with _user_errors():
+        from mergebench.artifacts import ArtifactSource, mask_overlap
+        from mergebench.errors import MergebenchError
+
+        if len(masks) < 2:
+            raise MergebenchError("overlap needs at least two masks")
+        report = mask_overlap([ArtifactSource(path) for path in masks])
+    for pair, rows in report.items():
+        table = Table(title=f"Jaccard overlap: {pair}", title_justify="left")
+        table.add_column("where")
+        table.add_column("|A∩B| / |A∪B|")
+        for label, value in rows.items():
+            table.add_row(label, f"{value:.4f}")
+        console.print(table)
 
 
 def main() -> None:

@@ -211,3 +211,24 @@ def mask_overlap(sources: Iterable[ArtifactSource]) -> dict[str, dict[str, float
 def _block_order(label: str) -> tuple[int, int]:
     match = re.fullmatch(r"block (\d+)", label)
     return (0, int(match.group(1))) if match else (1 if label == "outside blocks" else 2, 0)
+
+
+def save_artifact(values: dict[str, torch.Tensor], path: str | os.PathLike[str], value_type: str,
+                  metadata: dict[str, str] | None = None, force: bool = False) -> Path:
+    """Write a dict of masks (bool) or dense deltas (zeros are not stored) as an artifact file."""
+    writer = ArtifactWriter(Path(path), value_type, {"created_by": "mergebench", **(metadata or {})})
+    try:
+        for key, value in values.items():
+            writer.write(key, value)
+        writer.finish_weights()
+        writer.commit(force)
+    except BaseException:
+        writer.abort()
+        raise
+    return Path(path)
+
+
+def load_artifact(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Every key of a mask or sparse-delta file, dense (bool masks, float32 deltas)."""
+    source = ArtifactSource(path)
+    return {key: source.read(key) for key in source.keys}
