@@ -156,6 +156,37 @@ class _Progress:
 
 
 @app.command()
+def sweep(
+    recipe: RecipeArg,
+    grid: Annotated[list[str], typer.Option("--grid", help="NODE.PARAM=START:STOP:STEP or NODE.PARAM=V1,V2,... "
+                                                           "(repeatable: the product is swept)")],
+    eval_command: Annotated[str | None, typer.Option("--eval", help="command run on each output ({out} is its "
+                                                                    "path); its last line is a JSON object")] = None,
+    out: Annotated[Path | None, typer.Option(help="folder for the points, results.csv and sweep.png")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+    force: Annotated[bool, typer.Option("--force", help="replace existing outputs")] = False,
+) -> None:
+    """Merge every point of a parameter grid (one pass over the inputs), evaluate each, tabulate and plot."""
+    with _user_errors():
+        from mergebench.sweeps import parse_grid, run_sweep
+
+        parsed = dict(parse_grid(spec) for spec in grid)
+        out_dir = out or Path(f"sweep-{recipe.stem}")
+        points = run_sweep(recipe, parsed, out_dir, eval_command, device=device, force=force)
+    metrics = list(dict.fromkeys(k for p in points for k in p.metrics))
+    table = Table(title=f"sweep of {recipe} -> {out_dir}", title_justify="left")
+    for column in ("point", *parsed, *metrics, "status"):
+        table.add_column(column)
+    for point in points:
+        table.add_row(str(point.index), *(str(point.params[k]) for k in parsed),
+                      *(f"{point.metrics[m]:.4g}" if m in point.metrics else "-" for m in metrics),
+                      escape(point.error or "ok"))
+    console.print(table)
+    console.print(f"results in {out_dir / 'results.csv'}" + (f", plot in {out_dir / 'sweep.png'}"
+                                                             if (out_dir / "sweep.png").exists() else ""))
+
+
+@app.command()
 def plan(recipe: RecipeArg, set_: SetOpt = None, allow_pickle: PickleOpt = False) -> None:
     """Check a recipe against its inputs and show what a run would do: nodes, bytes, peak memory."""
     with _user_errors():

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["MergebenchError", "load", "run"]
+__all__ = ["MergebenchError", "load", "run", "sweep"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("load", "run"):
+    if name in ("load", "run", "sweep"):
         from mergebench import api
 
         return getattr(api, name)

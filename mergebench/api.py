@@ -7,7 +7,7 @@ so a notebook, a recipe and the CLI cannot disagree about a number.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from mergebench.graph import Graph
 from mergebench.operators.base import ARTIFACT_TYPES, CHECKPOINT, SEQUENCE, Operator, element_type, is_list_type
 from mergebench.recipe import MEMORY_PATH, build_recipe, load_recipe
 from mergebench.runner import RunResult, run_recipe
+from mergebench.sweeps import SweepPoint, run_sweep
 
 COMMON_FIELDS = ("include", "exclude", "overrides", "seed")
 PYTHON_SOURCE = Path("<python>")
@@ -81,6 +82,14 @@ def run(recipe_path: str | os.PathLike[str], set: Mapping[str, Any] | None = Non
     recipe = load_recipe(recipe_path, dict(set or {}))
     return run_recipe(recipe, device=device, force=force, resume=resume, allow_non_finite=allow_non_finite,
                       allow_pickle=allow_pickle)
+
+
+def sweep(recipe_path: str | os.PathLike[str], grid: Mapping[str, list[Any]], out_dir: str | os.PathLike[str],
+          evaluate: Callable[[Path], dict[str, float]] | str | None = None, device: str = "auto",
+          force: bool = False) -> list[SweepPoint]:
+    """Merge every point of ``grid`` ({"node.param": [values]}) in one pass and score each output with
+    ``evaluate`` (a callable on the output folder returning metrics, or a shell command with ``{out}``)."""
+    return run_sweep(recipe_path, dict(grid), out_dir, evaluate, device=device, force=force)
 
 
 def call_operator(op: Operator, kwargs: dict[str, Any]) -> Any:

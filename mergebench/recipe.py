@@ -177,12 +177,17 @@ class Recipe:
 def load_recipe(path: str | Path, sets: dict[str, str] | None = None) -> Recipe:
     """Read a YAML recipe, apply ``--set node.param=value`` overrides, and validate it whole."""
     file = Path(path)
+    data, lines = read_yaml(file)
+    return build_recipe(data, file, lines, sets or {}, base_dir=file.resolve().parent)
+
+
+def read_yaml(file: Path) -> tuple[Any, dict[tuple[Any, ...], int]]:
+    """A recipe file's data and the line of every value in it, before any validation."""
     try:
         text = file.read_text()
     except OSError as exc:
         raise MergebenchError(f"{file}: cannot read recipe ({exc.strerror})") from None
-    data, lines = _parse_yaml(text, file)
-    return build_recipe(data, file, lines, sets or {}, base_dir=file.resolve().parent)
+    return _parse_yaml(text, file)
 
 
 def build_recipe(

@@ -1,0 +1,217 @@
+"""Parameter sweeps: every point of a grid merged in one streaming pass, then evaluated point by point.
+
+The recipe is expanded once: nodes downstream of a swept parameter are copied per grid point, the rest
+is shared, and every point's outputs become outputs of one run, so each input tensor is read once for
+the whole sweep. An evaluator (a shell command printing a JSON object on its last line, or a Python
+callable) scores each point; ``results.csv`` and a plot collect them. A failing point is reported and
+the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import itertools
+import json
+import re
+import shlex
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mergebench.errors import MergebenchError
+from mergebench.recipe import build_recipe, read_yaml
+from mergebench.runner import run_recipe
+
+Evaluator = Callable[[Path], dict[str, float]]
+GRID_TOLERANCE = Decimal("1e-9")
+
+
+def parse_grid(spec: str) -> tuple[str, list[Any]]:
+    """``node.param=a:b:step`` (b included when on the grid, within 1e-9) or ``node.param=v1,v2,...``."""
+    target, eq, values = spec.partition("=")
+    if not eq or "." not in target or not values:
+        raise MergebenchError(f"--grid {spec}: expected NODE.PARAM=START:STOP:STEP or NODE.PARAM=V1,V2,...")
+    parts = values.split(":")
+    if len(parts) == 3:
+        try:
+            start, stop, step = (Decimal(p) for p in parts)
+        except InvalidOperation:
+            raise MergebenchError(f"--grid {spec}: START:STOP:STEP must be numbers") from None
+        if step <= 0:
+            raise MergebenchError(f"--grid {spec}: STEP must be positive")
+        points, value = [], start
+        while value <= stop + GRID_TOLERANCE:
+            points.append(float(value))
+            value += step
+        return target.strip(), points
+    return target.strip(), [yaml.safe_load(v) for v in values.split(",")]
+
+
+@dataclass
+class SweepPoint:
+    index: int
+    params: dict[str, Any]
+    outputs: list[Path]
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+
+def expand(data: dict[str, Any], grid: dict[str, list[Any]], out_dir: Path) -> tuple[dict[str, Any], list[SweepPoint]]:
+    """One recipe holding every grid point: swept nodes and their descendants copied per point."""
+    nodes: dict[str, Any] = data.get("nodes") or {}
+    for target in grid:
+        node = target.split(".", 1)[0]
+        if node not in nodes:
+            raise MergebenchError(f"--grid {target}: the recipe has no node '{node}'")
+    swept = {t.split(".", 1)[0] for t in grid}
+    downstream = _descendants(nodes, swept)
+    combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    expanded = copy.deepcopy(data)
+    expanded["nodes"] = {name: spec for name, spec in nodes.items() if name not in downstream}
+    expanded["outputs"] = []  # a sweep writes the outputs of its points only
+    points = []
+    for index, combo in enumerate(combos):
+        label = f"p{index:03d}-" + "-".join(f"{_slug(t)}={v}" for t, v in combo.items())
+        rename = {name: f"{name}@{index}" for name in downstream}
+        for name in downstream:
+            spec = copy.deepcopy(nodes[name])
+            spec["inputs"] = {slot: _renamed(ref, rename) for slot, ref in (spec.get("inputs") or {}).items()}
+            expanded["nodes"][rename[name]] = spec
+        for target, value in combo.items():
+            node, param = target.split(".", 1)
+            expanded["nodes"][rename[node]].setdefault("params", {})[param] = value
+        paths = []
+        swept_outputs = [o for o in data.get("outputs", []) if o.get("from") in downstream]
+        for i, output in enumerate(swept_outputs):
+            path = out_dir / label if len(swept_outputs) == 1 else out_dir / label / f"output-{i}"
+            expanded["outputs"].append({**output, "from": rename[output["from"]], "path": str(path.resolve())})
+            paths.append(path)
+        if not paths:
+            raise MergebenchError("no output of the recipe depends on the swept nodes")
+        points.append(SweepPoint(index, combo, paths))
+    return expanded, points
+
+
+def _descendants(nodes: dict[str, Any], roots: set[str]) -> set[str]:
+    found = set(roots)
+    changed = True
+    while changed:
+        changed = False
+        for name, spec in nodes.items():
+            refs = [r for ref in (spec.get("inputs") or {}).values() for r in (ref if isinstance(ref, list) else [ref])]
+            if name not in found and any(r in found for r in refs):
+                found.add(name)
+                changed = True
+    return found
+
+
+def _renamed(ref: Any, rename: dict[str, str]) -> Any:
+    return [rename.get(r, r) for r in ref] if isinstance(ref, list) else rename.get(ref, ref)
+
+
+def _slug(target: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", target)
+
+
+def run_sweep(
+    recipe_path: str | Path,
+    grid: dict[str, list[Any]],
+    out_dir: str | Path,
+    evaluate: Evaluator | str | None = None,
+    device: str = "auto",
+    force: bool = False,
+    plot: bool = True,
+) -> list[SweepPoint]:
+    """Merge every grid point (one pass when it can), evaluate each, write results.csv and sweep.png."""
+    recipe_path, out_dir = Path(recipe_path), Path(out_dir)
+    data, lines = read_yaml(recipe_path)
+    expanded, points = expand(data, grid, out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base_dir = recipe_path.resolve().parent
+    try:
+        run_recipe(build_recipe(expanded, recipe_path, lines, {}, base_dir=base_dir), device=device, force=force)
+    except MergebenchError:  # find the failing points: run them one at a time
+        for point in points:
+            single, _ = expand(data, {t: [v] for t, v in point.params.items()}, out_dir)
+            single["outputs"] = [{**o, "path": str(p.resolve())} for o, p in zip(single["outputs"], point.outputs)]
+            try:
+                run_recipe(build_recipe(single, recipe_path, lines, {}, base_dir=base_dir), device=device,
+                           force=force)
+            except MergebenchError as exc:
+                point.error = f"merge failed: {exc}"
+    if evaluate is not None:
+        for point in points:
+            if point.error is None:
+                _evaluate(point, evaluate)
+    write_results(points, out_dir / "results.csv")
+    if plot and evaluate is not None and any(p.metrics for p in points):
+        plot_results(points, out_dir / "sweep.png")
+    return points
+
+
+def _evaluate(point: SweepPoint, evaluate: Evaluator | str) -> None:
+    if callable(evaluate):
+        try:
+            point.metrics = {k: float(v) for k, v in evaluate(point.outputs[0]).items()}
+        except Exception as exc:  # a user's evaluator: report it and go on with the sweep
+            point.error = f"evaluator failed: {type(exc).__name__}: {exc}"
+        return
+    command = evaluate.replace("{out}", shlex.quote(str(point.outputs[0])))
+    done = subprocess.run(command, shell=True, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    if done.returncode != 0 or not lines:
+        point.error = f"eval exited {done.returncode}: {(done.stderr or done.stdout).strip()[-300:]}"
+        return
+    try:
+        metrics = json.loads(lines[-1])
+        point.metrics = {k: float(v) for k, v in metrics.items()}
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+        point.error = f"eval's last line is not a JSON object of numbers: {lines[-1][:200]!r}"
+
+
+def write_results(points: list[SweepPoint], path: Path) -> None:
+    params = list(dict.fromkeys(k for p in points for k in p.params))
+    metrics = list(dict.fromkeys(k for p in points for k in p.metrics))
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["point", *params, *metrics, "output", "error"])
+        for p in points:
+            writer.writerow([p.index, *(p.params.get(k, "") for k in params), *(p.metrics.get(k, "") for k in metrics),
+                             str(p.outputs[0]), p.error or ""])
+
+
+def plot_results(points: list[SweepPoint], path: Path) -> None:
+    """One metric: metric against the (first) swept parameter. Two or more: the first two against each
+    other, each point labelled with its parameters (the WiSE-FT robustness curve)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise MergebenchError("the plot needs matplotlib: pip install 'mergebench[plot]'") from None
+    done = [p for p in points if p.metrics]
+    metrics = list(dict.fromkeys(k for p in done for k in p.metrics))
+    param = next(iter(done[0].params))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if len(metrics) >= 2:
+        xs, ys = [p.metrics.get(metrics[0]) for p in done], [p.metrics.get(metrics[1]) for p in done]
+        ax.plot(xs, ys, marker="o")
+        for p, x, y in zip(done, xs, ys):
+            ax.annotate(", ".join(f"{v}" for v in p.params.values()), (x, y), fontsize=7)
+        ax.set_xlabel(metrics[0])
+        ax.set_ylabel(metrics[1])
+    else:
+        ax.plot([p.params[param] for p in done], [p.metrics[metrics[0]] for p in done], marker="o")
+        ax.set_xlabel(param)
+        ax.set_ylabel(metrics[0])
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
