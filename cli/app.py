@@ -355,6 +355,50 @@ def extract(
 
 
 @app.command()
+def diff(
+    checkpoints: Annotated[list[Path], typer.Argument(help="the base, then one or more fine-tunes of it")],
+    masks: Annotated[float | None, typer.Option("--masks", help="also the Jaccard overlap of per-tensor top-k masks "
+                                                                "at this density (e.g. 0.01)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+    plot: Annotated[Path | None, typer.Option("--plot", help="write a PNG of norms and cosines per block")] = None,
+) -> None:
+    """Per-block delta norms, changed fraction, cosine similarity and sign agreement between fine-tunes."""
+    with _user_errors():
+        from mergebench.checkpoint import open_checkpoint
+        from mergebench.diff import plot_diff, weight_diff
+        from mergebench.errors import MergebenchError
+
+        if len(checkpoints) < 2:
+            raise MergebenchError("diff needs a base and at least one other checkpoint")
+        sources = [open_checkpoint(path) for path in checkpoints]
+        names = _short_names(checkpoints[1:])
+        report = weight_diff(sources[0], sources[1:], names, masks)
+        if plot:
+            plot_diff(report, str(plot))
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    columns = list(next(iter(report.values())))
+    for group in ("relative norm", "norm", "changed", "cosine", "sign agreement", "mask jaccard"):
+        chosen = [c for c in columns if c.startswith(group + " ")]
+        columns = [c for c in columns if c not in chosen]
+        if not chosen:
+            continue
+        table = Table(title=f"{group} (deltas from {checkpoints[0]})", title_justify="left")
+        table.add_column("where")
+        for column in chosen:
+            table.add_column(escape(column[len(group) + 1:]), overflow="fold")
+        for label, row in report.items():
+            table.add_row(label, *(f"{row[c]:.4g}" for c in chosen))
+        console.print(table)
+
+
+def _short_names(paths: list[Path]) -> list[str]:
+    names = [path.stem if path.is_file() else path.name for path in paths]
+    return names if len(set(names)) == len(names) else [f"{i}:{n}" for i, n in enumerate(names, 1)]
+
+
+@app.command()
 def overlap(masks: Annotated[list[Path], typer.Argument(help="two or more mask files")]) -> None:
     """Jaccard overlap of task masks, per block and overall (near-disjoint masks compose with little interference)."""
     with _user_errors():

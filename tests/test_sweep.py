@@ -47,7 +47,7 @@ EVAL = (f"{sys.executable} -c \"import json, sys; from safetensors.torch import 
 def test_sweep_merges_every_point_and_evaluates(tmp_path, cli, wise_recipe):
     result = cli("sweep", wise_recipe, "--grid", "wise.alpha=0:1:0.25", "--eval", EVAL, "--out", tmp_path / "sw")
     assert result.exit_code == 0, result.output
-    rows = list(csv.DictReader(open(tmp_path / "sw" / "results.csv")))
+    rows = list(csv.DictReader((tmp_path / "sw" / "results.csv").read_text().splitlines()))
     assert [float(r["wise.alpha"]) for r in rows] == [0.0, 0.25, 0.5, 0.75, 1.0]
     for row in rows:
         alpha = float(row["wise.alpha"])
