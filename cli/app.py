@@ -245,6 +245,7 @@ def ops(name: Annotated[str | None, typer.Argument(help="an operator name")] = N
             raise MergebenchError(f"unknown operator '{name}' (known: {', '.join(sorted(REGISTRY))})")
     console.print(f"[bold]{op.name}[/] ({op.execution})")
     console.print(op.doc, highlight=False)
+    console.print(f"implements: {op.paper}", highlight=False)
     for sig in op.signatures:
         console.print(f"  inputs {escape(sig.describe())}", highlight=False)
     table = Table(title="parameters", title_justify="left")

@@ -26,7 +26,8 @@ def render() -> str:
              "pass through from the primary input, or give a zero Delta), `overrides` (a list of "
              "`{match, params}`, first match wins) and `seed`.", ""]
     for op in sorted(REGISTRY.values(), key=lambda o: o.name):
-        lines += [f"## `{op.name}`", "", op.doc, "", f"Execution class: {op.execution}.", "", "Inputs:", ""]
+        lines += [f"## `{op.name}`", "", op.doc, "", f"Implements: {op.paper}.", "",
+                  f"Execution class: {op.execution}.", "", "Inputs:", ""]
         lines += [f"- `{sig.describe()}`" for sig in op.signatures]
         lines.append("")
         fields = op.params.model_fields

@@ -140,6 +140,7 @@ class Operator:
     passes: Passes = no_passes
     check: Callable[[Params, dict[str, int]], str | None] | None = None
     series: Callable[[Params, list[int]], list[int] | None] | None = None
+    paper: str = ""
     doc: str = field(default="")
 
     def signature_for(self, slot_names: set[str]) -> Signature | None:
@@ -171,6 +172,7 @@ def operator(
     passes: Passes | tuple[StatisticsPass, ...] = (),
     check: Callable[[Params, dict[str, int]], str | None] | None = None,
     series: Callable[[Params, list[int]], list[int] | None] | None = None,
+    paper: str = "",
 ) -> Callable[[Callable[..., Any]], Operator]:
     """Register ``fn(**slots, p=params, ctx=KeyContext)`` under its recipe name.
 
@@ -182,6 +184,7 @@ def operator(
     node keeps that input's value (a Delta-valued node gives a zero delta), and the output dtype of a
     key is that input's dtype.
     ``check(params, list_lengths)`` catches parameter errors that depend on how many inputs a list has.
+    ``paper`` cites what the operator implements (shown by ``mergebench ops`` and the docs).
     ``series(params, steps)`` is for sequence operators that can emit a series: the steps emitted for
     a run with these steps, or None for a single result; with a series the node yields a list of
     Checkpoints, one per emitted step, and an output writes each into ``PATH/step-N``.
@@ -197,6 +200,7 @@ def operator(
             passes=passes if callable(passes) else (lambda params, slots, fixed=tuple(passes): fixed),
             check=check,
             series=series,
+            paper=paper,
             doc=(fn.__doc__ or "").strip(),
         )
         if name in REGISTRY:

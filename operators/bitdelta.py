@@ -16,8 +16,11 @@ class BitDeltaParams(Params):
                                     "values), or every selected key")
 
 
-@operator("bitdelta", signatures=[signature(CHECKPOINT, fine_tuned=CHECKPOINT, base=CHECKPOINT)],
-          params=BitDeltaParams)
+@operator(
+    "bitdelta",
+    paper="Liu et al., BitDelta: Your Fine-Tune May Only Be Worth One Bit, NeurIPS 2024 (arXiv:2402.10193)",
+    signatures=[signature(CHECKPOINT, fine_tuned=CHECKPOINT, base=CHECKPOINT)],
+    params=BitDeltaParams)
 def bitdelta(fine_tuned: torch.Tensor, base: torch.Tensor, p: BitDeltaParams, ctx: KeyContext) -> torch.Tensor:
     """Ŵ = W_base + α·sign⁺(Δ), α = mean|Δ| (the L2-optimal scale for those signs), sign⁺(0) = +1."""
     is_block_linear = ctx.block is not None and fine_tuned.dim() == 2 and ctx.key.endswith(".weight")

@@ -37,6 +37,7 @@ def breadcrumbs_mask(tau: torch.Tensor, density: float, gamma: float, granularit
 
 @operator(
     "breadcrumbs",
+    paper="Davari & Belilovsky, Model Breadcrumbs, ECCV 2024 (arXiv:2312.06795)",
     signatures=[signature(CHECKPOINT, base=CHECKPOINT, models=list_of(CHECKPOINT)),
                 signature(DELTA, deltas=list_of(DELTA))],
     params=BreadcrumbsParams,

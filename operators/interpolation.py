@@ -15,6 +15,7 @@ class WiseFTParams(Params):
 
 @operator(
     "wise_ft",
+    paper="Wortsman et al., Robust fine-tuning of zero-shot models, CVPR 2022 (arXiv:2109.01903)",
     signatures=[signature(CHECKPOINT, zero_shot=CHECKPOINT, fine_tuned=CHECKPOINT)],
     params=WiseFTParams,
 )
@@ -39,6 +40,7 @@ def _check_linear(p: LinearParams, lengths: dict[str, int]) -> str | None:
 
 @operator(
     "linear",
+    paper="weighted averaging (model soups: Wortsman et al., ICML 2022, arXiv:2203.05482)",
     signatures=[signature(CHECKPOINT, models=list_of(CHECKPOINT))],
     params=LinearParams,
     check=_check_linear,

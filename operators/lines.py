@@ -101,6 +101,7 @@ def layer_scale(p: LinesParams, ctx: KeyContext, multi: bool) -> float:
 
 @operator(
     "lines",
+    paper="Wang et al., LiNeS: Post-training Layer Scaling, ICLR 2025 (arXiv:2410.17146)",
     signatures=[
         signature(CHECKPOINT, base=CHECKPOINT, fine_tuned=CHECKPOINT),
         signature(DELTA, delta=DELTA),

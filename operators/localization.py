@@ -55,6 +55,7 @@ def _graft_passes(p: GraftParams, slots: frozenset[str]) -> tuple[StatisticsPass
 
 @operator(
     "graft",
+    paper="Panigrahi et al., Task-Specific Skill Localization, ICML 2023 (arXiv:2302.06600)",
     signatures=[signature(CHECKPOINT, pretrained=CHECKPOINT, fine_tuned=CHECKPOINT),
                 signature(CHECKPOINT, pretrained=CHECKPOINT, fine_tuned=CHECKPOINT, mask=MASK)],
     params=GraftParams,
@@ -103,20 +104,29 @@ def delta_topk_passes(p: MaskTopkParams, slots: frozenset[str]) -> tuple[Statist
     return DELTA_TOPK if p.scope == "global" else ()
 
 
-@operator("mask_topk", signatures=[signature(MASK, base=CHECKPOINT, fine_tuned=CHECKPOINT)],
-          params=MaskTopkParams, execution="global statistic", passes=delta_topk_passes)
+@operator(
+    "mask_topk",
+    paper="Panigrahi et al., ICML 2023 (arXiv:2302.06600); Ansell et al., ACL 2022 (2022.acl-long.125)",
+    signatures=[signature(MASK, base=CHECKPOINT, fine_tuned=CHECKPOINT)],
+    params=MaskTopkParams, execution="global statistic", passes=delta_topk_passes)
 def mask_topk(base: torch.Tensor, fine_tuned: torch.Tensor, p: MaskTopkParams, ctx: KeyContext) -> torch.Tensor:
     """The entries that moved most in fine-tuning: top-k of |θ_ft − θ_base| (ties kept)."""
     return topk_mask(fine_tuned - base, p, ctx)
 
 
-@operator("mask_union", signatures=[signature(MASK, masks=list_of(MASK))])
+@operator(
+    "mask_union",
+    paper="Panigrahi et al., ICML 2023 (arXiv:2302.06600)",
+    signatures=[signature(MASK, masks=list_of(MASK))])
 def mask_union(masks: list[torch.Tensor], p: Params, ctx: KeyContext) -> torch.Tensor:
     """Entries set in any of the masks (graft-compose several tasks' regions)."""
     return torch.stack(masks).any(0)
 
 
-@operator("mask_intersection", signatures=[signature(MASK, masks=list_of(MASK))])
+@operator(
+    "mask_intersection",
+    paper="Panigrahi et al., ICML 2023 (arXiv:2302.06600)",
+    signatures=[signature(MASK, masks=list_of(MASK))])
 def mask_intersection(masks: list[torch.Tensor], p: Params, ctx: KeyContext) -> torch.Tensor:
     """Entries set in every mask (the skills two tasks share)."""
     return torch.stack(masks).all(0)

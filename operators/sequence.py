@@ -61,8 +61,11 @@ def momentum_states(init: torch.Tensor, sequence: TensorSequence, p: MomentumPar
         yield step, slow.lerp_(theta, 1.0 - tau)
 
 
-@operator("momentum_interp", signatures=[signature(CHECKPOINT, init=CHECKPOINT, sequence=SEQUENCE)],
-          params=MomentumParams, execution="sequence", series=lambda p, steps: emitted_steps(p, steps))
+@operator(
+    "momentum_interp",
+    paper="Stojanovski et al., Momentum-based Weight Interpolation, NeurIPS 2022 workshop (arXiv:2211.03186)",
+    signatures=[signature(CHECKPOINT, init=CHECKPOINT, sequence=SEQUENCE)],
+    params=MomentumParams, execution="sequence", series=lambda p, steps: emitted_steps(p, steps))
 def momentum_interp(init: torch.Tensor, sequence: TensorSequence, p: MomentumParams, ctx: KeyContext):
     """Momentum interpolation (Stojanovski et al., 2022): s_k = τ_eff·s_{k−1} + (1 − τ_eff)·θ_k, s_0 = init."""
     return collect(momentum_states(init, sequence, p), p, sequence.steps)
@@ -123,7 +126,10 @@ def _schedule_series(p: ScheduleParams, steps: list[int]) -> list[int] | None:
     return emitted_steps(p, steps, p.update_after if uses_schedule else 0)
 
 
-@operator("bema", signatures=SEQUENCE_SIGNATURES, params=BemaParams, execution="sequence", series=_schedule_series)
+@operator(
+    "bema",
+    paper="Block & Zhang, EMA Without the Lag, 2025 (arXiv:2508.00180)",
+    signatures=SEQUENCE_SIGNATURES, params=BemaParams, execution="sequence", series=_schedule_series)
 def bema(sequence: TensorSequence, p: BemaParams, ctx: KeyContext, init: torch.Tensor | None = None):
     """BEMA (Block & Zhang, 2025): an EMA of the iterates plus a bias correction that removes its lag.
 
@@ -141,7 +147,10 @@ def _ema_states(sequence: TensorSequence, p: EmaParams, init: torch.Tensor | Non
         yield step, average
 
 
-@operator("ema", signatures=SEQUENCE_SIGNATURES, params=EmaParams, execution="sequence", series=_schedule_series)
+@operator(
+    "ema",
+    paper="Block & Zhang, EMA Without the Lag, 2025 (arXiv:2508.00180)",
+    signatures=SEQUENCE_SIGNATURES, params=EmaParams, execution="sequence", series=_schedule_series)
 def ema(sequence: TensorSequence, p: EmaParams, ctx: KeyContext, init: torch.Tensor | None = None):
     """Exponential moving average of the checkpoints: constant ``decay``, or BEMA's schedule uncorrected."""
     if p.decay is None:

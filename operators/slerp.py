@@ -36,7 +36,10 @@ def t_for(p: SlerpParams, ctx: KeyContext) -> float:
     return p.t[low] + (x - low) * (p.t[low + 1] - p.t[low])
 
 
-@operator("slerp", signatures=[signature(CHECKPOINT, a=CHECKPOINT, b=CHECKPOINT)], params=SlerpParams)
+@operator(
+    "slerp",
+    paper="Shoemake, Animating rotation with quaternion curves, SIGGRAPH 1985",
+    signatures=[signature(CHECKPOINT, a=CHECKPOINT, b=CHECKPOINT)], params=SlerpParams)
 def slerp(a: torch.Tensor, b: torch.Tensor, p: SlerpParams, ctx: KeyContext) -> torch.Tensor:
     """Spherical interpolation of the flattened tensors; lerp when they are (anti)colinear or tiny."""
     t = t_for(p, ctx)

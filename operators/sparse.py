@@ -34,8 +34,11 @@ def _extract_passes(p: ExtractParams, slots: frozenset[str]) -> tuple[Statistics
     return delta_topk_passes(p, slots) if p.proportion is not None or p.k is not None else ()
 
 
-@operator("sft_extract", signatures=[signature(SPARSE_DELTA, base=CHECKPOINT, fine_tuned=CHECKPOINT)],
-          params=ExtractParams, execution="global statistic", passes=_extract_passes)
+@operator(
+    "sft_extract",
+    paper="Ansell et al., Composable Sparse Fine-Tuning for Cross-Lingual Transfer, ACL 2022 (2022.acl-long.125)",
+    signatures=[signature(SPARSE_DELTA, base=CHECKPOINT, fine_tuned=CHECKPOINT)],
+    params=ExtractParams, execution="global statistic", passes=_extract_passes)
 def sft_extract(base: torch.Tensor, fine_tuned: torch.Tensor, p: ExtractParams, ctx: KeyContext) -> torch.Tensor:
     """φ = θ_ft − θ_0 on the top-K entries by |Δ| (or where |Δ| > eps); zero, and not stored, elsewhere."""
     delta = fine_tuned - base
@@ -43,7 +46,10 @@ def sft_extract(base: torch.Tensor, fine_tuned: torch.Tensor, p: ExtractParams, 
     return torch.where(keep, delta, 0.0)
 
 
-@operator("sft_compose", signatures=[signature(CHECKPOINT, base=CHECKPOINT, deltas=list_of(SPARSE_DELTA))])
+@operator(
+    "sft_compose",
+    paper="Ansell et al., Composable Sparse Fine-Tuning for Cross-Lingual Transfer, ACL 2022 (2022.acl-long.125)",
+    signatures=[signature(CHECKPOINT, base=CHECKPOINT, deltas=list_of(SPARSE_DELTA))])
 def sft_compose(base: torch.Tensor, deltas: list[torch.Tensor], p: Params, ctx: KeyContext) -> torch.Tensor:
     """θ = θ_0 + Σ_j φ_j: sparse deltas scattered and added (overlapping entries sum)."""
     return weighted_sum([base, *deltas], [1.0] * (len(deltas) + 1))

@@ -11,7 +11,10 @@ from mergebench.numerics import weighted_sum
 from mergebench.operators.base import CHECKPOINT, DELTA, SPARSE_DELTA, Params, list_of, operator, signature
 
 
-@operator("delta", signatures=[signature(list_of(DELTA), base=CHECKPOINT, models=list_of(CHECKPOINT))])
+@operator(
+    "delta",
+    paper="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (arXiv:2212.04089)",
+    signatures=[signature(list_of(DELTA), base=CHECKPOINT, models=list_of(CHECKPOINT))])
 def delta(base: torch.Tensor, models: list[torch.Tensor], p, ctx) -> list[torch.Tensor]:
     """Task vectors τ_t = θ_t − θ_base, one Delta per model, in the order given."""
     return [model - base for model in models]
@@ -23,8 +26,9 @@ class ApplyParams(Params):
 
 @operator(
     "apply",
+    paper="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (arXiv:2212.04089)",
     signatures=[signature(CHECKPOINT, base=CHECKPOINT,
-                          delta=(DELTA, list_of(DELTA), SPARSE_DELTA, list_of(SPARSE_DELTA)))],
+    delta=(DELTA, list_of(DELTA), SPARSE_DELTA, list_of(SPARSE_DELTA)))],
     params=ApplyParams,
 )
 def apply(base: torch.Tensor, delta: torch.Tensor | list[torch.Tensor], p: ApplyParams, ctx) -> torch.Tensor:
@@ -47,6 +51,7 @@ def check_weights(p: TaskArithmeticParams, lengths: dict[str, int]) -> str | Non
 
 @operator(
     "task_arithmetic",
+    paper="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (arXiv:2212.04089)",
     signatures=[
         signature(CHECKPOINT, base=CHECKPOINT, models=list_of(CHECKPOINT)),
         signature(DELTA, deltas=list_of(DELTA)),

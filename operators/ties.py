@@ -113,8 +113,11 @@ def _ties_vectors(inputs: dict[str, Any], p: Params, ctx: KeyContext) -> list[to
     return task_vectors(inputs.get("base"), inputs.get("models"), inputs.get("deltas"))
 
 
-@operator("ties", signatures=SIGNATURES, params=TiesParams, execution="global statistic",
-          passes=ties_passes(_ties_vectors))
+@operator(
+    "ties",
+    paper="Yadav et al., TIES-Merging, NeurIPS 2023 (arXiv:2306.01708)",
+    signatures=SIGNATURES, params=TiesParams, execution="global statistic",
+    passes=ties_passes(_ties_vectors))
 def ties(p: TiesParams, ctx: KeyContext, base=None, models=None, deltas=None) -> torch.Tensor:
     """TIES-merging: θ = θ_base + λ·τ_m, τ_m the disjoint merge of trimmed, sign-agreeing task vectors."""
     return finish(ties_merge(task_vectors(base, models, deltas), p, ctx), base)
@@ -129,8 +132,11 @@ def _dare_vectors(inputs: dict[str, Any], p: DareTiesParams, ctx: KeyContext) ->
     return [drop_and_rescale(tau, p.p, p.scale, ctx, i) for i, tau in enumerate(taus)]
 
 
-@operator("dare_ties", signatures=[SIGNATURES[0]], params=DareTiesParams, execution="global statistic",
-          passes=ties_passes(_dare_vectors))
+@operator(
+    "dare_ties",
+    paper="Yu et al., ICML 2024 (arXiv:2311.03099), then Yadav et al., NeurIPS 2023 (arXiv:2306.01708)",
+    signatures=[SIGNATURES[0]], params=DareTiesParams, execution="global statistic",
+    passes=ties_passes(_dare_vectors))
 def dare_ties(base: torch.Tensor, models: list[torch.Tensor], p: DareTiesParams, ctx: KeyContext) -> torch.Tensor:
     """DARE then TIES: each task vector randomly dropped and rescaled, then sign-elected and merged."""
     return finish(ties_merge(_dare_vectors({"base": base, "models": models}, p, ctx), p, ctx), base)

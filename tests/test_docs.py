@@ -19,3 +19,11 @@ def test_readme_quick_start_gives_the_two_commands():
     quick_start = readme.split("## Quick start", 1)[1].split("##", 1)[0]
     assert "make demo" in quick_start and "make test" in quick_start
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_docs_site_builds_without_warnings(tmp_path):
+    mkdocs = Path(sys.executable).parent / "mkdocs"
+    result = subprocess.run([mkdocs, "build", "--strict", "--site-dir", tmp_path / "site"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "site" / "operators" / "index.html").exists()
