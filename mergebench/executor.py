@@ -201,6 +201,10 @@ class _KeyValues:
         self.device = device
         self.stats = stats
         self.cache: dict[str, Value] = {}
+        if graph.vocab is not None:  # embedding rows rearranged to the output vocabulary before anything sees them
+            embeddings = {m: t for m, t in raw.items() if graph.is_embedding(key, m)}
+            if embeddings:
+                self.raw = {**raw, **graph.vocab.align(key, embeddings)}
         self.lazy_bytes = 0  # bytes read during the computation (sequences), beyond the read-ahead
 
     def value(self, ref: str) -> Value:

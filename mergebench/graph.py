@@ -18,6 +18,7 @@ from mergebench.errors import MergebenchError
 from mergebench.operators.base import ARTIFACT_TYPES, CHECKPOINT
 from mergebench.recipe import Node, Output, Recipe, primary_model
 from mergebench.safetensors_format import TensorInfo
+from mergebench.vocab import TOKENIZER_FILE, VocabPlan, first_difference, plan_vocab, read_vocab
 from mergebench.writer import PlannedTensor
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -52,12 +53,38 @@ class Graph:
         for name, path in recipe.models.items():
             if name not in self.sources:
                 self.sources[name] = open_checkpoint(path, allow_pickle)
+        self.vocab = self._plan_vocab()
         self.outputs = [plan for i, out in enumerate(recipe.outputs) for plan in self._plan_output(i, out)]
         self.keys = self._key_order()
         self.key_lists = {name: tuple(self.sources[primary_model(recipe, name)].keys) for name in self.nodes}
         reachable = {n for plan in self.outputs for n in self._nodes_of(plan.output.node)}
         for name in reachable:
             self._check_shapes(self.nodes[name])
+
+    def _plan_vocab(self) -> VocabPlan | None:
+        """The output vocabulary when the recipe asks for one; an error when vocabularies differ and it does not."""
+        folders = {name: getattr(src, "folder", None) for name, src in self.sources.items()
+                   if not self.is_artifact(name)}
+        vocabs = {name: read_vocab(folder) for name, folder in folders.items()
+                  if folder is not None and (folder / TOKENIZER_FILE).exists()}
+        spec = self.recipe.tokenizer
+        if spec is None:
+            difference = first_difference(vocabs) if len(vocabs) > 1 else None
+            if difference:
+                raise MergebenchError(f"{self.recipe.file}: the models' vocabularies differ ({difference}); add "
+                                      f"'tokenizer: {{source: base | union | MODEL}}' to the recipe")
+            return None
+        lacking = sorted(set(folders) - set(vocabs))
+        if lacking:
+            raise MergebenchError(f"{self.recipe.file}: tokenizer surgery needs a {TOKENIZER_FILE} in every model; "
+                                  f"'{lacking[0]}' ({self.sources[lacking[0]].label}) has none")
+        base = primary_model(self.recipe, self.recipe.outputs[0].node)
+        return plan_vocab(spec.source, base, vocabs, spec.pad_to_multiple_of, spec.embeddings)
+
+    def is_embedding(self, key: str, model: str) -> bool:
+        """Whether a model's tensor has one row per token of its vocabulary (and is rearranged to the output's)."""
+        return (self.vocab is not None and model in self.vocab.rows and key in self.sources[model].keys
+                and self.vocab.is_embedding(key, model, self.sources[model].info(key).shape))
 
     def models_of(self, ref: str) -> tuple[str, ...]:
         """The models a node depends on, in first-use order (a sequence: each of its checkpoints)."""
@@ -122,7 +149,10 @@ class Graph:
         return worst
 
     def needed_for_output(self, plan: OutputPlan, key: str) -> set[str]:
-        """The models read for one output at one key (buffers are compared across all of them)."""
+        """The models read for one output at one key (buffers are compared across all of them; an embedding's
+        rows may fall back on every model's)."""
+        if self.is_embedding(key, plan.primary):
+            return set(plan.models)
         if not self.is_floating(plan.primary, key):
             return set(plan.models)
         return self.needed(plan.output.node, key)
@@ -159,7 +189,8 @@ class Graph:
             if out.kind != CHECKPOINT and not info.is_floating and info.dtype != torch.bool:
                 continue  # integer buffers have no place in a mask or a sparse delta
             dtype = DTYPES[out.dtype] if out.dtype and info.is_floating else info.dtype
-            tensors.append(PlannedTensor(key, dtype, info.shape))
+            shape = (self.vocab.size, *info.shape[1:]) if self.is_embedding(key, primary) else info.shape
+            tensors.append(PlannedTensor(key, dtype, shape))
         dtypes = {t.key: t.dtype for t in tensors}
         node = self.nodes.get(out.node)
         if node is None or node.series_steps is None:
@@ -191,7 +222,9 @@ class Graph:
                 other = self.sources[model].info(key)
                 # masks (bool) sit beside weights by design; the recipe's types already checked them
                 kinds_differ = other.is_floating != info.is_floating and torch.bool not in (other.dtype, info.dtype)
-                if other.shape != info.shape or kinds_differ:
+                realigned = self.is_embedding(key, models[0]) and self.is_embedding(key, model)
+                shapes_differ = other.shape[1:] != info.shape[1:] if realigned else other.shape != info.shape
+                if shapes_differ or kinds_differ:
                     raise MergebenchError(
                         f"{self.recipe.file}: node '{node.name}': tensor '{key}' is {info.dtype} {list(info.shape)} "
                         f"in '{models[0]}' but {other.dtype} {list(other.shape)} in '{model}' "

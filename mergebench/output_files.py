@@ -42,8 +42,17 @@ def _config_with_dtype(config: Path, dtype_name: str) -> str:
     return json.dumps(doc, indent=2) + "\n"
 
 
+def update_config(dest: Path, fields: dict) -> None:
+    """Set fields of a copied ``config.json`` (e.g. ``vocab_size`` after vocabulary surgery)."""
+    path = dest / "config.json"
+    if path.exists():
+        doc = json.loads(path.read_text())
+        doc.update(fields)
+        path.write_text(json.dumps(doc, indent=2) + "\n")
+
+
 def model_card(resolved_recipe: dict, recipe_sha256: str, output_index: int, fingerprints: dict[str, str],
-               version: str) -> str:
+               version: str, notes: list[str] = ()) -> str:
     """A deterministic README.md: what was merged, from which inputs, by which recipe (no times, no hosts)."""
     out = resolved_recipe["outputs"][output_index]
     node = out["from"]
@@ -65,6 +74,7 @@ def model_card(resolved_recipe: dict, recipe_sha256: str, output_index: int, fin
         "|---|---|---|",
         *(f"| {name} | `{resolved_recipe['models'][name]}` | `{fp}` |" for name, fp in fingerprints.items()),
         "",
+        *(line for note in notes for line in (note, "")),
         "## Recipe",
         "",
         f"sha256 of the resolved recipe: `{recipe_sha256}`",

@@ -97,11 +97,20 @@ class SequenceSpec(_Strict):
     allow_gaps: bool = False
 
 
+class TokenizerSpec(_Strict):
+    """How to merge models whose vocabularies differ (mergebench.vocab)."""
+
+    source: str = Field(description="base, union, or a model's name: the output vocabulary")
+    pad_to_multiple_of: int | None = Field(None, ge=1)
+    embeddings: str | None = Field(None, description="regex of embedding-like keys (default: the usual names)")
+
+
 class RecipeSpec(_Strict):
     models: dict[str, str | list[str] | SequenceSpec]
     nodes: dict[str, NodeSpec]
     outputs: list[OutputSpec] = Field(min_length=1)
     seed: int = 0
+    tokenizer: TokenizerSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -167,6 +176,7 @@ class Recipe:
     outputs: tuple[Output, ...]
     seed: int
     resolved: dict[str, Any]  # the recipe as run (after --set, paths absolute), for provenance
+    tokenizer: TokenizerSpec | None = None
 
     @property
     def sha256(self) -> str:
@@ -242,7 +252,12 @@ def build_recipe(
         out_doc["path"] = str(out.path)
         if out.copy_files_from:
             out_doc["copy_files_from"] = out.copy_files_from
-    return Recipe(file, models, sequences, nodes, outputs, spec.seed, resolved)
+    if spec.tokenizer and spec.tokenizer.source not in ("base", "union", *models):
+        raise where.error(("tokenizer", "source"), f"tokenizer source '{spec.tokenizer.source}' is not base, union "
+                                                   f"or a model")
+    if spec.tokenizer and spec.tokenizer.embeddings:
+        _compile(spec.tokenizer.embeddings, where, ("tokenizer", "embeddings"))
+    return Recipe(file, models, sequences, nodes, outputs, spec.seed, resolved, spec.tokenizer)
 
 
 def _resolve_sequence(name: str, entry: str | list[str] | SequenceSpec, base_dir: Path,

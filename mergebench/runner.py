@@ -17,9 +17,10 @@ from mergebench.errors import MergebenchError
 from mergebench.executor import Summary, execute
 from mergebench.graph import Graph, OutputPlan
 from mergebench.operators.base import ARTIFACT_TYPES
-from mergebench.output_files import copy_model_files, model_card
+from mergebench.output_files import copy_model_files, model_card, update_config
 from mergebench.recipe import Recipe
 from mergebench.safetensors_format import DTYPE_NAMES
+from mergebench.vocab import FALLBACK_RULE, write_tokenizer
 from mergebench.writer import CheckpointWriter, OutputError, OutputLock
 
 DTYPE_CONFIG_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
@@ -153,9 +154,16 @@ def _write_companions(graph: Graph, plan: OutputPlan, writer: CheckpointWriter) 
     folder = getattr(source, "folder", None)
     if folder is not None:
         copy_model_files(folder, writer.partial, _dominant_float_dtype(plan))
+    notes = []
+    if graph.vocab is not None:
+        folders = {name: graph.sources[name].folder for name in graph.vocab.rows}
+        write_tokenizer(graph.vocab, folders, writer.partial)
+        update_config(writer.partial, {"vocab_size": graph.vocab.size})
+        notes.append(f"Vocabulary: `{graph.vocab.source}` ({len(graph.vocab.tokens)} tokens, {graph.vocab.size} "
+                     f"embedding rows); {FALLBACK_RULE}.")
     fingerprints = {name: src.fingerprint() for name, src in graph.sources.items()
                     if name in plan.models and hasattr(src, "fingerprint")}
-    card = model_card(recipe.resolved, recipe.sha256, plan.index, fingerprints, version())
+    card = model_card(recipe.resolved, recipe.sha256, plan.index, fingerprints, version(), notes)
     (writer.partial / "README.md").write_text(card)
 
 

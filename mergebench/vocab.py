@@ -1,0 +1,161 @@
+"""Vocabulary surgery: merge models whose tokenizers differ by aligning embedding rows by token string.
+
+Fine-tunes often add tokens (chat markers, pad tokens, domain words), so their embedding matrices
+have more rows than the base, in an order only the tokenizer knows. With a recipe-level
+``tokenizer: {source: base | union | MODEL}`` the output vocabulary is chosen first; then, before any
+operator sees them, the rows of every embedding-like tensor of every input are rearranged to that
+vocabulary. A token an input lacks takes the base's row if the base has the token, else the mean of
+the rows of the inputs that have it, else zeros. The output's tokenizer files and ``vocab_size``
+follow the chosen vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mergebench.errors import MergebenchError
+
+TOKENIZER_FILE = "tokenizer.json"
+EMBEDDING_KEYS = r"(?:^|\.)(?:embed_tokens|word_embeddings|wte|lm_head|shared|embed_out)\.weight$"
+FALLBACK_RULE = "a token an input lacks takes the base's row, else the mean of the inputs that have it, else zeros"
+
+
+def read_vocab(folder: Path) -> list[str]:
+    """Token strings by id, from a fast tokenizer's ``tokenizer.json`` (model vocabulary + added tokens)."""
+    path = folder / TOKENIZER_FILE
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise MergebenchError(f"{path}: cannot read the tokenizer ({exc})") from None
+    by_id: dict[int, str] = {}
+    vocab = (doc.get("model") or {}).get("vocab")
+    if isinstance(vocab, dict):
+        by_id.update({int(i): token for token, i in vocab.items()})
+    elif isinstance(vocab, list):  # Unigram: [[token, score], ...] in id order
+        by_id.update({i: entry[0] for i, entry in enumerate(vocab)})
+    else:
+        raise MergebenchError(f"{path}: no model vocabulary in the tokenizer")
+    for added in doc.get("added_tokens") or []:
+        by_id[int(added["id"])] = added["content"]
+    if sorted(by_id) != list(range(len(by_id))):
+        raise MergebenchError(f"{path}: token ids are not 0..{len(by_id) - 1}")
+    return [by_id[i] for i in range(len(by_id))]
+
+
+@dataclass(frozen=True)
+class VocabPlan:
+    """The output vocabulary and, for each input model, where each output token's row comes from."""
+
+    source: str
+    tokens: tuple[str, ...]
+    size: int  # rows of the output embeddings (tokens, padded)
+    base: str
+    rows: dict[str, torch.Tensor]  # model -> int64 row per output token (-1: the model lacks it)
+    vocab_sizes: dict[str, int]
+    embedding_pattern: re.Pattern[str]
+
+    def is_embedding(self, key: str, model: str, shape: tuple[int, ...]) -> bool:
+        return bool(self.embedding_pattern.search(key)) and len(shape) >= 1 and shape[0] == self.vocab_sizes[model]
+
+    def align(self, key: str, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every model's rows of one embedding tensor, rearranged to the output vocabulary (stored dtype)."""
+        present = {m: self.rows[m] >= 0 for m in raw}
+        have = torch.stack([present[m] for m in raw]).float().sum(0)
+        summed = None
+        for model, tensor in raw.items():
+            rows = self.rows[model].clamp(min=0)
+            contribution = tensor.float()[rows] * present[model].unsqueeze(1).float()
+            summed = contribution if summed is None else summed.add_(contribution)
+        mean = summed / have.clamp(min=1).unsqueeze(1)
+        if self.base in raw:
+            base_rows = self.rows[self.base]
+            fallback = torch.where((base_rows >= 0).unsqueeze(1), raw[self.base].float()[base_rows.clamp(min=0)], mean)
+        else:
+            fallback = mean
+        aligned = {}
+        for model, tensor in raw.items():
+            rows = self.rows[model].clamp(min=0)
+            own = torch.where(present[model].unsqueeze(1), tensor.float()[rows], fallback)
+            padded = torch.zeros((self.size, *tensor.shape[1:]), dtype=torch.float32)
+            padded[: len(self.tokens)] = own
+            aligned[model] = padded.to(tensor.dtype)
+        return aligned
+
+
+def plan_vocab(source: str, base: str, vocabs: dict[str, list[str]], pad_to_multiple_of: int | None,
+               embeddings: str | None) -> VocabPlan:
+    """Choose the output vocabulary: the base's, a model's, or the union (base order, then new tokens
+    in the order of the models and of their ids)."""
+    if source == "union":
+        tokens = list(vocabs[base])
+        seen = set(tokens)
+        for vocab in vocabs.values():
+            for token in vocab:
+                if token not in seen:
+                    tokens.append(token)
+                    seen.add(token)
+    else:
+        tokens = list(vocabs[base if source == "base" else source])
+    size = len(tokens)
+    if pad_to_multiple_of:
+        size = -(-size // pad_to_multiple_of) * pad_to_multiple_of
+    rows = {}
+    for model, vocab in vocabs.items():
+        index = {token: i for i, token in enumerate(vocab)}
+        rows[model] = torch.tensor([index.get(token, -1) for token in tokens], dtype=torch.int64)
+    return VocabPlan(source, tuple(tokens), size, base, rows, {m: len(v) for m, v in vocabs.items()},
+                     re.compile(embeddings or EMBEDDING_KEYS))
+
+
+def first_difference(vocabs: dict[str, list[str]]) -> str | None:
+    """A readable account of the first tokens that differ between vocabularies, or None if all agree."""
+    names = list(vocabs)
+    reference = vocabs[names[0]]
+    for name in names[1:]:
+        other = vocabs[name]
+        if other == reference:
+            continue
+        for i, (a, b) in enumerate(zip(reference, other)):
+            if a != b:
+                return f"id {i} is {a!r} in '{names[0]}' but {b!r} in '{name}'"
+        longer, shorter = (name, names[0]) if len(other) > len(reference) else (names[0], name)
+        extra = (other if len(other) > len(reference) else reference)[min(len(other), len(reference)):]
+        return f"'{longer}' has {len(extra)} tokens '{shorter}' lacks, first {extra[:3]!r}"
+    return None
+
+
+def write_tokenizer(plan: VocabPlan, folders: dict[str, Path], dest: Path) -> None:
+    """The output's tokenizer files: the chosen model's for ``base`` or a model; for ``union`` the base's
+    tokenizer with the new tokens appended as added tokens (special flags kept from where they came)."""
+    owner = plan.base if plan.source in ("base", "union") else plan.source
+    for name in (TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json"):
+        if (folders[owner] / name).exists():
+            (dest / name).write_bytes((folders[owner] / name).read_bytes())
+    if plan.source != "union" or len(plan.tokens) == plan.vocab_sizes[plan.base]:
+        return
+    added = {}
+    for folder in folders.values():
+        if (folder / TOKENIZER_FILE).exists():
+            for entry in json.loads((folder / TOKENIZER_FILE).read_text()).get("added_tokens") or []:
+                added.setdefault(entry["content"], entry)
+    doc = json.loads((dest / TOKENIZER_FILE).read_text())
+    new_entries = []
+    for i in range(plan.vocab_sizes[plan.base], len(plan.tokens)):
+        token = plan.tokens[i]
+        template = added.get(token, {"single_word": False, "lstrip": False, "rstrip": False, "normalized": True,
+                                     "special": False})
+        new_entries.append({**template, "id": i, "content": token})
+    doc["added_tokens"] = [*(doc.get("added_tokens") or []), *new_entries]
+    (dest / TOKENIZER_FILE).write_text(json.dumps(doc, ensure_ascii=False, indent=2))
+    config_path = dest / "tokenizer_config.json"
+    if config_path.exists():
+        config = json.loads(config_path.read_text())
+        if isinstance(config.get("added_tokens_decoder"), dict):
+            for entry in new_entries:
+                config["added_tokens_decoder"][str(entry["id"])] = {k: v for k, v in entry.items() if k != "id"}
+            config_path.write_text(json.dumps(config, ensure_ascii=False, indent=2))
