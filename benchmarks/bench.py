@@ -135,10 +135,10 @@ def main() -> None:
                                      str(args.work / f"{merge}-mergekit.yaml"), str(args.work / "out-mk"),
                                      "--allow-crimes"]))
                 subprocess.run(["rm", "-rf", str(args.work / "out-mk")])
-        wall = statistics.median(s for s, _ in ours)
+        wall, bound = statistics.median(s for s, _ in ours), statistics.median(bounds)
         row = {"merge": merge, "wall_s": round(wall, 2), "peak_rss_GB": round(max(r for _, r in ours), 2),
-               "input_GB_per_s": round(input_bytes / wall / 1e9, 2), "disk_bound_s": round(statistics.median(bounds), 2),
-               "x_disk_bound": round(wall / statistics.median(bounds), 2)}
+               "input_GB_per_s": round(input_bytes / wall / 1e9, 2), "disk_bound_s": round(bound, 2),
+               "x_disk_bound": round(wall / bound, 2)}
         if theirs:
             their_wall = statistics.median(s for s, _ in theirs)
             row.update({"mergekit_wall_s": round(their_wall, 2), "mergekit_rss_GB": round(max(r for _, r in theirs), 2),
