@@ -46,6 +46,7 @@ class Checkpoint:
 
     def __init__(self, path: str | os.PathLike[str]):
         self._fds: dict[Path, int] = {}
+        self._fingerprint: str | None = None
         self.path = Path(path)
         self.label = str(path)
         self.folder = self.path if self.path.is_dir() else None
@@ -85,8 +86,10 @@ class Checkpoint:
         return buffer.view(info.dtype).reshape(info.shape)
 
     def fingerprint(self) -> str:
-        """sha256 over every shard's header, size and sampled data (see ``sampled_fingerprint``)."""
-        return sampled_fingerprint([file for file, _ in self._files])
+        """sha256 over every shard's header, size and sampled data (see ``sampled_fingerprint``); computed once."""
+        if self._fingerprint is None:
+            self._fingerprint = sampled_fingerprint([file for file, _ in self._files])
+        return self._fingerprint
 
     @property
     def total_bytes(self) -> int:
@@ -214,11 +217,24 @@ class StateDictSource:
         return self._tensors[key]
 
 
+def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # whatever the unpickler refuses is a bad input, not a bug
+        raise MergebenchError(f"{file}: refused by torch.load(weights_only=True): {exc}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise MergebenchError(f"{file}: not a state dict of tensors")
+    return state
+
+
 def _pickled_files(folder: Path) -> list[Path]:
     return sorted(p for pattern in PICKLED_WEIGHTS for p in folder.glob(pattern))
 
 
-class PickledCheckpoint:
+class PickledCheckpoint(StateDictSource):
     """Pickled PyTorch weights (``.bin``/``.pt``), only with ``--allow-pickle``.
 
     They load through ``torch.load(weights_only=True)``, which refuses anything but tensors and plain
@@ -227,7 +243,6 @@ class PickledCheckpoint:
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
-        self.label = str(path)
         self.folder = self.path if self.path.is_dir() else None
         if self.path.is_dir():
             indexes = sorted(self.path.glob("*.bin.index.json"))
@@ -237,30 +252,15 @@ class PickledCheckpoint:
         if not files:
             raise MergebenchError(f"{self.path}: no pickled weights found")
         self._files = files
-        self._tensors: dict[str, torch.Tensor] = {}
+        tensors: dict[str, torch.Tensor] = {}
         for file in files:
-            try:
-                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
-                state = torch.load(file, map_location="cpu", weights_only=True)
-            except Exception as exc:  # whatever the unpickler refuses is a bad input, not a bug
-                raise MergebenchError(f"{file}: refused by torch.load(weights_only=True): {exc}") from None
-            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-                raise MergebenchError(f"{file}: not a state dict of tensors")
-            self._tensors.update(state)
+            tensors.update(_load_pickle(file))
+        super().__init__(tensors, str(path))
         self.reads: Counter[str] = Counter()
-
-    @property
-    def keys(self) -> list[str]:
-        return list(self._tensors)
-
-    def info(self, key: str) -> TensorInfo:
-        t = self._tensors[key]
-        return TensorInfo(key, t.dtype, tuple(t.shape), None, 0, t.numel() * t.element_size())
 
     def read(self, key: str) -> torch.Tensor:
         self.reads[key] += 1
-        return self._tensors[key].contiguous()
+        return super().read(key).contiguous()
 
     def fingerprint(self) -> str:
         return sampled_fingerprint(self._files)
