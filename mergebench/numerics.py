@@ -112,7 +112,16 @@ class ExactThreshold:
         return float(bits.view(torch.float32))
 
 
+def masked(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``values`` where ``keep``, zero elsewhere.
+
+    A multiply by the boolean mask: several times faster than ``torch.where`` on the CPU. Dropped
+    entries may come out as -0.0, which compares, adds and sparsifies as zero.
+    """
+    return values * keep
+
+
 def elect_sign(trimmed_sum: torch.Tensor, majority: torch.Tensor | float) -> torch.Tensor:
     """TIES sign election: the sign of the summed trimmed deltas, zeros resolved to the majority sign."""
     signs = torch.sign(trimmed_sum)
-    return torch.where(signs == 0, torch.as_tensor(majority, dtype=signs.dtype, device=signs.device), signs)
+    return signs.add_(masked(torch.as_tensor(majority, dtype=signs.dtype, device=signs.device), signs == 0))

@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from mergebench.numerics import keep_count
+from mergebench.numerics import keep_count, masked
 from mergebench.operators.base import CHECKPOINT, DELTA, KeyContext, Params, list_of, operator, signature
 from mergebench.operators.task_vectors import check_weights, finish, task_vectors
 
@@ -49,5 +49,5 @@ def breadcrumbs(p: BreadcrumbsParams, ctx: KeyContext, base=None, models=None, d
     weights = p.weights or [1.0] * len(taus)
     merged = torch.zeros_like(taus[0])
     for tau, weight in zip(taus, weights):
-        merged.add_(torch.where(breadcrumbs_mask(tau, p.density, p.gamma, p.granularity), tau, 0.0), alpha=weight)
+        merged.add_(masked(tau, breadcrumbs_mask(tau, p.density, p.gamma, p.granularity)), alpha=weight)
     return finish(merged.mul_(p.lambda_), base)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field, model_validator
 
+from mergebench.numerics import masked
 from mergebench.operators.base import (
     CHECKPOINT,
     DELTA,
@@ -36,7 +37,7 @@ def keep_mask(shape: torch.Size, drop: float, ctx: KeyContext, index: int) -> to
 
 
 def rescale_kept(tau: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
-    return torch.where(keep, tau * scale, 0.0)
+    return masked(tau, keep).mul_(scale)
 
 
 def drop_and_rescale(tau: torch.Tensor, drop: float, scale: float, ctx: KeyContext, index: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from mergebench.numerics import weighted_sum
+from mergebench.numerics import masked, weighted_sum
 from mergebench.operators.base import (
     CHECKPOINT,
     SPARSE_DELTA,
@@ -43,7 +43,7 @@ def sft_extract(base: torch.Tensor, fine_tuned: torch.Tensor, p: ExtractParams, 
     """φ = θ_ft − θ_0 on the top-K entries by |Δ| (or where |Δ| > eps); zero, and not stored, elsewhere."""
     delta = fine_tuned - base
     keep = topk_mask(delta, p, ctx) if p.proportion is not None or p.k is not None else delta.abs() > p.eps
-    return torch.where(keep, delta, 0.0)
+    return masked(delta, keep)
 
 
 @operator(

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from mergebench.numerics import elect_sign, keep_count, keep_mask, threshold_for
+from mergebench.numerics import elect_sign, keep_count, keep_mask, masked, threshold_for
 from mergebench.operators.base import (
     CHECKPOINT,
     DELTA,
@@ -52,10 +52,13 @@ def ties_merge(taus: list[torch.Tensor], p: TiesParams, ctx: KeyContext) -> torc
     """
     if p.scope == "global":
         thresholds, majority = ctx.stats["thresholds"], ctx.stats["majority"]
+    elif p.density >= 1:
+        thresholds, majority = [0.0] * len(taus), None
     else:
         thresholds = [threshold_for(tau.abs(), keep_count(p.density, tau.numel())) for tau in taus]
         majority = None
-    trimmed = [torch.where(keep_mask(tau, thr), tau, 0.0) for tau, thr in zip(taus, thresholds)]
+    # a zero threshold keeps everything: no masking pass needed
+    trimmed = [tau if thr <= 0 else masked(tau, keep_mask(tau, thr)) for tau, thr in zip(taus, thresholds)]
     taus.clear()  # the untrimmed vectors are no longer needed (the caller's list is ours)
     total = torch.zeros_like(trimmed[0])
     for t in trimmed:
@@ -69,9 +72,9 @@ def ties_merge(taus: list[torch.Tensor], p: TiesParams, ctx: KeyContext) -> torc
     for t in trimmed:
         agrees = (t != 0) & (torch.sign(t) == gamma)
         if p.agg == "max":
-            torch.maximum(merged, torch.where(agrees, t.abs(), 0.0), out=merged)
+            torch.maximum(merged, masked(t.abs(), agrees), out=merged)
         else:
-            merged.add_(torch.where(agrees, t, 0.0))
+            merged.add_(masked(t, agrees))
             counts.add_(agrees)
     if p.agg == "max":
         merged.mul_(gamma)
@@ -90,7 +93,7 @@ def ties_passes(vectors: VectorsFn) -> Callable[[Params, frozenset[str]], tuple[
         taus = vectors(inputs, p, ctx)
         if state["thresholds"] is None:  # density 0 or 1: no threshold pass was needed
             state["thresholds"] = [0.0 if p.density >= 1 else float("inf")] * len(taus)
-        total = torch.stack([torch.where(keep_mask(t, thr), t, 0.0) for t, thr in zip(taus, state["thresholds"])])
+        total = torch.stack([masked(t, keep_mask(t, thr)) for t, thr in zip(taus, state["thresholds"])])
         state["elected"] += int(torch.sign(total.sum(0)).sum())
 
     def majority_done(state: dict[str, Any], p: TiesParams, stats: Any) -> dict[str, Any]:
