@@ -4,6 +4,7 @@ Each operator is callable: eagerly on tensors or state dicts, lazily on ``mergeb
 checkpoints (``ops.wise_ft(zero_shot=a, fine_tuned=b, alpha=0.4)``).
 """
 
+from mergebench.operators.alignment import align, weight_matching
 from mergebench.operators.base import REGISTRY, Operator
 from mergebench.operators.bitdelta import bitdelta
 from mergebench.operators.breadcrumbs import breadcrumbs
@@ -17,6 +18,8 @@ from mergebench.operators.sparse import sft_compose, sft_extract
 from mergebench.operators.task_vectors import apply, delta, task_arithmetic
 from mergebench.operators.ties import dare_ties, ties
 
-__all__ = ["REGISTRY", "Operator", "apply", "bema", "bitdelta", "breadcrumbs", "dare", "dare_linear", "dare_ties",
-           "darex_q", "delta", "ema", "graft", "linear", "lines", "mask_intersection", "mask_topk", "mask_union",
-           "momentum_interp", "sft_compose", "sft_extract", "slerp", "task_arithmetic", "ties", "wise_ft"]
+__all__ = [
+    "REGISTRY", "Operator", "align", "apply", "bema", "bitdelta", "breadcrumbs", "dare", "dare_linear", "dare_ties",
+    "darex_q", "delta", "ema", "graft", "linear", "lines", "mask_intersection", "mask_topk", "mask_union",
+    "momentum_interp", "sft_compose", "sft_extract", "slerp", "task_arithmetic", "ties", "weight_matching", "wise_ft",
+]

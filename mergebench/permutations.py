@@ -1,0 +1,144 @@
+"""Permutation symmetries of networks, and weight matching (Git Re-Basin; OPERATORS.md §4).
+
+Hidden units can be reordered without changing what a network computes, provided every tensor that
+reads or writes them is permuted alike. A *spec* lists, for each group of hidden units, the
+(tensor, axis) pairs it permutes. Weight matching finds, group by group, the permutation of model B
+that best lines its weights up with model A's (``scipy.optimize.linear_sum_assignment``), by
+coordinate ascent on Σ⟨W_A, π(W_B)⟩.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from mergebench.errors import MergebenchError
+from mergebench.operators.base import draw_seed
+
+ORDER_STREAM = "weight_matching_order"
+FFN_PATTERNS = {  # per block: (key suffix, axis of the FFN neurons)
+    "llama": ((r"mlp\.gate_proj\.weight", 0), (r"mlp\.up_proj\.weight", 0), (r"mlp\.down_proj\.weight", 1),
+              (r"mlp\.gate_proj\.bias", 0), (r"mlp\.up_proj\.bias", 0)),
+    "gpt2": ((r"mlp\.c_fc\.weight", 1), (r"mlp\.c_fc\.bias", 0), (r"mlp\.c_proj\.weight", 0)),  # Conv1D: [in, out]
+    "bert": ((r"intermediate\.dense\.weight", 0), (r"intermediate\.dense\.bias", 0), (r"output\.dense\.weight", 1)),
+}
+
+
+@dataclass(frozen=True)
+class PermutationSpec:
+    groups: dict[str, tuple[tuple[str, int], ...]]  # group -> (key, axis) pairs it permutes
+
+    def axes(self, key: str) -> list[tuple[str, int]]:
+        return [(group, axis) for group, members in self.groups.items() for k, axis in members if k == key]
+
+    @property
+    def keys(self) -> set[str]:
+        return {key for members in self.groups.values() for key, _ in members}
+
+
+def mlp_chain(layers: list[str], keys: Iterable[str]) -> PermutationSpec:
+    """Layer prefixes in forward order: the outputs of layer l (weight rows, bias) are the inputs of l + 1."""
+    keys = set(keys)
+    groups = {}
+    for i, (layer, following) in enumerate(zip(layers, layers[1:])):
+        members = [(f"{layer}.weight", 0), (f"{following}.weight", 1)]
+        if f"{layer}.bias" in keys:
+            members.append((f"{layer}.bias", 0))
+        missing = [k for k, _ in members if k not in keys]
+        if missing:
+            raise MergebenchError(f"layer spec: no tensor '{missing[0]}'")
+        groups[f"hidden{i}"] = tuple(members)
+    return PermutationSpec(groups)
+
+
+def sequential_chain(keys: Iterable[str]) -> PermutationSpec | None:
+    """``nn.Sequential`` numbering (``0.weight``, ``2.weight``, ...): the linear layers in index order."""
+    keys = list(keys)
+    indices = sorted({int(m.group(1)) for k in keys if (m := re.fullmatch(r"(\d+)\.weight", k))})
+    return mlp_chain([str(i) for i in indices], keys) if len(indices) >= 2 else None
+
+
+def transformer_ffn(keys: Iterable[str]) -> PermutationSpec | None:
+    """The feed-forward neurons of every block of a Llama, GPT-2 or BERT model: one group per block."""
+    keys = list(keys)
+    for patterns in FFN_PATTERNS.values():
+        groups: dict[str, list[tuple[str, int]]] = {}
+        for key in keys:
+            for suffix, axis in patterns:
+                match = re.fullmatch(rf"(.*\.(?:layers|layer|h)\.\d+)\.{suffix}", key)
+                if match:
+                    groups.setdefault(match.group(1), []).append((key, axis))
+        if groups:
+            return PermutationSpec({name: tuple(members) for name, members in groups.items()})
+    return None
+
+
+def build_spec(spec: str | dict[str, list[list]], layers: list[str] | None, keys: list[str]) -> PermutationSpec:
+    """From a recipe: explicit ``layers``, a ``spec`` mapping group -> [[key, axis], ...], or ``auto``."""
+    if layers:
+        return mlp_chain(layers, keys)
+    if isinstance(spec, dict):
+        known = set(keys)
+        for group, members in spec.items():
+            for key, _axis in members:
+                if key not in known:
+                    raise MergebenchError(f"permutation spec group '{group}': no tensor '{key}'")
+        return PermutationSpec({g: tuple((k, int(a)) for k, a in members) for g, members in spec.items()})
+    found = transformer_ffn(keys) if spec in ("auto", "ffn") else None
+    found = found or (sequential_chain(keys) if spec in ("auto", "mlp") else None)
+    if found is None:
+        raise MergebenchError("no permutation spec: give 'layers' (an MLP chain) or 'spec' (group -> [[key, axis]])")
+    return found
+
+
+def permute(tensor: torch.Tensor, key: str, spec: PermutationSpec, perms: dict[str, torch.Tensor]) -> torch.Tensor:
+    """π(W)[key]: every axis the spec ties to a group, reordered by that group's permutation."""
+    for group, axis in spec.axes(key):
+        tensor = tensor.index_select(axis, perms[group].to(tensor.device))
+    return tensor
+
+
+def _as_rows(tensor: torch.Tensor, axis: int) -> torch.Tensor:
+    return tensor.movedim(axis, 0).reshape(tensor.shape[axis], -1)
+
+
+def match_group(group: str, spec: PermutationSpec, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
+                perms: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float, float]:
+    """The best permutation of one group given the others: (perm, new score, old score)."""
+    similarity = None
+    for key, axis in spec.groups[group]:
+        others = {g: p for g, p in perms.items() if g != group}
+        b_other = b[key]
+        for other_group, other_axis in spec.axes(key):
+            if other_group != group:
+                b_other = b_other.index_select(other_axis, others[other_group])
+        term = _as_rows(a[key].double(), axis) @ _as_rows(b_other.double(), axis).T
+        similarity = term if similarity is None else similarity + term
+    rows, cols = linear_sum_assignment(similarity.numpy(), maximize=True)
+    new = torch.as_tensor(cols, dtype=torch.int64)
+    old = perms[group]
+    index = torch.arange(len(new))
+    return new, float(similarity[index, new].sum()), float(similarity[index, old].sum())
+
+
+def weight_matching(spec: PermutationSpec, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
+                    max_iter: int = 100, seed: int = 0, tol: float = 1e-12) -> dict[str, torch.Tensor]:
+    """Permutations of B's units onto A's (unit i of A <-> unit perm[i] of B), by coordinate ascent."""
+    perms = {g: torch.arange(a[members[0][0]].shape[members[0][1]]) for g, members in spec.groups.items()}
+    names = list(spec.groups)
+    for iteration in range(max_iter):
+        generator = torch.Generator().manual_seed(draw_seed(seed, ORDER_STREAM, iteration, ""))
+        progress = False
+        for index in torch.randperm(len(names), generator=generator).tolist():
+            group = names[index]
+            new, new_score, old_score = match_group(group, spec, a, b, perms)
+            if new_score > old_score + tol:
+                progress = True
+            perms[group] = new
+        if not progress:
+            break
+    return perms

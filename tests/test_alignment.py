@@ -1,0 +1,111 @@
+"""Permutation alignment (Git Re-Basin weight matching): the golden example, and aligned models that
+compute exactly the same function (MLP, tiny Llama)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import read_checkpoint, write_recipe
+from mergebench import operators as ops
+from mergebench.permutations import build_spec, permute, transformer_ffn, weight_matching
+from mergebench.synthetic import save_checkpoint
+
+T = torch.tensor
+A = {"fc1.weight": T([[1.0, 2], [3, 4]]), "fc2.weight": T([[5.0, 6]])}
+B = {"fc1.weight": T([[3.0, 4], [1, 2]]), "fc2.weight": T([[6.0, 5]])}
+
+
+def test_weight_matching_golden():
+    spec = build_spec("auto", ["fc1", "fc2"], list(A))
+    assert spec.groups == {"hidden0": (("fc1.weight", 0), ("fc2.weight", 1))}
+    perms = weight_matching(spec, A, B)
+    assert perms["hidden0"].tolist() == [1, 0]
+    merged = ops.weight_matching(models=[A, B], layers=["fc1", "fc2"])
+    assert all(torch.equal(merged[k], A[k]) for k in A)  # π(B) = A, so the merge is A exactly
+    aligned = ops.align(model=B, reference=A, layers=["fc1", "fc2"])
+    assert all(torch.equal(aligned[k], A[k]) for k in A)
+
+
+def _mlp(seed):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 12), torch.nn.ReLU(),
+                               torch.nn.Linear(12, 3))
+
+
+def test_align_preserves_an_mlp_and_raises_the_similarity():
+    model_a, model_b = _mlp(0), _mlp(1)
+    sd_a = model_a.state_dict()
+    sd_b = {k: v.clone() for k, v in model_b.state_dict().items()}
+    aligned = ops.align(model=sd_b, reference=sd_a)  # auto: the nn.Sequential chain 0 -> 2 -> 4
+    x = torch.randn(32, 6)
+    model_b.load_state_dict(aligned)
+    torch.testing.assert_close(model_b(x), _mlp(1)(x), rtol=1e-5, atol=1e-6)
+    before = sum(float((sd_a[k] * sd_b[k]).sum()) for k in sd_a)
+    after = sum(float((sd_a[k] * aligned[k]).sum()) for k in sd_a)
+    assert after > before
+
+
+def test_ffn_specs_for_llama_gpt2_bert():
+    llama = transformer_ffn(["model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight",
+                             "model.layers.0.mlp.down_proj.weight", "model.layers.0.self_attn.q_proj.weight"])
+    assert llama.groups == {"model.layers.0": (("model.layers.0.mlp.gate_proj.weight", 0),
+                                               ("model.layers.0.mlp.up_proj.weight", 0),
+                                               ("model.layers.0.mlp.down_proj.weight", 1))}
+    gpt2 = transformer_ffn(["transformer.h.3.mlp.c_fc.weight", "transformer.h.3.mlp.c_fc.bias",
+                            "transformer.h.3.mlp.c_proj.weight"])
+    assert gpt2.groups["transformer.h.3"] == (("transformer.h.3.mlp.c_fc.weight", 1),
+                                              ("transformer.h.3.mlp.c_fc.bias", 0),
+                                              ("transformer.h.3.mlp.c_proj.weight", 0))
+    bert = transformer_ffn(["encoder.layer.1.intermediate.dense.weight", "encoder.layer.1.intermediate.dense.bias",
+                            "encoder.layer.1.output.dense.weight"])
+    assert set(bert.groups) == {"encoder.layer.1"}
+
+
+def test_permute_applies_every_axis():
+    spec = build_spec({"g": [["w", 0], ["v", 1]]}, None, ["w", "v"])
+    perms = {"g": T([2, 0, 1])}
+    assert torch.equal(permute(torch.arange(3.0), "w", spec, perms), T([2.0, 0, 1]))
+    assert torch.equal(permute(torch.arange(6.0).reshape(2, 3), "v", spec, perms), T([[2.0, 0, 1], [5, 3, 4]]))
+
+
+def test_align_of_a_tiny_llama_keeps_its_logits(tmp_path, cli):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=50,
+                                      max_position_embeddings=32, tie_word_embeddings=False)
+    models = {}
+    for seed, name in ((0, "reference"), (1, "model")):
+        torch.manual_seed(seed)
+        models[name] = transformers.LlamaForCausalLM(config).eval()
+        models[name].save_pretrained(tmp_path / name)
+    recipe = write_recipe(tmp_path / "align.yaml", {
+        "models": {"model": "model", "reference": "reference"},
+        "nodes": {"aligned": {"op": "align", "inputs": {"model": "model", "reference": "reference"}},
+                  "merged": {"op": "wise_ft", "inputs": {"zero_shot": "reference", "fine_tuned": "aligned"}}},
+        "outputs": [{"from": "aligned", "path": "aligned"}, {"from": "merged", "path": "merged"}],
+    })
+    result = cli("run", recipe, "--quiet")
+    assert result.exit_code == 0, result.output
+    aligned = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "aligned").eval()
+    ids = torch.tensor([[1, 7, 9, 3, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(aligned(ids).logits, models["model"](ids).logits, rtol=1e-4, atol=1e-5)
+    written = read_checkpoint(tmp_path / "aligned")
+    original = models["model"].state_dict()
+    up, q = "model.layers.0.mlp.up_proj.weight", "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(written[up], original[up])  # FFN neurons reordered
+    assert torch.equal(written[q], original[q])  # attention untouched by the FFN spec
+
+
+def test_weight_matching_needs_two_models(tmp_path, cli):
+    for name, state in (("a", A), ("b", B), ("c", B)):
+        save_checkpoint(state, tmp_path / name)
+    recipe = write_recipe(tmp_path / "r.yaml", {
+        "models": {"a": "a", "b": "b", "c": "c"},
+        "nodes": {"m": {"op": "weight_matching", "inputs": {"models": ["a", "b", "c"]},
+                        "params": {"layers": ["fc1", "fc2"]}}},
+        "outputs": [{"from": "m", "path": "out"}],
+    })
+    result = cli("run", recipe)
+    assert result.exit_code == 2 and "exactly 2 models" in result.output
