@@ -4,7 +4,7 @@ Each operator is callable: eagerly on tensors or state dicts, lazily on ``mergeb
 checkpoints (``ops.wise_ft(zero_shot=a, fine_tuned=b, alpha=0.4)``).
 """
 
-from mergebench.operators.alignment import align, weight_matching
+from mergebench.operators.alignment import align, ot_fusion, weight_matching
 from mergebench.operators.base import REGISTRY, Operator
 from mergebench.operators.bitdelta import bitdelta
 from mergebench.operators.breadcrumbs import breadcrumbs
@@ -21,5 +21,6 @@ from mergebench.operators.ties import dare_ties, ties
 __all__ = [
     "REGISTRY", "Operator", "align", "apply", "bema", "bitdelta", "breadcrumbs", "dare", "dare_linear", "dare_ties",
     "darex_q", "delta", "ema", "graft", "linear", "lines", "mask_intersection", "mask_topk", "mask_union",
-    "momentum_interp", "sft_compose", "sft_extract", "slerp", "task_arithmetic", "ties", "weight_matching", "wise_ft",
+    "momentum_interp", "ot_fusion", "sft_compose", "sft_extract", "slerp", "task_arithmetic", "ties",
+    "weight_matching", "wise_ft",
 ]

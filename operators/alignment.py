@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from mergebench import permutations
+from mergebench import permutations, transport
 from mergebench.errors import MergebenchError
 from mergebench.numerics import weighted_sum
 from mergebench.operators.base import (
@@ -98,3 +98,91 @@ def weight_matching(models: list[torch.Tensor], p: WeightMatchingParams, ctx: Ke
     reference, other = models
     aligned = permute(other, ctx.key, ctx.stats["spec"], ctx.stats["perms"])
     return weighted_sum([reference, aligned], [1.0 - p.lam, p.lam])
+
+
+class OTFusionParams(Params):
+    layers: list[str] = Field(description="the chain of layer prefixes in forward order (weights [out, in, ...])")
+    s: float = Field(0.5, ge=0, le=1, description="fusion weight of the anchor: (1 − s)·aligned + s·anchor")
+    anchor: int = Field(-1, description="position of the anchor in models (defines neuron order); default last")
+    solver: Literal["emd", "sinkhorn"] = Field("emd", description="exact network simplex, or log-domain Sinkhorn")
+    reg: float = Field(0.01, gt=0, description="entropic regularisation (sinkhorn only)")
+    squared: bool = Field(False, description="squared Euclidean ground cost")
+    bias_in_cost: bool = Field(True, description="append each neuron's bias to its weight row in the cost")
+    last_layer: Literal["identity", "ot"] = Field(
+        "identity", description="output neurons are labels: align only their inputs (identity), or transport them")
+
+
+def _chain_key(key: str, layers: list[str]) -> tuple[int, str] | None:
+    for index, layer in enumerate(layers):
+        if key in (f"{layer}.weight", f"{layer}.bias"):
+            return index, key.rsplit(".", 1)[1]
+    return None
+
+
+def _ot_planning() -> tuple[StatisticsPass, ...]:
+    def accumulate(state: dict[str, Any], inputs: dict[str, Any], p: OTFusionParams, ctx: KeyContext) -> None:
+        where = _chain_key(ctx.key, p.layers)
+        if where is not None:
+            state[where] = [t.double().cpu() for t in inputs["models"]]
+
+    def finalize(state: dict[str, Any], p: OTFusionParams, stats: Any) -> dict[str, Any]:
+        missing = [layer for i, layer in enumerate(p.layers) if (i, "weight") not in state]
+        if missing:
+            raise MergebenchError(f"ot_fusion: no weight for layer '{missing[0]}'")
+        count = len(state[0, "weight"])
+        anchor = p.anchor % count
+        maps = {}
+        for m in range(count):
+            if m == anchor:
+                continue
+            weights = [state[i, "weight"] for i in range(len(p.layers))]
+            biases = [state.get((i, "bias")) for i in range(len(p.layers))]
+            maps[m] = transport.layer_maps(
+                [w[m] for w in weights], [w[anchor] for w in weights],
+                [b[m] if b and p.bias_in_cost else None for b in biases],
+                [b[anchor] if b and p.bias_in_cost else None for b in biases],
+                p.solver, p.reg, p.squared, p.last_layer)
+        return {"maps": maps, "anchor": anchor}
+
+    return (StatisticsPass(lambda p, stats: {}, accumulate, finalize),)
+
+
+def _check_fusion(p: OTFusionParams, lengths: dict[str, int]) -> str | None:
+    if lengths.get("models", 0) < 2:
+        return "ot_fusion takes at least 2 models"
+    if not -lengths["models"] <= p.anchor < lengths["models"]:
+        return f"anchor {p.anchor} is not a position in models"
+    return None
+
+
+@operator(
+    "ot_fusion",
+    paper="Singh & Jaggi, Model Fusion via Optimal Transport, NeurIPS 2020 (arXiv:1910.05653)",
+    signatures=[signature(CHECKPOINT, models=list_of(CHECKPOINT))],
+    params=OTFusionParams,
+    execution="cross-tensor",
+    passes=_ot_planning(),
+    check=_check_fusion,
+)
+def ot_fusion(models: list[torch.Tensor], p: OTFusionParams, ctx: KeyContext) -> torch.Tensor:
+    """OT fusion: each model's neurons transported onto the anchor's, layer by layer, then averaged."""
+    anchor = ctx.stats["anchor"]
+    where = _chain_key(ctx.key, p.layers)
+    aligned = []
+    for m, tensor in enumerate(models):
+        if m == anchor or where is None:
+            aligned.append(tensor)
+            continue
+        index, kind = where
+        maps = ctx.stats["maps"][m]
+        value = tensor.double()
+        if kind == "weight" and index > 0:
+            value = transport.incoming_aligned(value, maps[index - 1])
+        outgoing = maps[index] if index < len(maps) else None
+        if outgoing is not None:
+            value = torch.einsum("o...,oj->j...", value, outgoing)
+        aligned.append(value.to(tensor.dtype))
+    if len(models) == 2:
+        other = 1 - anchor
+        return weighted_sum([aligned[other], aligned[anchor]], [1.0 - p.s, p.s])
+    return weighted_sum(aligned, [1.0 / len(models)] * len(models))

@@ -109,3 +109,77 @@ def test_weight_matching_needs_two_models(tmp_path, cli):
     })
     result = cli("run", recipe)
     assert result.exit_code == 2 and "exactly 2 models" in result.output
+
+
+def close(actual, expected, tol=1e-5):
+    torch.testing.assert_close(actual, torch.as_tensor(expected, dtype=actual.dtype), atol=tol, rtol=tol)
+
+
+def test_ot_fusion_golden_swap():
+    a = {"fc1.weight": T([[3.0, 5], [1, 1]]), "fc1.bias": T([10.0, 20]), "fc2.weight": T([[7.0, 5]])}
+    b = {"fc1.weight": T([[1.0, 2], [3, 4]]), "fc1.bias": T([0.0, 0]), "fc2.weight": T([[5.0, 6]])}
+    fused = ops.ot_fusion(models=[a, b], layers=["fc1", "fc2"])
+    close(fused["fc1.weight"], [[1, 1.5], [3, 4.5]])
+    close(fused["fc1.bias"], [10, 5])
+    close(fused["fc2.weight"], [[5, 6.5]])
+    vanilla = ops.linear(models=[a, b])
+    close(vanilla["fc1.weight"], [[2, 3.5], [2, 2.5]])
+
+
+def test_ot_fusion_of_a_permuted_copy_is_the_anchor():
+    a = {"fc1.weight": T([[3.0, 4], [1, 2]]), "fc2.weight": T([[6.0, 5]])}
+    b = {"fc1.weight": T([[1.0, 2], [3, 4]]), "fc2.weight": T([[5.0, 6]])}
+    fused = ops.ot_fusion(models=[a, b], layers=["fc1", "fc2"])
+    for key in b:
+        close(fused[key], b[key])
+    aligned_only = ops.ot_fusion(models=[a, b], layers=["fc1", "fc2"], s=0.0)
+    for key in b:  # s = 0: A transported onto B's neuron order, which for a permuted copy is B itself
+        close(aligned_only[key], b[key])
+
+
+def test_ot_fusion_conv_then_flatten_then_linear():
+    g = torch.Generator().manual_seed(0)
+    conv_b, linear_b = torch.randn(2, 2, 3, 3, generator=g), torch.randn(4, 8, generator=g)
+    swap = T([1, 0])
+    conv_a = conv_b[swap]  # output channels swapped
+    linear_a = linear_b.reshape(4, 2, 4)[:, swap].reshape(4, 8)  # and the matching input blocks
+    fused = ops.ot_fusion(models=[{"conv.weight": conv_a, "fc.weight": linear_a},
+                                  {"conv.weight": conv_b, "fc.weight": linear_b}], layers=["conv", "fc"])
+    close(fused["conv.weight"], conv_b)
+    close(fused["fc.weight"], linear_b)
+
+
+def test_sinkhorn_plan_is_close_to_the_exact_one():
+    import numpy as np
+    import ot
+
+    from mergebench.transport import ground_cost, transport_map
+
+    g = torch.Generator().manual_seed(0)
+    cost = ground_cost(torch.randn(8, 5, generator=g), torch.randn(8, 5, generator=g), squared=False)
+    cost = cost / cost.max()
+    uniform = np.full(8, 1 / 8)
+    plan = ot.sinkhorn(uniform, uniform, cost, 1e-2, method="sinkhorn_log", numItermax=10000, stopThr=1e-9)
+    assert np.abs(plan.sum(1) - uniform).max() < 1e-4 and np.abs(plan.sum(0) - uniform).max() < 1e-4
+    exact = ot.emd(uniform, uniform, cost)
+    assert 0 <= (plan * cost).sum() - (exact * cost).sum() <= 1e-2
+    soft = transport_map(cost, "sinkhorn", 1e-2)
+    assert torch.allclose(soft.sum(0), torch.ones(8, dtype=torch.float64), atol=1e-5)  # columns renormalized
+
+
+def test_ot_fusion_through_a_recipe(tmp_path, cli):
+    a = {"fc1.weight": T([[3.0, 4], [1, 2]]), "fc2.weight": T([[6.0, 5]])}
+    b = {"fc1.weight": T([[1.0, 2], [3, 4]]), "fc2.weight": T([[5.0, 6]])}
+    save_checkpoint(a, tmp_path / "a")
+    save_checkpoint(b, tmp_path / "b")
+    recipe = write_recipe(tmp_path / "r.yaml", {
+        "models": {"a": "a", "b": "b"},
+        "nodes": {"f": {"op": "ot_fusion", "inputs": {"models": ["a", "b"]}, "params": {"layers": ["fc1", "fc2"],
+                                                                                         "solver": "emd"}}},
+        "outputs": [{"from": "f", "path": "out"}],
+    })
+    result = cli("run", recipe, "--quiet")
+    assert result.exit_code == 0, result.output
+    out = read_checkpoint(tmp_path / "out")
+    for key in b:
+        close(out[key], b[key])
