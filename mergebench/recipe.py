@@ -135,9 +135,12 @@ class Node:
 
     @property
     def primary(self) -> str:
-        """The input an unselected key passes through from (the first slot; first element of a list)."""
+        """The input an unselected key passes through from (the first slot; the first element of a list,
+        or the element the operator's ``anchor`` picks)."""
         ref = self.inputs[next(iter(self.signature.slots))]
-        return ref if isinstance(ref, str) else ref[0]
+        if isinstance(ref, str):
+            return ref
+        return ref[self.op.anchor(self.params, len(ref))] if self.op.anchor else ref[0]
 
     def refs(self) -> list[str]:
         return [r for ref in self.inputs.values() for r in ([ref] if isinstance(ref, str) else ref)]

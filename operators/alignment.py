@@ -163,6 +163,7 @@ def _check_fusion(p: OTFusionParams, lengths: dict[str, int]) -> str | None:
     execution="cross-tensor",
     passes=_ot_planning(),
     check=_check_fusion,
+    anchor=lambda p, count: p.anchor % count,
 )
 def ot_fusion(models: list[torch.Tensor], p: OTFusionParams, ctx: KeyContext) -> torch.Tensor:
     """OT fusion: each model's neurons transported onto the anchor's, layer by layer, then averaged."""

@@ -141,6 +141,7 @@ class Operator:
     check: Callable[[Params, dict[str, int]], str | None] | None = None
     series: Callable[[Params, list[int]], list[int] | None] | None = None
     paper: str = ""
+    anchor: Callable[[Params, int], int] | None = None
     doc: str = field(default="")
 
     def signature_for(self, slot_names: set[str]) -> Signature | None:
@@ -173,6 +174,7 @@ def operator(
     check: Callable[[Params, dict[str, int]], str | None] | None = None,
     series: Callable[[Params, list[int]], list[int] | None] | None = None,
     paper: str = "",
+    anchor: Callable[[Params, int], int] | None = None,
 ) -> Callable[[Callable[..., Any]], Operator]:
     """Register ``fn(**slots, p=params, ctx=KeyContext)`` under its recipe name.
 
@@ -185,6 +187,9 @@ def operator(
     key is that input's dtype.
     ``check(params, list_lengths)`` catches parameter errors that depend on how many inputs a list has.
     ``paper`` cites what the operator implements (shown by ``mergebench ops`` and the docs).
+    ``anchor(params, count)`` picks which model of the first list slot is primary (its shapes, dtypes and
+    files make the output) for operators whose inputs may differ in shape, such as OT fusion into a
+    narrower anchor; their inputs' shapes are then not required to agree.
     ``series(params, steps)`` is for sequence operators that can emit a series: the steps emitted for
     a run with these steps, or None for a single result; with a series the node yields a list of
     Checkpoints, one per emitted step, and an output writes each into ``PATH/step-N``.
@@ -201,6 +206,7 @@ def operator(
             check=check,
             series=series,
             paper=paper,
+            anchor=anchor,
             doc=(fn.__doc__ or "").strip(),
         )
         if name in REGISTRY:

@@ -183,3 +183,29 @@ def test_ot_fusion_through_a_recipe(tmp_path, cli):
     out = read_checkpoint(tmp_path / "out")
     for key in b:
         close(out[key], b[key])
+
+
+def test_ot_fusion_into_a_narrower_anchor(tmp_path, cli):
+    from mergebench.transport import ground_cost, transport_map
+
+    rows_a, rows_b = T([[1.0, 2], [3, 4], [5, 6]]), T([[1.0, 2], [5, 6]])
+    t_hat = transport_map(ground_cost(rows_a, rows_b, squared=False), "emd", 0.01)
+    close(t_hat, [[2 / 3, 0], [1 / 3, 1 / 3], [0, 2 / 3]])
+    a = {"fc1.weight": rows_a, "fc2.weight": T([[3.0, 3, 3]])}
+    b = {"fc1.weight": rows_b, "fc2.weight": T([[1.0, 1]])}
+    fused = ops.ot_fusion(models=[a, b], layers=["fc1", "fc2"])
+    close(fused["fc1.weight"], [[4 / 3, 7 / 3], [14 / 3, 17 / 3]])
+    close(fused["fc2.weight"], [[2, 2]])  # W2_A·T̂ = [[3, 3]], averaged with [[1, 1]]
+    save_checkpoint(a, tmp_path / "wide")
+    save_checkpoint(b, tmp_path / "narrow")
+    recipe = write_recipe(tmp_path / "r.yaml", {
+        "models": {"wide": "wide", "narrow": "narrow"},
+        "nodes": {"f": {"op": "ot_fusion", "inputs": {"models": ["wide", "narrow"]},
+                        "params": {"layers": ["fc1", "fc2"]}}},
+        "outputs": [{"from": "f", "path": "out"}],
+    })
+    result = cli("run", recipe, "--quiet")
+    assert result.exit_code == 0, result.output
+    out = read_checkpoint(tmp_path / "out")
+    assert out["fc1.weight"].shape == (2, 2)  # the anchor's width
+    close(out["fc1.weight"], [[4 / 3, 7 / 3], [14 / 3, 17 / 3]])
