@@ -15,8 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from mergebench.layers import block_index
-from mergebench.numerics import keep_count
-from mergebench.operators.base import draw_seed
+from mergebench.numerics import draw_seed, keep_count
 
 GRAFT_INIT_STREAM = "graft_init"
 

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable
 from decimal import Decimal
 
 import torch
+
+
+def draw_seed(seed: int, stream: str, input_index: int, key: str) -> int:
+    """OPERATORS.md §0.5: one seed per (node seed, kind of draw, input position, key)."""
+    digest = hashlib.blake2b(f"{seed}|{stream}|{input_index}|{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -17,7 +17,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from mergebench.errors import MergebenchError
-from mergebench.operators.base import draw_seed
+from mergebench.numerics import draw_seed
 
 ORDER_STREAM = "weight_matching_order"
 FFN_PATTERNS = {  # per block: (key suffix, axis of the FFN neurons)

@@ -10,13 +10,14 @@ before the main pass and hands its result to the function as ``ctx.stats``.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict
+
+from mergebench.numerics import draw_seed
 
 # Value types flowing along the recipe's edges (OPERATORS.md §0.9).
 CHECKPOINT = "Checkpoint"
@@ -78,12 +79,6 @@ class Signature:
 
 def signature(result: str, **slots: str | tuple[str, ...]) -> Signature:
     return Signature({k: (v,) if isinstance(v, str) else v for k, v in slots.items()}, result)
-
-
-def draw_seed(seed: int, stream: str, input_index: int, key: str) -> int:
-    """OPERATORS.md §0.5: one seed per (node seed, kind of draw, input position, key)."""
-    digest = hashlib.blake2b(f"{seed}|{stream}|{input_index}|{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 @dataclass
