@@ -31,7 +31,7 @@ from mergebench.permutations import build_spec, permute
 REBASIN = "Ainsworth et al., Git Re-Basin, ICLR 2023 (arXiv:2209.04836)"
 
 
-class AlignParams(Params):
+class MatchingParams(Params):
     spec: Literal["auto", "mlp", "ffn"] | dict[str, list[tuple[str, int]]] = Field(
         "auto", description="permutation groups: auto-detected (transformer FFN neurons, nn.Sequential chains), "
                             "or group -> [[key, axis], ...]")
@@ -39,7 +39,22 @@ class AlignParams(Params):
     max_iter: int = Field(100, ge=1, description="coordinate-ascent sweeps over the groups")
 
 
-class WeightMatchingParams(AlignParams):
+class TransportParams(Params):
+    solver: Literal["emd", "sinkhorn"] = Field("emd", description="exact network simplex, or log-domain Sinkhorn")
+    reg: float = Field(0.01, gt=0, description="entropic regularisation (sinkhorn only)")
+    squared: bool = Field(False, description="squared Euclidean ground cost")
+    bias_in_cost: bool = Field(True, description="append each neuron's bias to its weight row in the cost")
+    last_layer: Literal["identity", "ot"] = Field(
+        "identity", description="output neurons are labels: align only their inputs (identity), or transport them")
+
+
+class AlignParams(MatchingParams, TransportParams):
+    method: Literal["weight_matching", "ot"] = Field(
+        "weight_matching", description="permutations by weight matching, or OT maps (needs layers; exact EMD with "
+                                       "equal widths gives a permutation)")
+
+
+class WeightMatchingParams(MatchingParams):
     lam: float = Field(0.5, description="weight of the permuted second model: (1 − lam)·A + lam·π(B)")
 
 
@@ -67,16 +82,25 @@ def _planning(pair: callable) -> tuple[StatisticsPass, ...]:
     return (StatisticsPass(lambda p, stats: {"a": {}, "b": {}}, accumulate, finalize, order=order),)
 
 
+ALIGN_MATCHING = _planning(lambda inputs: (inputs["reference"], inputs["model"]))
+
+
+def _align_passes(p: AlignParams, slots: frozenset[str]) -> tuple[StatisticsPass, ...]:
+    return ALIGN_OT if p.method == "ot" else ALIGN_MATCHING
+
+
 @operator(
     "align",
-    paper=REBASIN,
+    paper=REBASIN + "; Singh & Jaggi, NeurIPS 2020 (arXiv:1910.05653) with method: ot",
     signatures=[signature(CHECKPOINT, model=CHECKPOINT, reference=CHECKPOINT)],
     params=AlignParams,
     execution="cross-tensor",
-    passes=_planning(lambda inputs: (inputs["reference"], inputs["model"])),
+    passes=_align_passes,
 )
 def align(model: torch.Tensor, reference: torch.Tensor, p: AlignParams, ctx: KeyContext) -> torch.Tensor:
     """The model with its hidden units permuted onto the reference's: the same function, matching features."""
+    if p.method == "ot":
+        return transported(model, 0, p.layers or [], ctx)
     return permute(model, ctx.key, ctx.stats["spec"], ctx.stats["perms"]).clone()
 
 
@@ -100,16 +124,10 @@ def weight_matching(models: list[torch.Tensor], p: WeightMatchingParams, ctx: Ke
     return weighted_sum([reference, aligned], [1.0 - p.lam, p.lam])
 
 
-class OTFusionParams(Params):
+class OTFusionParams(TransportParams):
     layers: list[str] = Field(description="the chain of layer prefixes in forward order (weights [out, in, ...])")
     s: float = Field(0.5, ge=0, le=1, description="fusion weight of the anchor: (1 − s)·aligned + s·anchor")
     anchor: int = Field(-1, description="position of the anchor in models (defines neuron order); default last")
-    solver: Literal["emd", "sinkhorn"] = Field("emd", description="exact network simplex, or log-domain Sinkhorn")
-    reg: float = Field(0.01, gt=0, description="entropic regularisation (sinkhorn only)")
-    squared: bool = Field(False, description="squared Euclidean ground cost")
-    bias_in_cost: bool = Field(True, description="append each neuron's bias to its weight row in the cost")
-    last_layer: Literal["identity", "ot"] = Field(
-        "identity", description="output neurons are labels: align only their inputs (identity), or transport them")
 
 
 def _chain_key(key: str, layers: list[str]) -> tuple[int, str] | None:
@@ -119,18 +137,20 @@ def _chain_key(key: str, layers: list[str]) -> tuple[int, str] | None:
     return None
 
 
-def _ot_planning() -> tuple[StatisticsPass, ...]:
-    def accumulate(state: dict[str, Any], inputs: dict[str, Any], p: OTFusionParams, ctx: KeyContext) -> None:
-        where = _chain_key(ctx.key, p.layers)
-        if where is not None:
-            state[where] = [t.double().cpu() for t in inputs["models"]]
+def _ot_planning(models_of: callable, anchor_of: callable) -> tuple[StatisticsPass, ...]:
+    """Collect the chain's layers of every model, then compute each non-anchor model's maps onto the anchor."""
 
-    def finalize(state: dict[str, Any], p: OTFusionParams, stats: Any) -> dict[str, Any]:
-        missing = [layer for i, layer in enumerate(p.layers) if (i, "weight") not in state]
-        if missing:
-            raise MergebenchError(f"ot_fusion: no weight for layer '{missing[0]}'")
+    def accumulate(state: dict[str, Any], inputs: dict[str, Any], p: Params, ctx: KeyContext) -> None:
+        where = _chain_key(ctx.key, p.layers or [])
+        if where is not None:
+            state[where] = [t.double().cpu() for t in models_of(inputs)]
+
+    def finalize(state: dict[str, Any], p: Params, stats: Any) -> dict[str, Any]:
+        missing = [layer for i, layer in enumerate(p.layers or []) if (i, "weight") not in state]
+        if missing or not p.layers:
+            raise MergebenchError(f"OT alignment: no weight for layer '{missing[0] if missing else 'layers'}'")
         count = len(state[0, "weight"])
-        anchor = p.anchor % count
+        anchor = anchor_of(p, count)
         maps = {}
         for m in range(count):
             if m == anchor:
@@ -161,29 +181,34 @@ def _check_fusion(p: OTFusionParams, lengths: dict[str, int]) -> str | None:
     signatures=[signature(CHECKPOINT, models=list_of(CHECKPOINT))],
     params=OTFusionParams,
     execution="cross-tensor",
-    passes=_ot_planning(),
+    passes=_ot_planning(lambda inputs: inputs["models"], lambda p, count: p.anchor % count),
     check=_check_fusion,
     anchor=lambda p, count: p.anchor % count,
 )
 def ot_fusion(models: list[torch.Tensor], p: OTFusionParams, ctx: KeyContext) -> torch.Tensor:
     """OT fusion: each model's neurons transported onto the anchor's, layer by layer, then averaged."""
     anchor = ctx.stats["anchor"]
-    where = _chain_key(ctx.key, p.layers)
-    aligned = []
-    for m, tensor in enumerate(models):
-        if m == anchor or where is None:
-            aligned.append(tensor)
-            continue
-        index, kind = where
-        maps = ctx.stats["maps"][m]
-        value = tensor.double()
-        if kind == "weight" and index > 0:
-            value = transport.incoming_aligned(value, maps[index - 1])
-        outgoing = maps[index] if index < len(maps) else None
-        if outgoing is not None:
-            value = torch.einsum("o...,oj->j...", value, outgoing)
-        aligned.append(value.to(tensor.dtype))
+    aligned = [tensor if m == anchor else transported(tensor, m, p.layers, ctx) for m, tensor in enumerate(models)]
     if len(models) == 2:
         other = 1 - anchor
         return weighted_sum([aligned[other], aligned[anchor]], [1.0 - p.s, p.s])
     return weighted_sum(aligned, [1.0 / len(models)] * len(models))
+
+
+def transported(tensor: torch.Tensor, model: int, layers: list[str], ctx: KeyContext) -> torch.Tensor:
+    """One model's tensor of a chain layer, its inputs and outputs carried onto the anchor's neurons."""
+    where = _chain_key(ctx.key, layers)
+    if where is None:
+        return tensor
+    index, kind = where
+    maps = ctx.stats["maps"][model]
+    value = tensor.double()
+    if kind == "weight" and index > 0:
+        value = transport.incoming_aligned(value, maps[index - 1])
+    outgoing = maps[index] if index < len(maps) else None
+    if outgoing is not None:
+        value = torch.einsum("o...,oj->j...", value, outgoing)
+    return value.to(tensor.dtype)
+
+
+ALIGN_OT = _ot_planning(lambda inputs: (inputs["model"], inputs["reference"]), lambda p, count: 1)

@@ -209,3 +209,13 @@ def test_ot_fusion_into_a_narrower_anchor(tmp_path, cli):
     out = read_checkpoint(tmp_path / "out")
     assert out["fc1.weight"].shape == (2, 2)  # the anchor's width
     close(out["fc1.weight"], [[4 / 3, 7 / 3], [14 / 3, 17 / 3]])
+
+
+def test_align_by_ot_preserves_an_mlp():
+    model_a, model_b = _mlp(0), _mlp(1)
+    aligned = ops.align(model=model_b.state_dict(), reference=model_a.state_dict(), method="ot",
+                        layers=["0", "2", "4"])
+    x = torch.randn(16, 6)
+    expected = model_b(x)
+    model_b.load_state_dict(aligned)
+    torch.testing.assert_close(model_b(x), expected, rtol=1e-5, atol=1e-5)  # the 1e-7 renormalisation epsilon
