@@ -15,6 +15,7 @@ import torch
 from mergebench.errors import MergebenchError
 
 EPS_CORRECTION = 1e-7
+EMD_MAX_ITER = 10_000_000  # network simplex iterations; POT's default (1e5) stops early on layers of thousands
 
 
 def ground_cost(a: torch.Tensor, b: torch.Tensor, squared: bool) -> np.ndarray:
@@ -32,7 +33,10 @@ def transport_map(cost: np.ndarray, solver: str, reg: float, num_iter_max: int =
     if not np.isfinite(cost).all() or (cost < 0).any():
         raise MergebenchError("ot_fusion: the ground cost has negative or non-finite entries")
     if solver == "emd":
-        plan = ot.emd(mu, nu, cost)
+        plan, log = ot.emd(mu, nu, cost, numItermax=EMD_MAX_ITER, log=True)
+        if log.get("result_code") != 1:
+            raise MergebenchError(f"ot_fusion: the exact solver stopped before optimality on a {n_a}×{n_b} layer "
+                                  f"({log.get('warning')}); use solver: sinkhorn for layers this wide")
     else:
         plan = ot.sinkhorn(mu, nu, cost, reg, method="sinkhorn_log", numItermax=num_iter_max, stopThr=stop_thr)
     if not np.isfinite(plan).all() or abs(plan.sum() - 1) > 1e-4:
