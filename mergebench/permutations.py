@@ -40,6 +40,23 @@ class PermutationSpec:
         return {key for members in self.groups.values() for key, _ in members}
 
 
+def independent_groups(spec: PermutationSpec) -> set[str]:
+    """Groups none of whose tensors another group touches: each is solved by one assignment, on its own."""
+    owners: dict[str, set[str]] = {}
+    for group, members in spec.groups.items():
+        for key, _ in members:
+            owners.setdefault(key, set()).add(group)
+    return {g for g, members in spec.groups.items() if all(owners[key] == {g} for key, _ in members)}
+
+
+def solve_alone(group: str, spec: PermutationSpec, a: dict[str, torch.Tensor],
+                b: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The permutation of an independent group (no other group can change its similarity)."""
+    members = spec.groups[group]
+    identity = {group: torch.arange(a[members[0][0]].shape[members[0][1]])}
+    return match_group(group, PermutationSpec({group: members}), a, b, identity)[0]
+
+
 def mlp_chain(layers: list[str], keys: Iterable[str]) -> PermutationSpec:
     """Layer prefixes in forward order: the outputs of layer l (weight rows, bias) are the inputs of l + 1."""
     keys = set(keys)

@@ -26,7 +26,7 @@ from mergebench.operators.base import (
     operator,
     signature,
 )
-from mergebench.permutations import build_spec, permute
+from mergebench.permutations import PermutationSpec, build_spec, permute
 
 REBASIN = "Ainsworth et al., Git Re-Basin, ICLR 2023 (arXiv:2209.04836)"
 
@@ -59,27 +59,41 @@ class WeightMatchingParams(MatchingParams):
 
 
 def _planning(pair: callable) -> tuple[StatisticsPass, ...]:
-    """Collect the spec's tensors of both models, then search the permutations."""
+    """Collect the spec's tensors of both models and search the permutations.
 
-    def order(keys: list[str]) -> list[str]:
-        return keys  # the spec is known only with the keys: filtered in accumulate
+    A group that shares no tensor with another (a transformer block's FFN neurons) is solved as soon as
+    its tensors have streamed past, and they are dropped: memory holds one block, not the model. Coupled
+    groups (an MLP chain) are searched together at the end.
+    """
 
-    def accumulate(state: dict[str, Any], inputs: dict[str, Any], p: AlignParams, ctx: KeyContext) -> None:
+    def accumulate(state: dict[str, Any], inputs: dict[str, Any], p: MatchingParams, ctx: KeyContext) -> None:
         if "spec" not in state:
             state["spec"] = build_spec(p.spec, p.layers, list(ctx.keys))
+            state["independent"] = permutations.independent_groups(state["spec"])
             state["seed"] = ctx.seed
-        if ctx.key in state["spec"].keys:
-            reference, model = pair(inputs)
-            state["a"][ctx.key], state["b"][ctx.key] = reference.float().cpu(), model.float().cpu()
+        spec = state["spec"]
+        if ctx.key not in spec.keys:
+            return
+        reference, model = pair(inputs)
+        state["a"][ctx.key], state["b"][ctx.key] = reference.float().cpu(), model.float().cpu()
+        for group, _ in spec.axes(ctx.key):
+            members = [key for key, _ in spec.groups[group]]
+            if group in state["independent"] and all(key in state["a"] for key in members):
+                state["perms"][group] = permutations.solve_alone(group, spec, state["a"], state["b"])
+                for key in members:
+                    del state["a"][key], state["b"][key]
 
-    def finalize(state: dict[str, Any], p: AlignParams, stats: Any) -> dict[str, Any]:
+    def finalize(state: dict[str, Any], p: MatchingParams, stats: Any) -> dict[str, Any]:
         spec = state.get("spec")
         if spec is None:
             raise MergebenchError("alignment: no tensor was selected")
-        perms = permutations.weight_matching(spec, state["a"], state["b"], p.max_iter, state["seed"])
+        coupled = PermutationSpec({g: m for g, m in spec.groups.items() if g not in state["perms"]})
+        perms = dict(state["perms"])
+        if coupled.groups:
+            perms.update(permutations.weight_matching(coupled, state["a"], state["b"], p.max_iter, state["seed"]))
         return {"spec": spec, "perms": perms}
 
-    return (StatisticsPass(lambda p, stats: {"a": {}, "b": {}}, accumulate, finalize, order=order),)
+    return (StatisticsPass(lambda p, stats: {"a": {}, "b": {}, "perms": {}}, accumulate, finalize),)
 
 
 ALIGN_MATCHING = _planning(lambda inputs: (inputs["reference"], inputs["model"]))

@@ -219,3 +219,13 @@ def test_align_by_ot_preserves_an_mlp():
     expected = model_b(x)
     model_b.load_state_dict(aligned)
     torch.testing.assert_close(model_b(x), expected, rtol=1e-5, atol=1e-5)  # the 1e-7 renormalisation epsilon
+
+
+def test_independent_groups_are_solved_alone():
+    from mergebench.permutations import independent_groups
+
+    ffn = transformer_ffn([f"model.layers.{i}.mlp.{n}.weight" for i in range(3) for n in ("gate_proj", "up_proj",
+                                                                                         "down_proj")])
+    assert independent_groups(ffn) == set(ffn.groups)  # one block's neurons never touch another block's tensors
+    chain = build_spec("auto", ["a", "b", "c"], ["a.weight", "b.weight", "c.weight"])
+    assert independent_groups(chain) == set()  # b.weight is read by both hidden groups
