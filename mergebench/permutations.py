@@ -112,28 +112,40 @@ def build_spec(spec: str | dict[str, list[list]], layers: list[str] | None, keys
     return found
 
 
+def _expanded(perm: torch.Tensor, size: int) -> torch.Tensor:
+    """A unit permutation as an index on an axis of ``size``: the axis itself, or, after a flatten,
+    units × positions in channel-major order (unit u owns entries u·P … u·P + P − 1)."""
+    if size == len(perm):
+        return perm
+    if size % len(perm):
+        raise MergebenchError(f"an axis of {size} entries does not flatten {len(perm)} permuted units")
+    block = size // len(perm)
+    return (perm.unsqueeze(1) * block + torch.arange(block)).reshape(-1)
+
+
 def permute(tensor: torch.Tensor, key: str, spec: PermutationSpec, perms: dict[str, torch.Tensor]) -> torch.Tensor:
     """π(W)[key]: every axis the spec ties to a group, reordered by that group's permutation."""
     for group, axis in spec.axes(key):
-        tensor = tensor.index_select(axis, perms[group].to(tensor.device))
+        tensor = tensor.index_select(axis, _expanded(perms[group], tensor.shape[axis]).to(tensor.device))
     return tensor
 
 
-def _as_rows(tensor: torch.Tensor, axis: int) -> torch.Tensor:
-    return tensor.movedim(axis, 0).reshape(tensor.shape[axis], -1)
+def _as_rows(tensor: torch.Tensor, axis: int, units: int) -> torch.Tensor:
+    """One row per unit: the axis (its flattened positions folded into the row) first, the rest after."""
+    return tensor.movedim(axis, 0).reshape(units, -1)
 
 
 def match_group(group: str, spec: PermutationSpec, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
                 perms: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float, float]:
     """The best permutation of one group given the others: (perm, new score, old score)."""
     similarity = None
+    units = len(perms[group])
     for key, axis in spec.groups[group]:
-        others = {g: p for g, p in perms.items() if g != group}
         b_other = b[key]
         for other_group, other_axis in spec.axes(key):
             if other_group != group:
-                b_other = b_other.index_select(other_axis, others[other_group])
-        term = _as_rows(a[key].double(), axis) @ _as_rows(b_other.double(), axis).T
+                b_other = b_other.index_select(other_axis, _expanded(perms[other_group], b_other.shape[other_axis]))
+        term = _as_rows(a[key].double(), axis, units) @ _as_rows(b_other.double(), axis, units).T
         similarity = term if similarity is None else similarity + term
     rows, cols = linear_sum_assignment(similarity.numpy(), maximize=True)
     new = torch.as_tensor(cols, dtype=torch.int64)

@@ -229,3 +229,22 @@ def test_independent_groups_are_solved_alone():
     assert independent_groups(ffn) == set(ffn.groups)  # one block's neurons never touch another block's tensors
     chain = build_spec("auto", ["a", "b", "c"], ["a.weight", "b.weight", "c.weight"])
     assert independent_groups(chain) == set()  # b.weight is read by both hidden groups
+
+
+def test_weight_matching_across_conv_flatten_linear():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 4, 3)
+            self.fc = torch.nn.Linear(4 * 2 * 2, 3)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+    torch.manual_seed(0)
+    a, b = Net(), Net()
+    x = torch.randn(5, 1, 4, 4)
+    expected = b(x)
+    aligned = ops.align(model=b.state_dict(), reference=a.state_dict(), layers=["conv", "fc"])
+    b.load_state_dict(aligned)
+    torch.testing.assert_close(b(x), expected, rtol=1e-5, atol=1e-6)  # channels and their flattened blocks moved
