@@ -9,6 +9,7 @@ the same function; any later node can merge it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -58,7 +59,7 @@ class WeightMatchingParams(MatchingParams):
     lam: float = Field(0.5, description="weight of the permuted second model: (1 − lam)·A + lam·π(B)")
 
 
-def _planning(pair: callable) -> tuple[StatisticsPass, ...]:
+def _planning(pair: Callable[[dict[str, Any]], tuple[torch.Tensor, torch.Tensor]]) -> tuple[StatisticsPass, ...]:
     """Collect the spec's tensors of both models and search the permutations.
 
     A group that shares no tensor with another (a transformer block's FFN neurons) is solved as soon as
@@ -151,7 +152,8 @@ def _chain_key(key: str, layers: list[str]) -> tuple[int, str] | None:
     return None
 
 
-def _ot_planning(models_of: callable, anchor_of: callable) -> tuple[StatisticsPass, ...]:
+def _ot_planning(models_of: Callable[[dict[str, Any]], list[torch.Tensor]],
+                 anchor_of: Callable[[Params, int], int]) -> tuple[StatisticsPass, ...]:
     """Collect the chain's layers of every model, then compute each non-anchor model's maps onto the anchor."""
 
     def accumulate(state: dict[str, Any], inputs: dict[str, Any], p: Params, ctx: KeyContext) -> None:
