@@ -20,12 +20,6 @@ def block_index(key: str, block_regex: str = BLOCK_REGEX) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def count_blocks(keys: Iterable[str], block_regex: str = BLOCK_REGEX) -> int:
-    """L = 1 + the largest block index among the keys (0 when no key is in a block)."""
-    indices = [i for i in (block_index(k, block_regex) for k in keys) if i is not None]
-    return 1 + max(indices) if indices else 0
-
-
 class BlockIndex:
     """Block positions of a model's keys, stack by stack.
 
