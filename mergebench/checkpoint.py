@@ -76,11 +76,12 @@ class Checkpoint:
     def info(self, key: str) -> TensorInfo:
         return self._infos[key]
 
-    def read(self, key: str) -> torch.Tensor:
-        """The tensor in its stored dtype, in a fresh CPU buffer (pread, no mmap)."""
+    def read(self, key: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor in its stored dtype, in ``buffer`` (uint8, its size in bytes) or a fresh one (pread, no mmap)."""
         info = self._infos[key]
         self.reads[key] += 1
-        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        if buffer is None:
+            buffer = torch.empty(info.nbytes, dtype=torch.uint8)
         if info.nbytes:
             _pread_into(self._fd(info.file), buffer.numpy(), info.offset, info.file)
         return buffer.view(info.dtype).reshape(info.shape)

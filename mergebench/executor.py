@@ -8,16 +8,20 @@ a key outlives it. Results are cast once to the output dtype and handed to the s
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
 from mergebench.allocator import return_large_blocks_to_the_os
+from mergebench.buffers import BufferPool, typed
+from mergebench.checkpoint import Checkpoint
 from mergebench.errors import MergebenchError
 from mergebench.graph import Graph, OutputPlan
 from mergebench.layers import block_index_for
@@ -34,6 +38,8 @@ from mergebench.operators.base import (
 from mergebench.recipe import Node
 
 PREFETCH_KEYS = 1  # keys read ahead of the one being computed: overlap without doubling memory twice
+SLICE_ELEMENTS = 1 << 17  # float32 slices of 512 KiB: below the allocator's mmap threshold, so reused
+WRITES_IN_FLIGHT = 1  # finished tensors waiting for the writer thread
 
 Value = Any  # a tensor, or a list of tensors for list-valued nodes
 
@@ -85,19 +91,23 @@ def execute(
     progress: Callable[[int], None] | None = None,
     done: list[set[str]] | None = None,
     allow_non_finite: bool = False,
+    sinks_copy: bool = False,
 ) -> Summary:
     """Compute every output of ``graph`` into the matching sink; ``progress`` gets bytes read per key.
 
     ``done[i]`` lists keys output i already holds (a resumed run): they are neither read nor written.
+    ``sinks_copy`` says the sinks keep no tensor they are given (files do; a state dict does not):
+    input and output buffers are then reused from key to key.
     """
     return_large_blocks_to_the_os()
     start = time.perf_counter()
     done = done or [set() for _ in sinks]
+    pool = BufferPool(capacity=2 * (len(graph.sources) + len(sinks)) + 2) if sinks_copy else None
     stats: dict[str, Any] = {}
     bytes_read = 0
     stages = statistics_stages(graph)
     for stage in stages:
-        bytes_read += _statistics_pass(graph, stage, device, stats, progress)
+        bytes_read += _statistics_pass(graph, stage, device, stats, progress, pool)
 
     def pending(key: str) -> list[tuple[OutputPlan, Sink]]:
         return [(plan, sink) for plan, sink, finished in zip(graph.outputs, sinks, done)
@@ -106,23 +116,37 @@ def execute(
     def needed(key: str) -> set[str]:
         return set().union(*(graph.needed_for_output(plan, key) for plan, _ in pending(key)))
 
-    bytes_written = 0
     tensors = 0
-    for key, raw in _prefetch(graph, [k for k in graph.keys if pending(k)], needed):
-        env = _KeyValues(graph, key, raw, device, stats)
-        for plan, sink in pending(key):
-            bytes_written += sink.write(key, _output_value(graph, plan, env, allow_non_finite))
-            tensors += 1
-        read_now = sum(t.nbytes for t in raw.values()) + env.lazy_bytes
-        del raw, env  # free this key's tensors before the reader allocates the one after next
-        bytes_read += read_now
-        if progress:
-            progress(read_now)
-    return Summary(tensors, bytes_read, bytes_written, 1 + len(stages), time.perf_counter() - start, str(device))
+    with _WriteBehind() as writes:
+        for key, raw in _prefetch(graph, [k for k in graph.keys if pending(k)], needed, pool):
+            plans = [plan for plan, _ in pending(key)]
+            if _in_slices(graph, key, [plan.output.node for plan in plans], raw, device) and all(
+                    _sliceable_output(graph, plan, key) for plan in plans):
+                values = _sliced_output_values(graph, key, plans, raw, device, stats, allow_non_finite, pool)
+                lazy_bytes = 0
+                _give_back(pool, raw.values())  # nothing computed in slices refers to the inputs
+                recycled = list(values)
+            else:
+                env = _KeyValues(graph, key, raw, device, stats)
+                values = [_output_value(graph, plan, env, allow_non_finite) for plan in plans]
+                lazy_bytes = env.lazy_bytes
+                del env
+                recycled = list(raw.values())  # an output may be an input's buffer: reuse it once written
+            for (_, sink), value in zip(pending(key), values):
+                writes.submit(sink, key, value)
+                tensors += 1
+            writes.after_writes(lambda used=recycled: _give_back(pool, used))
+            read_now = sum(t.nbytes for t in raw.values()) + lazy_bytes
+            del raw, values, recycled  # free this key's tensors before the reader allocates the one after next
+            bytes_read += read_now
+            if progress:
+                progress(read_now)
+    return Summary(tensors, bytes_read, writes.bytes_written, 1 + len(stages), time.perf_counter() - start,
+                   str(device))
 
 
 def _statistics_pass(graph: Graph, stage: Stage, device: torch.device, stats: dict[str, Any],
-                     progress: Callable[[int], None] | None) -> int:
+                     progress: Callable[[int], None] | None, pool: BufferPool | None) -> int:
     entries = [(graph.nodes[name], stat_pass) for name, stat_pass in stage.passes]
     states = [stat_pass.init(node.params, stats.get(node.name)) for node, stat_pass in entries]
 
@@ -131,14 +155,26 @@ def _statistics_pass(graph: Graph, stage: Stage, device: torch.device, stats: di
 
     order = entries[0][1].order
     keys = order(list(graph.keys)) if order else graph.keys
+    if not all(stat_pass.sliceable for _, stat_pass in entries):
+        pool = None  # a pass that is not a plain sum over elements may keep input tensors in its state
     bytes_read = 0
-    for key, raw in _prefetch(graph, keys, needed):
-        env = _KeyValues(graph, key, raw, device, stats)
-        for (node, stat_pass), state in zip(entries, states):
-            if node.selects(key) and graph.is_floating(node.name, key):
-                stat_pass.accumulate(state, env.inputs(node), node.params_for(key), env.context(node))
-        read_now = sum(t.nbytes for t in raw.values()) + env.lazy_bytes
-        del raw, env
+    for key, raw in _prefetch(graph, keys, needed, pool):
+        active = [(node, stat_pass, state) for (node, stat_pass), state in zip(entries, states)
+                  if node.selects(key) and graph.is_floating(node.name, key)]
+        sliced = all(stat_pass.sliceable for _, stat_pass, _ in active) and _in_slices(
+            graph, key, [r for node, _, _ in active for r in node.refs()], raw, device)
+        lazy_bytes = 0
+        with _one_thread() if sliced else nullcontext():
+            for _, part in _slices(raw) if sliced else [(0, raw)]:
+                env = _KeyValues(graph, key, part, device, stats,
+                                 shape=next(iter(part.values())).shape if sliced else None)
+                for node, stat_pass, state in active:
+                    stat_pass.accumulate(state, env.inputs(node), node.params_for(key), env.context(node))
+                lazy_bytes += env.lazy_bytes
+                del env
+        read_now = sum(t.nbytes for t in raw.values()) + lazy_bytes
+        _give_back(pool, raw.values())
+        del raw
         bytes_read += read_now
         if progress:
             progress(read_now)
@@ -162,11 +198,85 @@ def _output_value(graph: Graph, plan: OutputPlan, env: _KeyValues, allow_non_fin
     cast = []
     for v in values:
         out = v.to(dtype=dtype)
-        if not allow_non_finite and not _all_finite(out):
-            raise MergebenchError(f"node '{plan.output.node}' produced a non-finite value in tensor '{key}' "
-                                  f"(as {dtype}); nothing was written (--allow-non-finite writes it anyway)")
+        _check_finite(out, plan, key, allow_non_finite)
         cast.append(out.cpu())
     return cast if isinstance(value, list) else cast[0]
+
+
+def _in_slices(graph: Graph, key: str, refs: list[str], raw: dict[str, torch.Tensor], device: torch.device) -> bool:
+    """Whether ``refs`` at ``key`` are elementwise computations on same-shaped inputs all held in ``raw``.
+
+    Then they may be computed ``SLICE_ELEMENTS`` at a time: each slice's float32 values are small
+    enough to be reused from the heap and stay in cache, where whole-tensor upcasts would fault in
+    fresh memory for every input of every key.
+    """
+    if device.type != "cpu" or not raw:
+        return False
+    numel = next(iter(raw.values())).numel()
+    if numel <= SLICE_ELEMENTS or any(t.numel() != numel for t in raw.values()):
+        return False
+    if any(graph.is_embedding(key, model) for model in raw):
+        return False
+    return all(graph.is_elementwise(ref, key) and graph.needed(ref, key) <= raw.keys() for ref in refs)
+
+
+def _sliceable_output(graph: Graph, plan: OutputPlan, key: str) -> bool:
+    node = graph.nodes.get(plan.output.node)
+    return (plan.output.kind not in ARTIFACT_TYPES and graph.is_floating(plan.primary, key)
+            and not (node is not None and is_list_type(node.result) and plan.element is None)
+            and graph.needed_for_output(plan, key) == graph.needed(plan.output.node, key))
+
+
+def _slices(raw: dict[str, torch.Tensor]) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """(start, {model: its flat elements [start, start + SLICE_ELEMENTS)}) over the key's elements."""
+    flat = {model: tensor.reshape(-1) for model, tensor in raw.items()}
+    numel = next(iter(flat.values())).numel()
+    for start in range(0, numel, SLICE_ELEMENTS):
+        yield start, {model: tensor[start:start + SLICE_ELEMENTS] for model, tensor in flat.items()}
+
+
+def _sliced_output_values(graph: Graph, key: str, plans: list[OutputPlan], raw: dict[str, torch.Tensor],
+                          device: torch.device, stats: dict[str, Any], allow_non_finite: bool,
+                          pool: BufferPool | None) -> list[torch.Tensor]:
+    """The outputs at ``key`` computed slice by slice into tensors of the output dtype."""
+    outs = []
+    for plan in plans:
+        shape, dtype = graph.info(plan.primary, key).shape, plan.dtypes[key]
+        nbytes = math.prod(shape) * dtype.itemsize
+        outs.append(typed(pool.take(nbytes), dtype, shape) if pool else torch.empty(shape, dtype=dtype))
+    flat_outs = [out.reshape(-1) for out in outs]
+    with _one_thread():
+        for start, part in _slices(raw):
+            env = _KeyValues(graph, key, part, device, stats, shape=next(iter(part.values())).shape)
+            for plan, out in zip(plans, flat_outs):
+                value = env.value(plan.output.node)
+                written = out[start:start + SLICE_ELEMENTS]
+                written.copy_(value if plan.element is None else value[plan.element])
+                _check_finite(written, plan, key, allow_non_finite)
+    return outs
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Slices are too small for torch's thread pool to pay off; the other cores read and write meanwhile."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _give_back(pool: BufferPool | None, tensors: Iterable[torch.Tensor]) -> None:
+    if pool is not None:
+        for tensor in tensors:
+            pool.give(tensor)
+
+
+def _check_finite(value: torch.Tensor, plan: OutputPlan, key: str, allow_non_finite: bool) -> None:
+    if not allow_non_finite and not _all_finite(value):
+        raise MergebenchError(f"node '{plan.output.node}' produced a non-finite value in tensor '{key}' "
+                              f"(as {value.dtype}); nothing was written (--allow-non-finite writes it anyway)")
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:
@@ -194,9 +304,10 @@ class _KeyValues:
     """Per-key values of models and nodes, each computed at most once for this key."""
 
     def __init__(self, graph: Graph, key: str, raw: dict[str, torch.Tensor], device: torch.device,
-                 stats: dict[str, Any]):
+                 stats: dict[str, Any], shape: tuple[int, ...] | None = None):
         self.graph = graph
         self.key = key
+        self.shape = shape  # a slice of the key's elements (see _sliced_output_values), else None
         self.raw = raw
         self.device = device
         self.stats = stats
@@ -253,31 +364,76 @@ class _KeyValues:
         if node.result == CHECKPOINT:
             sequence = self.graph.recipe.sequences.get(node.primary)
             return self.value(sequence[-1][1] if sequence else node.primary)
-        shape = self.graph.info(node.name, self.key).shape
+        shape = self.shape or self.graph.info(node.name, self.key).shape
         zero = torch.zeros(shape, dtype=torch.bool if node.result == MASK else torch.float32, device=self.device)
         if is_list_type(node.result):
             return [zero.clone() for _ in range(node.list_length or 1)]
         return zero
 
 
-def _prefetch(graph: Graph, keys: list[str], needed: Callable[[str], set[str]]
+class _WriteBehind:
+    """Sink writes in one background thread, so writing a key overlaps computing the next.
+
+    At most ``WRITES_IN_FLIGHT`` tensors wait (their memory is the price of the overlap); a write
+    error surfaces at the next submission or when the block ends. One thread keeps each sink's
+    writes in submission order, which the journal of a resumable run relies on.
+    """
+
+    def __init__(self) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergebench-write")
+        self.in_flight: deque[Future[int]] = deque()
+        self.bytes_written = 0
+
+    def __enter__(self) -> _WriteBehind:
+        return self
+
+    def submit(self, sink: Sink, key: str, value: Value) -> None:
+        while len(self.in_flight) >= WRITES_IN_FLIGHT:
+            self.bytes_written += self.in_flight.popleft().result()
+        self.in_flight.append(self.pool.submit(sink.write, key, value))
+
+    def after_writes(self, action: Callable[[], None]) -> None:
+        """Run ``action`` in the writer thread once every write submitted so far is done."""
+        self.pool.submit(action)
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            while self.in_flight:
+                future = self.in_flight.popleft()
+                if exc_info[0] is None:
+                    self.bytes_written += future.result()
+                else:
+                    future.cancel()
+        finally:
+            self.pool.shutdown(wait=True)
+
+
+def _prefetch(graph: Graph, keys: list[str], needed: Callable[[str], set[str]], pool: BufferPool | None = None
               ) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
-    """Yield each key with its input tensors, read in a background thread a few keys ahead."""
+    """Yield each key with its input tensors, read in a background thread a few keys ahead.
+
+    Files are read into ``pool`` buffers when one is given: the caller gives them back.
+    """
+
+    def read_one(source: Any, key: str) -> torch.Tensor:
+        if pool is not None and isinstance(source, Checkpoint):
+            return source.read(key, pool.take(source.info(key).nbytes))
+        return source.read(key)
 
     def read(key: str) -> dict[str, torch.Tensor]:
         sources = graph.sources
-        return {model: sources[model].read(key) for model in sorted(needed(key)) if key in sources[model].keys}
+        return {model: read_one(sources[model], key) for model in sorted(needed(key)) if key in sources[model].keys}
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergebench-read") as pool:
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergebench-read") as reader:
         pending: deque = deque()
         upcoming = iter(keys)
         for key in upcoming:
-            pending.append((key, pool.submit(read, key)))
+            pending.append((key, reader.submit(read, key)))
             if len(pending) >= PREFETCH_KEYS:
                 break
         while pending:
             key, future = pending.popleft()
             following = next(upcoming, None)
             if following is not None:
-                pending.append((following, pool.submit(read, following)))
+                pending.append((following, reader.submit(read, following)))
             yield key, future.result()

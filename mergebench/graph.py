@@ -118,6 +118,17 @@ class Graph:
             return self.needed(node.primary, key) if node.result == CHECKPOINT else set()
         return set().union(*(self.needed(r, key) for r in node.refs()))
 
+    def is_elementwise(self, ref: str, key: str) -> bool:
+        """Whether ``ref`` at ``key`` may be computed slice by slice (every operator upstream is elementwise)."""
+        if ref in self.sources:
+            return True
+        if ref in self.recipe.sequences:
+            return False
+        node = self.nodes[ref]
+        if not node.selects(key):
+            return node.result != CHECKPOINT or self.is_elementwise(node.primary, key)
+        return node.op.elementwise(node.params_for(key)) and all(self.is_elementwise(r, key) for r in node.refs())
+
     def info(self, ref: str, key: str) -> TensorInfo:
         """Header facts of a key as ``ref`` sees it (from its first model holding the key; shapes agree)."""
         return next(self.sources[m].info(key) for m in self.models_of(ref) if key in self.sources[m].keys)

@@ -100,7 +100,8 @@ def run_recipe(
                                                 metadata, identity=_identity(graph, plan), resume=resume))
             progress = progress_factory(graph) if progress_factory else None
             summary = execute(graph, [_FileSink(w) for w in writers], torch_device, progress,
-                              done=[set(w.done) for w in writers], allow_non_finite=allow_non_finite)
+                              done=[set(w.done) for w in writers], allow_non_finite=allow_non_finite,
+                              sinks_copy=True)
             results = []
             for plan, writer in zip(graph.outputs, writers):
                 writer.finish_weights()

@@ -110,12 +110,18 @@ class StatisticsPass:
     Alignment planning (OT fusion, weight matching) is the same hook with an ``order``: it returns
     the keys the pass needs, in network order, so the state can carry the map of layer l into
     layer l+1 and keep only the maps; memory is then bounded by one layer group, never the model.
+
+    ``sliceable`` promises that accumulating a key equals accumulating the slices of its flattened
+    inputs one after another (sums, counts, histograms of elementwise values), so the executor may
+    feed a large key in small slices; such a pass keeps no input tensor in its state, so the
+    executor may also reuse the input buffers once a key is done.
     """
 
     init: Callable[[Params, Any], Any]
     accumulate: Callable[[Any, dict[str, Any], Params, KeyContext], None]
     finalize: Callable[[Any, Params, Any], Any] = lambda state, params, stats: state
     order: Callable[[list[str]], list[str]] | None = None
+    sliceable: bool = False
 
 
 Passes = Callable[[Params, frozenset[str]], "tuple[StatisticsPass, ...]"]
@@ -137,6 +143,7 @@ class Operator:
     series: Callable[[Params, list[int]], list[int] | None] | None = None
     paper: str = ""
     anchor: Callable[[Params, int], int] | None = None
+    elementwise: Callable[[Params], bool] = lambda params: False
     doc: str = field(default="")
 
     def signature_for(self, slot_names: set[str]) -> Signature | None:
@@ -170,6 +177,7 @@ def operator(
     series: Callable[[Params, list[int]], list[int] | None] | None = None,
     paper: str = "",
     anchor: Callable[[Params, int], int] | None = None,
+    elementwise: bool | Callable[[Params], bool] = False,
 ) -> Callable[[Callable[..., Any]], Operator]:
     """Register ``fn(**slots, p=params, ctx=KeyContext)`` under its recipe name.
 
@@ -188,6 +196,10 @@ def operator(
     ``series(params, steps)`` is for sequence operators that can emit a series: the steps emitted for
     a run with these steps, or None for a single result; with a series the node yields a list of
     Checkpoints, one per emitted step, and an output writes each into ``PATH/step-N``.
+    ``elementwise`` (or a function of the parameters saying so) promises that each element of the
+    result depends only on the same element of every input, the key and ``ctx.stats``: the executor
+    may then compute a large tensor slice by slice, which keeps the float32 temporaries small and
+    in cache instead of a model-sized tensor's worth of fresh memory per input.
     """
 
     def register(fn: Callable[..., Any]) -> Operator:
@@ -202,6 +214,7 @@ def operator(
             series=series,
             paper=paper,
             anchor=anchor,
+            elementwise=elementwise if callable(elementwise) else (lambda params, fixed=elementwise: fixed),
             doc=(fn.__doc__ or "").strip(),
         )
         if name in REGISTRY:

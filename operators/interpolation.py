@@ -18,6 +18,7 @@ class WiseFTParams(Params):
     paper="Wortsman et al., Robust fine-tuning of zero-shot models, CVPR 2022 (arXiv:2109.01903)",
     signatures=[signature(CHECKPOINT, zero_shot=CHECKPOINT, fine_tuned=CHECKPOINT)],
     params=WiseFTParams,
+    elementwise=True,
 )
 def wise_ft(zero_shot: torch.Tensor, fine_tuned: torch.Tensor, p: WiseFTParams, ctx) -> torch.Tensor:
     """WiSE-FT: θ = (1 − α)·θ_0 + α·θ_1 (Wortsman et al., 2022). α = 0 and α = 1 return an input exactly."""
@@ -44,6 +45,7 @@ def _check_linear(p: LinearParams, lengths: dict[str, int]) -> str | None:
     signatures=[signature(CHECKPOINT, models=list_of(CHECKPOINT))],
     params=LinearParams,
     check=_check_linear,
+    elementwise=True,
 )
 def linear(models: list[torch.Tensor], p: LinearParams, ctx) -> torch.Tensor:
     """Weighted average θ = Σ w_t·θ_t / Σ w_t (or the plain weighted sum without normalize), as mergekit's linear."""

@@ -78,7 +78,7 @@ def _auto_alpha(state: dict[str, Any], p: LinesParams, stats: Any) -> dict[str, 
 
 
 AUTO_ALPHA = StatisticsPass(init=lambda p, stats: {"summed": 0.0, "merged": 0.0, "tasks": 0},
-                            accumulate=_accumulate_l1, finalize=_auto_alpha)
+                            accumulate=_accumulate_l1, finalize=_auto_alpha, sliceable=True)
 
 
 def _passes(p: LinesParams, slots: frozenset[str]) -> tuple[StatisticsPass, ...]:
@@ -111,6 +111,7 @@ def layer_scale(p: LinesParams, ctx: KeyContext, multi: bool) -> float:
     execution="per-tensor (global statistic for automatic α)",
     passes=_passes,
     check=_check,
+    elementwise=True,
 )
 def lines(p: LinesParams, ctx: KeyContext, base=None, fine_tuned=None, delta=None, task_deltas=None) -> torch.Tensor:
     """LiNeS: τ scaled by λ(ℓ) = α + β·ℓ/(L − 1); with base + fine_tuned it returns θ_base + λ(ℓ)·τ."""

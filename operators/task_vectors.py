@@ -14,7 +14,8 @@ from mergebench.operators.base import CHECKPOINT, DELTA, SPARSE_DELTA, Params, l
 @operator(
     "delta",
     paper="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (arXiv:2212.04089)",
-    signatures=[signature(list_of(DELTA), base=CHECKPOINT, models=list_of(CHECKPOINT))])
+    signatures=[signature(list_of(DELTA), base=CHECKPOINT, models=list_of(CHECKPOINT))],
+    elementwise=True)
 def delta(base: torch.Tensor, models: list[torch.Tensor], p, ctx) -> list[torch.Tensor]:
     """Task vectors τ_t = θ_t − θ_base, one Delta per model, in the order given."""
     return [model - base for model in models]
@@ -30,6 +31,7 @@ class ApplyParams(Params):
     signatures=[signature(CHECKPOINT, base=CHECKPOINT,
     delta=(DELTA, list_of(DELTA), SPARSE_DELTA, list_of(SPARSE_DELTA)))],
     params=ApplyParams,
+    elementwise=True,
 )
 def apply(base: torch.Tensor, delta: torch.Tensor | list[torch.Tensor], p: ApplyParams, ctx) -> torch.Tensor:
     """θ = θ_base + scale·Σ τ: turns a Delta or SparseDelta (or a list of them) back into a Checkpoint."""
@@ -58,6 +60,7 @@ def check_weights(p: TaskArithmeticParams, lengths: dict[str, int]) -> str | Non
     ],
     params=TaskArithmeticParams,
     check=check_weights,
+    elementwise=True,
 )
 def task_arithmetic(
     p: TaskArithmeticParams,

@@ -83,7 +83,7 @@ def ties_merge(taus: list[torch.Tensor], p: TiesParams, ctx: KeyContext) -> torc
     return merged.mul_(p.lambda_)
 
 
-def ties_passes(vectors: VectorsFn) -> Callable[[Params, frozenset[str]], tuple[StatisticsPass, ...]]:
+def ties_passes(vectors: VectorsFn, sliceable: bool) -> Callable[[Params, frozenset[str]], tuple[StatisticsPass, ...]]:
     """Global scope: the exact per-task thresholds (two histogram passes), then the majority sign."""
 
     def majority_init(p: TiesParams, stats: Any) -> dict[str, Any]:
@@ -100,8 +100,8 @@ def ties_passes(vectors: VectorsFn) -> Callable[[Params, frozenset[str]], tuple[
         majority = (state["elected"] > 0) - (state["elected"] < 0)
         return {"thresholds": state["thresholds"], "majority": float(majority)}
 
-    threshold_passes = global_threshold_passes(vectors, lambda p, n: keep_count(p.density, n))
-    majority_pass = StatisticsPass(majority_init, count_signs, majority_done)
+    threshold_passes = global_threshold_passes(vectors, lambda p, n: keep_count(p.density, n), sliceable)
+    majority_pass = StatisticsPass(majority_init, count_signs, majority_done, sliceable=sliceable)
 
     def passes(p: Params, slots: frozenset[str]) -> tuple[StatisticsPass, ...]:
         if p.scope != "global":
@@ -120,7 +120,7 @@ def _ties_vectors(inputs: dict[str, Any], p: Params, ctx: KeyContext) -> list[to
     "ties",
     paper="Yadav et al., TIES-Merging, NeurIPS 2023 (arXiv:2306.01708)",
     signatures=SIGNATURES, params=TiesParams, execution="global statistic",
-    passes=ties_passes(_ties_vectors))
+    passes=ties_passes(_ties_vectors, sliceable=True), elementwise=lambda p: p.scope == "global")
 def ties(p: TiesParams, ctx: KeyContext, base=None, models=None, deltas=None) -> torch.Tensor:
     """TIES-merging: θ = θ_base + λ·τ_m, τ_m the disjoint merge of trimmed, sign-agreeing task vectors."""
     return finish(ties_merge(task_vectors(base, models, deltas), p, ctx), base)
@@ -139,7 +139,7 @@ def _dare_vectors(inputs: dict[str, Any], p: DareTiesParams, ctx: KeyContext) ->
     "dare_ties",
     paper="Yu et al., ICML 2024 (arXiv:2311.03099), then Yadav et al., NeurIPS 2023 (arXiv:2306.01708)",
     signatures=[SIGNATURES[0]], params=DareTiesParams, execution="global statistic",
-    passes=ties_passes(_dare_vectors))
+    passes=ties_passes(_dare_vectors, sliceable=False))
 def dare_ties(base: torch.Tensor, models: list[torch.Tensor], p: DareTiesParams, ctx: KeyContext) -> torch.Tensor:
     """DARE then TIES: each task vector randomly dropped and rescaled, then sign-elected and merged."""
     return finish(ties_merge(_dare_vectors({"base": base, "models": models}, p, ctx), p, ctx), base)

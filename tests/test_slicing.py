@@ -1,0 +1,94 @@
+"""Elementwise merges computed slice by slice (and with reused buffers) equal whole-tensor computation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mergebench.executor as executor
+from conftest import read_checkpoint, write_recipe
+from mergebench.buffers import BufferPool
+
+NODES = {
+    "linear": {"op": "linear", "inputs": {"models": ["base", "ft1", "ft2"]}, "params": {"weights": [0.2, 0.3, 0.5]}},
+    "task_arithmetic": {"op": "task_arithmetic", "inputs": {"base": "base", "models": ["ft1", "ft2"]},
+                        "params": {"lambda": 0.7}},
+    "ties_global": {"op": "ties", "inputs": {"base": "base", "models": ["ft1", "ft2"]},
+                    "params": {"density": 0.3, "scope": "global"}},
+    "lines": {"op": "lines", "inputs": {"base": "base", "fine_tuned": "ft1"}, "params": {"alpha": 0.2}},
+    "ties_per_tensor": {"op": "ties", "inputs": {"base": "base", "models": ["ft1", "ft2"]},
+                        "params": {"density": 0.3, "scope": "per_tensor"}},
+}
+
+
+def _run(tmp_path, cli, folders, node: dict, name: str, extra_nodes: dict | None = None):
+    recipe = write_recipe(tmp_path / f"{name}.yaml", {
+        "models": {k: str(v) for k, v in folders.items()},
+        "nodes": {"merge": node, **(extra_nodes or {})},
+        "outputs": [{"from": "merge", "path": name}],
+    })
+    result = cli("run", recipe, "--quiet", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    return read_checkpoint(tmp_path / name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("merge", sorted(NODES))
+def test_slices_give_the_same_bytes_as_whole_tensors(tmp_path, cli, llama_models, monkeypatch, dtype, merge):
+    folders, _, _ = llama_models(dtype)
+    whole = _run(tmp_path, cli, folders, NODES[merge], "whole")
+    sliced_keys = []
+    slices = executor._slices
+
+    def counted(raw):
+        sliced_keys.append(next(iter(raw.values())).numel())
+        return slices(raw)
+
+    monkeypatch.setattr(executor, "SLICE_ELEMENTS", 1000)  # uneven: most tensors end in a partial slice
+    monkeypatch.setattr(executor, "_slices", counted)
+    sliced = _run(tmp_path, cli, folders, NODES[merge], "sliced")
+    assert sliced.keys() == whole.keys()
+    for key in whole:
+        assert torch.equal(sliced[key].view(torch.uint8), whole[key].view(torch.uint8)), key
+    if merge == "ties_per_tensor":  # a per-tensor top-k is not elementwise: never sliced
+        assert not sliced_keys
+    else:
+        assert sum(n > 1000 for n in sliced_keys) >= 10
+
+
+def test_a_delta_chain_and_two_outputs_are_sliced_together(tmp_path, cli, llama_models, monkeypatch):
+    folders, states, _ = llama_models(torch.bfloat16)
+    monkeypatch.setattr(executor, "SLICE_ELEMENTS", 999)
+    recipe = write_recipe(tmp_path / "chain.yaml", {
+        "models": {k: str(v) for k, v in folders.items()},
+        "nodes": {"deltas": {"op": "delta", "inputs": {"base": "base", "models": ["ft1", "ft2"]}},
+                  "merged": {"op": "apply", "inputs": {"base": "base", "delta": "deltas"}, "params": {"scale": 0.5},
+                             "exclude": ["norm"]},
+                  "wise": {"op": "wise_ft", "inputs": {"zero_shot": "base", "fine_tuned": "ft2"},
+                           "params": {"alpha": 0.25}}},
+        "outputs": [{"from": "merged", "path": "merged"}, {"from": "wise", "path": "wise"}],
+    })
+    result = cli("run", recipe, "--quiet", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    merged, wise = read_checkpoint(tmp_path / "merged"), read_checkpoint(tmp_path / "wise")
+    for key, base in states["base"].items():
+        b, f1, f2 = (states[m][key].float() for m in ("base", "ft1", "ft2"))
+        expected = base if "norm" in key else (b + 0.5 * (f1 - b) + 0.5 * (f2 - b)).to(torch.bfloat16)
+        assert torch.equal(merged[key], expected), key
+        assert torch.equal(wise[key], (0.75 * b + 0.25 * f2).to(torch.bfloat16)), key
+
+
+def test_the_pool_reuses_its_own_buffers_and_ignores_others():
+    pool = BufferPool(capacity=2)
+    first = pool.take(400)
+    as_floats = first.view(torch.float32).reshape(10, 10)
+    pool.give(as_floats)
+    again = pool.take(100)  # the smallest free buffer that fits: the same memory
+    assert again.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+    foreign = torch.zeros(1000, dtype=torch.uint8)
+    pool.give(foreign)  # not the pool's: never handed out later
+    assert pool.take(1000).untyped_storage().data_ptr() != foreign.data_ptr()
+    buffers = [pool.take(n) for n in (10, 20, 30)]
+    for b in buffers:
+        pool.give(b)
+    assert sorted(b.numel() for b in pool._free) == [20, 30]  # over capacity: the smallest is dropped
