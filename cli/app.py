@@ -31,6 +31,10 @@ RecipeArg = Annotated[Path, typer.Argument(help="the recipe YAML file")]
 SetOpt = Annotated[list[str], typer.Option("--set", help="override a parameter: NODE.PARAM=VALUE (repeatable)")]
 PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="read pickled .bin/.pt weights, through "
                                                                 "torch.load(weights_only=True)")]
+ExecutorOpt = Annotated[str, typer.Option(help="local, or ray: tasks on a Ray cluster (pip install "
+                                               "'mergebench[ray]'); paths must be visible to every node")]
+AddressOpt = Annotated[str | None, typer.Option(help="the Ray cluster: auto or HOST:PORT (default: start a local "
+                                                     "one)")]
 
 
 @contextmanager
@@ -40,7 +44,7 @@ def _user_errors() -> Iterator[None]:
     try:
         yield
     except MergebenchError as exc:
-        errors.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+        errors.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -77,6 +81,8 @@ def run(
     allow_pickle: PickleOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar, no summary")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+    executor: ExecutorOpt = "local",
+    address: AddressOpt = None,
 ) -> None:
     """Run a recipe and write its outputs as Hugging Face checkpoints."""
     with _user_errors():
@@ -87,7 +93,8 @@ def run(
         show_progress = not (quiet or as_json)
         with _Progress(show_progress) as progress:
             result = run_recipe(loaded, device=device, force=force, progress_factory=progress.factory,
-                                resume=resume, allow_non_finite=allow_non_finite, allow_pickle=allow_pickle)
+                                resume=resume, allow_non_finite=allow_non_finite, allow_pickle=allow_pickle,
+                                executor=executor, address=address)
     summary = result.summary
     if as_json:
         doc = {"outputs": result.outputs, "tensors": summary.tensors, "bytes_read": summary.bytes_read,
@@ -165,14 +172,22 @@ def sweep(
     out: Annotated[Path | None, typer.Option(help="folder for the points, results.csv and sweep.png")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
     force: Annotated[bool, typer.Option("--force", help="replace existing outputs")] = False,
+    executor: ExecutorOpt = "local",
+    address: AddressOpt = None,
+    gpus_per_point: Annotated[float, typer.Option(help="GPUs each point's merge and eval needs (Ray)")] = 0.0,
+    cpus_per_point: Annotated[float, typer.Option(help="CPUs each point's merge and eval needs (Ray)")] = 1.0,
 ) -> None:
-    """Merge every point of a parameter grid (one pass over the inputs), evaluate each, tabulate and plot."""
+    """Merge every point of a parameter grid (one pass over the inputs), evaluate each, tabulate and plot.
+
+    With --executor ray each point (its merge, then its eval) is a Ray task with the resources given.
+    """
     with _user_errors():
         from mergebench.sweeps import parse_grid, run_sweep
 
         parsed = dict(parse_grid(spec) for spec in grid)
         out_dir = out or Path(f"sweep-{recipe.stem}")
-        points = run_sweep(recipe, parsed, out_dir, eval_command, device=device, force=force)
+        points = run_sweep(recipe, parsed, out_dir, eval_command, device=device, force=force, executor=executor,
+                           address=address, resources={"num_gpus": gpus_per_point, "num_cpus": cpus_per_point})
     metrics = list(dict.fromkeys(k for p in points for k in p.metrics))
     table = Table(title=f"sweep of {recipe} -> {out_dir}", title_justify="left")
     for column in ("point", *parsed, *metrics, "status"):

@@ -74,22 +74,28 @@ def load(path: str | os.PathLike[str]) -> ModelRef:
 
 def run(recipe_path: str | os.PathLike[str], set: Mapping[str, Any] | None = None, device: str = "auto",
         force: bool = False, resume: bool = False, allow_non_finite: bool = False,
-        allow_pickle: bool = False) -> RunResult:
+        allow_pickle: bool = False, executor: str = "local", address: str | None = None) -> RunResult:
     """Run a YAML recipe, with ``set={"node.param": value}`` overriding parameters as ``--set`` does.
 
-    The keyword flags are the CLI's ``--force``, ``--resume``, ``--allow-non-finite`` and ``--allow-pickle``.
+    The keyword flags are the CLI's ``--force``, ``--resume``, ``--allow-non-finite``, ``--allow-pickle``,
+    ``--executor`` (``"ray"``: on a Ray cluster) and ``--address``.
     """
     recipe = load_recipe(recipe_path, dict(set or {}))
     return run_recipe(recipe, device=device, force=force, resume=resume, allow_non_finite=allow_non_finite,
-                      allow_pickle=allow_pickle)
+                      allow_pickle=allow_pickle, executor=executor, address=address)
 
 
 def sweep(recipe_path: str | os.PathLike[str], grid: Mapping[str, list[Any]], out_dir: str | os.PathLike[str],
           evaluate: Callable[[Path], dict[str, float]] | str | None = None, device: str = "auto",
-          force: bool = False) -> list[SweepPoint]:
+          force: bool = False, executor: str = "local", address: str | None = None,
+          resources: Mapping[str, float] | None = None) -> list[SweepPoint]:
     """Merge every point of ``grid`` ({"node.param": [values]}) in one pass and score each output with
-    ``evaluate`` (a callable on the output folder returning metrics, or a shell command with ``{out}``)."""
-    return run_sweep(recipe_path, dict(grid), out_dir, evaluate, device=device, force=force)
+    ``evaluate`` (a callable on the output folder returning metrics, or a shell command with ``{out}``).
+
+    ``executor="ray"`` runs each point (merge, then evaluation) as a Ray task needing ``resources``
+    ({"num_gpus": 1} for a GPU evaluation)."""
+    return run_sweep(recipe_path, dict(grid), out_dir, evaluate, device=device, force=force, executor=executor,
+                     address=address, resources=dict(resources or {}))
 
 
 def call_operator(op: Operator, kwargs: dict[str, Any]) -> Any:

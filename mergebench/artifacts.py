@@ -118,6 +118,12 @@ class ArtifactWriter:
         self.dense_bytes = 0  # what the same keys take as dense float32 tensors
         path.parent.mkdir(parents=True, exist_ok=True)
         self._data = open(self._data_path, "wb")  # noqa: SIM115 - closed in finish/abort
+        self._finished_elsewhere = False
+
+    def finished_elsewhere(self) -> None:
+        """Another process (a Ray task) wrote and finished this artifact's partial file; only commit is left."""
+        self._data.close()
+        self._finished_elsewhere = True
 
     def write(self, key: str, value: torch.Tensor) -> int:
         flat = value.detach().to("cpu").reshape(-1)
@@ -143,6 +149,8 @@ class ArtifactWriter:
 
     def finish_weights(self) -> None:
         self._data.close()
+        if self._finished_elsewhere:
+            return
         with open(self.partial, "wb") as out, open(self._data_path, "rb") as data:
             out.write(encode_header(self._entries, self.metadata))
             while chunk := data.read(1 << 24):

@@ -13,7 +13,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -92,22 +92,23 @@ def execute(
     done: list[set[str]] | None = None,
     allow_non_finite: bool = False,
     sinks_copy: bool = False,
+    statistics: Statistics | None = None,
 ) -> Summary:
     """Compute every output of ``graph`` into the matching sink; ``progress`` gets bytes read per key.
 
-    ``done[i]`` lists keys output i already holds (a resumed run): they are neither read nor written.
-    ``sinks_copy`` says the sinks keep no tensor they are given (files do; a state dict does not):
-    input and output buffers are then reused from key to key.
+    ``done[i]`` lists keys output i already holds (a resumed run, or the keys another worker
+    writes): they are neither read nor written. ``sinks_copy`` says the sinks keep no tensor they
+    are given (files do; a state dict does not): input and output buffers are then reused from key
+    to key. ``statistics`` are the results of the statistics passes when they were run elsewhere.
     """
     return_large_blocks_to_the_os()
     start = time.perf_counter()
     done = done or [set() for _ in sinks]
-    pool = BufferPool(capacity=2 * (len(graph.sources) + len(sinks)) + 2) if sinks_copy else None
-    stats: dict[str, Any] = {}
-    bytes_read = 0
-    stages = statistics_stages(graph)
-    for stage in stages:
-        bytes_read += _statistics_pass(graph, stage, device, stats, progress, pool)
+    pool = _pool(graph, len(sinks)) if sinks_copy else None
+    if statistics is None:
+        statistics = compute_statistics(graph, device, progress, pool)
+    stats = statistics.stats
+    bytes_read = statistics.bytes_read
 
     def pending(key: str) -> list[tuple[OutputPlan, Sink]]:
         return [(plan, sink) for plan, sink, finished in zip(graph.outputs, sinks, done)
@@ -120,14 +121,17 @@ def execute(
     with _WriteBehind() as writes:
         for key, raw in _prefetch(graph, [k for k in graph.keys if pending(k)], needed, pool):
             plans = [plan for plan, _ in pending(key)]
-            if _in_slices(graph, key, [plan.output.node for plan in plans], raw, device) and all(
-                    _sliceable_output(graph, plan, key) for plan in plans):
-                values = _sliced_output_values(graph, key, plans, raw, device, stats, allow_non_finite, pool)
+            refs = [plan.output.node for plan in plans]
+            sliced = _in_slices(graph, key, refs, raw, device) and all(
+                _sliceable_output(graph, plan, key) for plan in plans)
+            key_stats = _key_statistics(graph, key, refs, raw, device, stats, sliced)
+            if sliced:
+                values = _sliced_output_values(graph, key, plans, raw, device, key_stats, allow_non_finite, pool)
                 lazy_bytes = 0
                 _give_back(pool, raw.values())  # nothing computed in slices refers to the inputs
                 recycled = list(values)
             else:
-                env = _KeyValues(graph, key, raw, device, stats)
+                env = _KeyValues(graph, key, raw, device, key_stats)
                 values = [_output_value(graph, plan, env, allow_non_finite) for plan in plans]
                 lazy_bytes = env.lazy_bytes
                 del env
@@ -141,8 +145,32 @@ def execute(
             bytes_read += read_now
             if progress:
                 progress(read_now)
-    return Summary(tensors, bytes_read, writes.bytes_written, 1 + len(stages), time.perf_counter() - start,
+    return Summary(tensors, bytes_read, writes.bytes_written, 1 + statistics.passes, time.perf_counter() - start,
                    str(device))
+
+
+@dataclass(frozen=True)
+class Statistics:
+    """What the statistics passes left for the main pass: small per-node results, and what they cost."""
+
+    stats: dict[str, Any]
+    bytes_read: int
+    passes: int
+
+
+def compute_statistics(graph: Graph, device: torch.device, progress: Callable[[int], None] | None = None,
+                       pool: BufferPool | None = None) -> Statistics:
+    """Run every statistics (and alignment planning) pass the graph's operators need, in stages."""
+    stats: dict[str, Any] = {}
+    bytes_read = 0
+    stages = statistics_stages(graph)
+    for stage in stages:
+        bytes_read += _statistics_pass(graph, stage, device, stats, progress, pool or _pool(graph, 0))
+    return Statistics(stats, bytes_read, len(stages))
+
+
+def _pool(graph: Graph, outputs: int) -> BufferPool:
+    return BufferPool(capacity=2 * (len(graph.sources) + outputs) + 2)
 
 
 def _statistics_pass(graph: Graph, stage: Stage, device: torch.device, stats: dict[str, Any],
@@ -161,17 +189,14 @@ def _statistics_pass(graph: Graph, stage: Stage, device: torch.device, stats: di
     for key, raw in _prefetch(graph, keys, needed, pool):
         active = [(node, stat_pass, state) for (node, stat_pass), state in zip(entries, states)
                   if node.selects(key) and graph.is_floating(node.name, key)]
-        sliced = all(stat_pass.sliceable for _, stat_pass, _ in active) and _in_slices(
-            graph, key, [r for node, _, _ in active for r in node.refs()], raw, device)
+        refs = [r for node, _, _ in active for r in node.refs()]
+        sliced = all(stat_pass.sliceable for _, stat_pass, _ in active) and _in_slices(graph, key, refs, raw, device)
+        key_stats = _key_statistics(graph, key, refs, raw, device, stats, sliced)
         lazy_bytes = 0
-        with _one_thread() if sliced else nullcontext():
-            for _, part in _slices(raw) if sliced else [(0, raw)]:
-                env = _KeyValues(graph, key, part, device, stats,
-                                 shape=next(iter(part.values())).shape if sliced else None)
-                for node, stat_pass, state in active:
-                    stat_pass.accumulate(state, env.inputs(node), node.params_for(key), env.context(node))
-                lazy_bytes += env.lazy_bytes
-                del env
+        for env in _environments(graph, key, raw, device, key_stats, sliced):
+            for node, stat_pass, state in active:
+                stat_pass.accumulate(state, env.inputs(node), node.params_for(key), env.context(node))
+            lazy_bytes += env.lazy_bytes
         read_now = sum(t.nbytes for t in raw.values()) + lazy_bytes
         _give_back(pool, raw.values())
         del raw
@@ -227,12 +252,12 @@ def _sliceable_output(graph: Graph, plan: OutputPlan, key: str) -> bool:
             and graph.needed_for_output(plan, key) == graph.needed(plan.output.node, key))
 
 
-def _slices(raw: dict[str, torch.Tensor]) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-    """(start, {model: its flat elements [start, start + SLICE_ELEMENTS)}) over the key's elements."""
+def _slices(raw: dict[str, torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
+    """{model: its flat elements [start, start + SLICE_ELEMENTS)} for each start over the key's elements."""
     flat = {model: tensor.reshape(-1) for model, tensor in raw.items()}
     numel = next(iter(flat.values())).numel()
     for start in range(0, numel, SLICE_ELEMENTS):
-        yield start, {model: tensor[start:start + SLICE_ELEMENTS] for model, tensor in flat.items()}
+        yield {model: tensor[start:start + SLICE_ELEMENTS] for model, tensor in flat.items()}
 
 
 def _sliced_output_values(graph: Graph, key: str, plans: list[OutputPlan], raw: dict[str, torch.Tensor],
@@ -245,14 +270,13 @@ def _sliced_output_values(graph: Graph, key: str, plans: list[OutputPlan], raw: 
         nbytes = math.prod(shape) * dtype.itemsize
         outs.append(typed(pool.take(nbytes), dtype, shape) if pool else torch.empty(shape, dtype=dtype))
     flat_outs = [out.reshape(-1) for out in outs]
-    with _one_thread():
-        for start, part in _slices(raw):
-            env = _KeyValues(graph, key, part, device, stats, shape=next(iter(part.values())).shape)
-            for plan, out in zip(plans, flat_outs):
-                value = env.value(plan.output.node)
-                written = out[start:start + SLICE_ELEMENTS]
-                written.copy_(value if plan.element is None else value[plan.element])
-                _check_finite(written, plan, key, allow_non_finite)
+    for index, env in enumerate(_environments(graph, key, raw, device, stats, sliced=True)):
+        start = index * SLICE_ELEMENTS
+        for plan, out in zip(plans, flat_outs):
+            value = env.value(plan.output.node)
+            written = out[start:start + SLICE_ELEMENTS]
+            written.copy_(value if plan.element is None else value[plan.element])
+            _check_finite(written, plan, key, allow_non_finite)
     return outs
 
 
@@ -265,6 +289,40 @@ def _one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def _environments(graph: Graph, key: str, raw: dict[str, torch.Tensor], device: torch.device,
+                  stats: dict[str, Any], sliced: bool) -> Iterator[_KeyValues]:
+    """The key's values once, or once per slice of its elements (one intra-op thread meanwhile)."""
+    if not sliced:
+        yield _KeyValues(graph, key, raw, device, stats)
+        return
+    with _one_thread():
+        for part in _slices(raw):
+            yield _KeyValues(graph, key, part, device, stats, shape=next(iter(part.values())).shape)
+
+
+def _key_statistics(graph: Graph, key: str, refs: list[str], raw: dict[str, torch.Tensor], device: torch.device,
+                    stats: dict[str, Any], sliced: bool) -> dict[str, Any]:
+    """``stats`` with, for each node behind ``refs`` that has key passes, what they found at this key.
+
+    The passes of a node run one after another over the key (whole, or slice by slice), after those
+    of the nodes it reads, whose values they may need.
+    """
+    key_stats = stats
+    for name in graph.nodes_behind(refs):
+        node = graph.nodes[name]
+        if not node.selects(key) or not graph.is_floating(name, key):
+            continue
+        params = node.params_for(key)
+        found = stats.get(name)
+        for key_pass in node.op.key_passes(params, frozenset(node.inputs)):
+            state = key_pass.init(params, found)
+            for env in _environments(graph, key, raw, device, key_stats, sliced):
+                key_pass.accumulate(state, env.inputs(node), params, env.context(node))
+            found = key_pass.finalize(state, params, found)
+            key_stats = {**key_stats, name: found}
+    return key_stats
 
 
 def _give_back(pool: BufferPool | None, tensors: Iterable[torch.Tensor]) -> None:

@@ -127,7 +127,15 @@ class Graph:
         node = self.nodes[ref]
         if not node.selects(key):
             return node.result != CHECKPOINT or self.is_elementwise(node.primary, key)
-        return node.op.elementwise(node.params_for(key)) and all(self.is_elementwise(r, key) for r in node.refs())
+        params = node.params_for(key)
+        return (node.op.elementwise(params)
+                and all(p.sliceable for p in node.op.key_passes(params, frozenset(node.inputs)))
+                and all(self.is_elementwise(r, key) for r in node.refs()))
+
+    def nodes_behind(self, refs: list[str]) -> list[str]:
+        """The nodes computing ``refs``, their inputs included, in topological order."""
+        wanted = set().union(*(self._nodes_of(ref) for ref in refs))
+        return [name for name in self.nodes if name in wanted]
 
     def info(self, ref: str, key: str) -> TensorInfo:
         """Header facts of a key as ``ref`` sees it (from its first model holding the key; shapes agree)."""

@@ -48,14 +48,6 @@ class RunResult:
     outputs: list[dict]  # per output: path, tensors, shards, bytes
 
 
-class _FileSink:
-    def __init__(self, writer: CheckpointWriter):
-        self.writer = writer
-
-    def write(self, key: str, value: torch.Tensor) -> int:
-        return self.writer.write(key, value)
-
-
 def version() -> str:
     from importlib.metadata import PackageNotFoundError
     from importlib.metadata import version as package_version
@@ -75,12 +67,24 @@ def run_recipe(
     resume: bool = False,
     allow_non_finite: bool = False,
     allow_pickle: bool = False,
+    executor: str = "local",
+    address: str | None = None,
 ) -> RunResult:
     """Write every output of ``recipe``.
 
     A wrong input removes the partial outputs (nothing half-written is left); a write error or an
     interrupt keeps them, and ``resume`` then continues where the journal says the run stopped.
+    ``executor="ray"`` computes on a Ray cluster (``address``: ``auto``, ``HOST:PORT``, or None for
+    a local one) with the same bytes out (mergebench.ray_executor).
     """
+    if executor not in ("local", "ray"):
+        raise MergebenchError(f"--executor {executor}: expected local or ray")
+    if executor == "ray":
+        from mergebench.ray_executor import require_ray
+
+        require_ray()
+        if sources is not None:
+            raise MergebenchError("the Ray executor reads models from their files; in-memory sources run locally")
     torch_device = resolve_device(device)
     with ExitStack() as locks:
         graph = Graph(recipe, sources, allow_pickle=allow_pickle)
@@ -89,19 +93,19 @@ def run_recipe(
         for plan in graph.outputs:
             if plan.path.exists() and not force:
                 raise MergebenchError(f"{plan.path}: already exists (use --force to replace it)")
-        metadata = {"format": "pt", "mergebench_version": version(), "mergebench_recipe_sha256": recipe.sha256}
-        writers: list[CheckpointWriter] = []
+        writers: list[CheckpointWriter | ArtifactWriter] = []
         try:
             for plan in graph.outputs:
-                if plan.output.kind in ARTIFACT_TYPES:
-                    writers.append(ArtifactWriter(plan.path, plan.output.kind, _artifact_metadata(graph, plan)))
-                    continue
-                writers.append(CheckpointWriter(plan.path, list(plan.tensors), plan.output.shard_size,
-                                                metadata, identity=_identity(graph, plan), resume=resume))
+                writers.append(open_writer(graph, plan, resume))
             progress = progress_factory(graph) if progress_factory else None
-            summary = execute(graph, [_FileSink(w) for w in writers], torch_device, progress,
-                              done=[set(w.done) for w in writers], allow_non_finite=allow_non_finite,
-                              sinks_copy=True)
+            if executor == "ray":
+                from mergebench.ray_executor import run_on_ray
+
+                summary = run_on_ray(recipe, graph, writers, torch_device, address, progress,
+                                     allow_non_finite=allow_non_finite, allow_pickle=allow_pickle)
+            else:
+                summary = execute(graph, writers, torch_device, progress, done=[set(w.done) for w in writers],
+                                  allow_non_finite=allow_non_finite, sinks_copy=True)
             results = []
             for plan, writer in zip(graph.outputs, writers):
                 writer.finish_weights()
@@ -120,6 +124,15 @@ def run_recipe(
                 writer.close()
             raise
     return RunResult(summary, results)
+
+
+def open_writer(graph: Graph, plan: OutputPlan, resume: bool) -> CheckpointWriter | ArtifactWriter:
+    """One output's writer: preallocated shards in ``OUT.partial`` (reopened to resume), or an artifact file."""
+    if plan.output.kind in ARTIFACT_TYPES:
+        return ArtifactWriter(plan.path, plan.output.kind, _artifact_metadata(graph, plan))
+    metadata = {"format": "pt", "mergebench_version": version(), "mergebench_recipe_sha256": graph.recipe.sha256}
+    return CheckpointWriter(plan.path, list(plan.tensors), plan.output.shard_size, metadata,
+                            identity=_identity(graph, plan), resume=resume)
 
 
 def _artifact_metadata(graph: Graph, plan: OutputPlan) -> dict[str, str]:

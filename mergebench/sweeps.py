@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from mergebench.errors import MergebenchError
-from mergebench.recipe import build_recipe, read_yaml
+from mergebench.recipe import Recipe, build_recipe, read_yaml
 from mergebench.runner import run_recipe
 
 Evaluator = Callable[[Path], dict[str, float]]
@@ -127,32 +127,74 @@ def run_sweep(
     device: str = "auto",
     force: bool = False,
     plot: bool = True,
+    executor: str = "local",
+    address: str | None = None,
+    resources: dict[str, float] | None = None,
 ) -> list[SweepPoint]:
-    """Merge every grid point (one pass when it can), evaluate each, write results.csv and sweep.png."""
+    """Merge every grid point (one pass when it can), evaluate each, write results.csv and sweep.png.
+
+    ``executor="ray"``: each point, its merge then its evaluation, is a Ray task needing ``resources``
+    (``num_cpus``, ``num_gpus``); the outputs folder must be on storage the cluster's nodes share.
+    """
     recipe_path, out_dir = Path(recipe_path), Path(out_dir)
     data, lines = read_yaml(recipe_path)
     expanded, points = expand(data, grid, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     base_dir = recipe_path.resolve().parent
-    try:
-        run_recipe(build_recipe(expanded, recipe_path, lines, {}, base_dir=base_dir), device=device, force=force)
-    except MergebenchError:  # find the failing points: run them one at a time
-        for point in points:
-            single, _ = expand(data, {t: [v] for t, v in point.params.items()}, out_dir)
-            single["outputs"] = [{**o, "path": str(p.resolve())} for o, p in zip(single["outputs"], point.outputs)]
-            try:
-                run_recipe(build_recipe(single, recipe_path, lines, {}, base_dir=base_dir), device=device,
-                           force=force)
-            except MergebenchError as exc:
-                point.error = f"merge failed: {exc}"
-    if evaluate is not None:
-        for point in points:
-            if point.error is None:
-                _evaluate(point, evaluate)
+
+    def single_point(point: SweepPoint) -> Recipe:
+        single, _ = expand(data, {t: [v] for t, v in point.params.items()}, out_dir)
+        single["outputs"] = [{**o, "path": str(p.resolve())} for o, p in zip(single["outputs"], point.outputs)]
+        return build_recipe(single, recipe_path, lines, {}, base_dir=base_dir)
+
+    if executor == "ray":
+        _run_points_on_ray(points, [single_point(p) for p in points], evaluate, device, force, address,
+                           resources or {})
+    elif executor != "local":
+        raise MergebenchError(f"--executor {executor}: expected local or ray")
+    else:
+        try:
+            run_recipe(build_recipe(expanded, recipe_path, lines, {}, base_dir=base_dir), device=device, force=force)
+        except MergebenchError:  # find the failing points: run them one at a time
+            for point in points:
+                point.error = _merge_point(single_point(point), device, force)
+        if evaluate is not None:
+            for point in points:
+                if point.error is None:
+                    _evaluate(point, evaluate)
     write_results(points, out_dir / "results.csv")
     if plot and evaluate is not None and any(p.metrics for p in points):
         plot_results(points, out_dir / "sweep.png")
     return points
+
+
+def _merge_point(recipe: Recipe, device: str, force: bool) -> str | None:
+    """Merge one point; the error to report, if any."""
+    try:
+        run_recipe(recipe, device=device, force=force)
+    except MergebenchError as exc:
+        return f"merge failed: {exc}"
+    return None
+
+
+def _point_task(point: SweepPoint, recipe: Recipe, evaluate: Evaluator | str | None, device: str,
+                force: bool) -> SweepPoint:
+    """One point on a Ray worker: its merge, then its evaluation."""
+    point.error = _merge_point(recipe, device, force)
+    if point.error is None and evaluate is not None:
+        _evaluate(point, evaluate)
+    return point
+
+
+def _run_points_on_ray(points: list[SweepPoint], recipes: list[Recipe], evaluate: Evaluator | str | None,
+                       device: str, force: bool, address: str | None, resources: dict[str, float]) -> None:
+    from mergebench.ray_executor import connect
+
+    ray = connect(address)
+    task = ray.remote(**resources)(_point_task)
+    done = ray.get([task.remote(point, recipe, evaluate, device, force) for point, recipe in zip(points, recipes)])
+    for point, result in zip(points, done):
+        point.metrics, point.error = result.metrics, result.error
 
 
 def _evaluate(point: SweepPoint, evaluate: Evaluator | str) -> None:

@@ -139,6 +139,7 @@ class Operator:
     signatures: tuple[Signature, ...]
     execution: str
     passes: Passes = no_passes
+    key_passes: Passes = no_passes
     check: Callable[[Params, dict[str, int]], str | None] | None = None
     series: Callable[[Params, list[int]], list[int] | None] | None = None
     paper: str = ""
@@ -173,6 +174,7 @@ def operator(
     params: type[Params] = NoParams,
     execution: str = "per-tensor",
     passes: Passes | tuple[StatisticsPass, ...] = (),
+    key_passes: Passes = no_passes,
     check: Callable[[Params, dict[str, int]], str | None] | None = None,
     series: Callable[[Params, list[int]], list[int] | None] | None = None,
     paper: str = "",
@@ -196,6 +198,9 @@ def operator(
     ``series(params, steps)`` is for sequence operators that can emit a series: the steps emitted for
     a run with these steps, or None for a single result; with a series the node yields a list of
     Checkpoints, one per emitted step, and an output writes each into ``PATH/step-N``.
+    ``key_passes`` are statistics passes over one key at a time (a per-tensor top-k threshold): they
+    run on the key's inputs already in memory, just before the key is computed, and their result is
+    that key's ``ctx.stats``. Being passes, they let a per-tensor statistic be gathered slice by slice.
     ``elementwise`` (or a function of the parameters saying so) promises that each element of the
     result depends only on the same element of every input, the key and ``ctx.stats``: the executor
     may then compute a large tensor slice by slice, which keeps the float32 temporaries small and
@@ -210,6 +215,7 @@ def operator(
             signatures=tuple(signatures),
             execution=execution,
             passes=passes if callable(passes) else (lambda params, slots, fixed=tuple(passes): fixed),
+            key_passes=key_passes,
             check=check,
             series=series,
             paper=paper,

@@ -50,7 +50,7 @@ def ties_merge(taus: list[torch.Tensor], p: TiesParams, ctx: KeyContext) -> torc
 
     Accumulates in place, task by task, so a key costs about two tensors per task, not a stack of them.
     """
-    if p.scope == "global":
+    if ctx.stats is not None:  # found by the passes: over the model (global) or over this key (per tensor)
         thresholds, majority = ctx.stats["thresholds"], ctx.stats["majority"]
     elif p.density >= 1:
         thresholds, majority = [0.0] * len(taus), None
@@ -83,8 +83,13 @@ def ties_merge(taus: list[torch.Tensor], p: TiesParams, ctx: KeyContext) -> torc
     return merged.mul_(p.lambda_)
 
 
-def ties_passes(vectors: VectorsFn, sliceable: bool) -> Callable[[Params, frozenset[str]], tuple[StatisticsPass, ...]]:
-    """Global scope: the exact per-task thresholds (two histogram passes), then the majority sign."""
+def ties_passes(vectors: VectorsFn, sliceable: bool, scope: str = "global"
+                ) -> Callable[[Params, frozenset[str]], tuple[StatisticsPass, ...]]:
+    """The exact per-task thresholds (two histogram passes), then the majority sign, for params of ``scope``.
+
+    As key passes (``scope="per_tensor"``) they find the per-tensor thresholds the same way, so a large
+    tensor is merged slice by slice instead of through tensor-sized temporaries.
+    """
 
     def majority_init(p: TiesParams, stats: Any) -> dict[str, Any]:
         return {"thresholds": stats["thresholds"] if stats else None, "elected": 0}
@@ -104,7 +109,7 @@ def ties_passes(vectors: VectorsFn, sliceable: bool) -> Callable[[Params, frozen
     majority_pass = StatisticsPass(majority_init, count_signs, majority_done, sliceable=sliceable)
 
     def passes(p: Params, slots: frozenset[str]) -> tuple[StatisticsPass, ...]:
-        if p.scope != "global":
+        if p.scope != scope:
             return ()
         needs_threshold = 0 < p.density < 1
         return (*threshold_passes, majority_pass) if needs_threshold else (majority_pass,)
@@ -120,7 +125,8 @@ def _ties_vectors(inputs: dict[str, Any], p: Params, ctx: KeyContext) -> list[to
     "ties",
     paper="Yadav et al., TIES-Merging, NeurIPS 2023 (arXiv:2306.01708)",
     signatures=SIGNATURES, params=TiesParams, execution="global statistic",
-    passes=ties_passes(_ties_vectors, sliceable=True), elementwise=lambda p: p.scope == "global")
+    passes=ties_passes(_ties_vectors, sliceable=True),
+    key_passes=ties_passes(_ties_vectors, sliceable=True, scope="per_tensor"), elementwise=True)
 def ties(p: TiesParams, ctx: KeyContext, base=None, models=None, deltas=None) -> torch.Tensor:
     """TIES-merging: θ = θ_base + λ·τ_m, τ_m the disjoint merge of trimmed, sign-agreeing task vectors."""
     return finish(ties_merge(task_vectors(base, models, deltas), p, ctx), base)

@@ -16,8 +16,10 @@ NODES = {
     "ties_global": {"op": "ties", "inputs": {"base": "base", "models": ["ft1", "ft2"]},
                     "params": {"density": 0.3, "scope": "global"}},
     "lines": {"op": "lines", "inputs": {"base": "base", "fine_tuned": "ft1"}, "params": {"alpha": 0.2}},
-    "ties_per_tensor": {"op": "ties", "inputs": {"base": "base", "models": ["ft1", "ft2"]},
+    "ties_per_tensor": {"op": "ties", "inputs": {"base": "base", "models": ["ft1", "ft2"]},  # key passes
                         "params": {"density": 0.3, "scope": "per_tensor"}},
+    "dare_ties": {"op": "dare_ties", "inputs": {"base": "base", "models": ["ft1", "ft2"]},
+                  "params": {"p": 0.5, "scope": "per_tensor"}},
 }
 
 
@@ -50,7 +52,7 @@ def test_slices_give_the_same_bytes_as_whole_tensors(tmp_path, cli, llama_models
     assert sliced.keys() == whole.keys()
     for key in whole:
         assert torch.equal(sliced[key].view(torch.uint8), whole[key].view(torch.uint8)), key
-    if merge == "ties_per_tensor":  # a per-tensor top-k is not elementwise: never sliced
+    if merge == "dare_ties":  # a random drop of the whole tensor is not elementwise: never sliced
         assert not sliced_keys
     else:
         assert sum(n > 1000 for n in sliced_keys) >= 10
