@@ -8,6 +8,11 @@ strictly increasing row-major flat indices (``sparse/K/indices``, int64) and the
 
 In a recipe an artifact is a model like any other; its type (Mask or SparseDelta) comes from the
 ``format`` in its header, and each key reads back as a dense bool mask or float32 delta.
+
+An *Activations* file holds, per layer of a chain, what that layer output on inputs shared by the
+models being aligned (``activations/LAYER``, float32 ``[samples, neurons]``; mergebench.activations
+records them). As a source it lists each under the layer's weight key (``LAYER.weight``), so the
+alignment planning pass sees a layer's activations beside its weights.
 """
 
 from __future__ import annotations
@@ -25,10 +30,11 @@ import torch
 from mergebench.checkpoint import Checkpoint, sampled_fingerprint
 from mergebench.errors import MergebenchError
 from mergebench.layers import BlockIndex
-from mergebench.operators.base import MASK, SPARSE_DELTA
+from mergebench.operators.base import ACTIVATIONS, MASK, SPARSE_DELTA
 from mergebench.safetensors_format import TensorInfo, encode_header, read_header
 
-FORMATS = {MASK: "mergebench.mask/1", SPARSE_DELTA: "mergebench.sparse_delta/1"}
+FORMATS = {MASK: "mergebench.mask/1", SPARSE_DELTA: "mergebench.sparse_delta/1",
+           ACTIVATIONS: "mergebench.activations/1"}
 TYPES = {name: value_type for value_type, name in FORMATS.items()}
 
 
@@ -51,9 +57,14 @@ class ArtifactSource:
         metadata = read_header(self.path).metadata
         self.value_type = TYPES.get(metadata.get("format", ""))
         if self.value_type is None:
-            raise MergebenchError(f"{self.path}: not a mergebench mask or sparse delta")
+            raise MergebenchError(f"{self.path}: not a mergebench mask, sparse delta or activations file")
         self.metadata = metadata
         self._shapes: dict[str, tuple[int, ...]] = {}
+        if self.value_type == ACTIVATIONS:
+            for name, info in self._file._infos.items():
+                if not name.startswith("activations/") or len(info.shape) != 2 or not info.is_floating:
+                    raise MergebenchError(f"{self.path}: '{name}' is not activations/LAYER of shape [samples, neurons]")
+                self._shapes[name[len("activations/"):] + ".weight"] = info.shape
         for name, value in metadata.items():
             if name.startswith("shape/"):
                 try:
@@ -75,6 +86,8 @@ class ArtifactSource:
     def read(self, key: str) -> torch.Tensor:
         shape = self._shapes[key]
         numel = math.prod(shape)
+        if self.value_type == ACTIVATIONS:
+            return self._file.read(f"activations/{key.removesuffix('.weight')}").to(torch.float32)
         if self.value_type == MASK:
             packed = self._file.read(f"mask/{key}").numpy()
             bits = np.unpackbits(packed, count=numel, bitorder="big")
@@ -89,6 +102,8 @@ class ArtifactSource:
 
     def stored_entries(self, key: str) -> int:
         """How many entries of a key the file stores (set bits of a mask, indices of a sparse delta)."""
+        if self.value_type == ACTIVATIONS:
+            return math.prod(self._shapes[key])
         if self.value_type == MASK:
             return int(self.read(key).sum())
         return self._file.info(f"sparse/{key}/indices").numel
@@ -126,6 +141,8 @@ class ArtifactWriter:
         self._finished_elsewhere = True
 
     def write(self, key: str, value: torch.Tensor) -> int:
+        if self.value_type == ACTIVATIONS:  # ``key`` is a layer; the values are kept as they are
+            return self._add(f"activations/{key}", value.detach().to("cpu", torch.float32))
         flat = value.detach().to("cpu").reshape(-1)
         self.metadata[f"shape/{key}"] = json.dumps(list(value.shape))
         self.dense_bytes += flat.numel() * 4

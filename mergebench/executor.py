@@ -351,6 +351,8 @@ def _buffer(primary: str, models: Iterable[str], env: _KeyValues) -> torch.Tenso
     """OPERATORS.md §0.2: integer and bool tensors are copied from the primary model, never combined."""
     reference = env.raw[primary]
     for model in models:
+        if model not in env.raw:  # an artifact (mask, activations) holds no buffers
+            continue
         other = env.raw[model]
         if other.dtype != reference.dtype or not torch.equal(other, reference):
             raise MergebenchError(f"buffer '{env.key}' differs between models '{primary}' and '{model}' "

@@ -15,7 +15,7 @@ import torch
 
 from mergebench.checkpoint import Source, open_checkpoint
 from mergebench.errors import MergebenchError
-from mergebench.operators.base import ARTIFACT_TYPES, CHECKPOINT
+from mergebench.operators.base import ACTIVATIONS, ARTIFACT_TYPES, CHECKPOINT
 from mergebench.recipe import Node, Output, Recipe, primary_model
 from mergebench.safetensors_format import TensorInfo
 from mergebench.vocab import TOKENIZER_FILE, VocabPlan, first_difference, plan_vocab, read_vocab
@@ -151,7 +151,7 @@ class Graph:
         for key in self.keys:
             models = set().union(*(self.needed_for_output(plan, key) for plan in self.outputs if key in
                                    plan.dtypes))
-            total += sum(self.sources[m].info(key).nbytes for m in models)
+            total += sum(self.sources[m].info(key).nbytes for m in models if key in self.sources[m].keys)
         return total
 
     @cached_property
@@ -175,6 +175,9 @@ class Graph:
         if not self.is_floating(plan.primary, key):
             return set(plan.models)
         return self.needed(plan.output.node, key)
+
+    def is_activations(self, name: str) -> bool:
+        return getattr(self.sources.get(name), "value_type", None) == ACTIVATIONS
 
     def is_artifact(self, name: str) -> bool:
         return getattr(self.sources.get(name), "value_type", None) in ARTIFACT_TYPES
@@ -238,8 +241,8 @@ class Graph:
                 continue
             info = reference.info(key)
             for model in models[1:]:
-                if key not in self.sources[model].keys:
-                    continue  # an artifact that leaves the key out: all-False / zero there
+                if key not in self.sources[model].keys or self.is_activations(model):
+                    continue  # an artifact that leaves the key out (all-False / zero there), or a layer's activations
                 other = self.sources[model].info(key)
                 # masks (bool) sit beside weights by design; the recipe's types already checked them
                 kinds_differ = other.is_floating != info.is_floating and torch.bool not in (other.dtype, info.dtype)

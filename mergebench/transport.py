@@ -48,8 +48,14 @@ def transport_map(cost: np.ndarray, solver: str, reg: float, num_iter_max: int =
 
 def layer_maps(weights_a: list[torch.Tensor], weights_b: list[torch.Tensor], biases_a: list[torch.Tensor | None],
                biases_b: list[torch.Tensor | None], solver: str, reg: float, squared: bool,
-               last_layer: str) -> list[torch.Tensor | None]:
-    """T̂_l for every layer of a chain (None for a last layer fused by identity)."""
+               last_layer: str, activations: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
+               ) -> list[torch.Tensor | None]:
+    """T̂_l for every layer of a chain (None for a last layer fused by identity).
+
+    With ``activations`` (each layer's ``[samples, neurons]`` outputs of A and of B on the same inputs)
+    the ground cost compares what the neurons compute rather than their weights (OTFusion's
+    activation-based variant): it needs no alignment of the layer's inputs.
+    """
     maps: list[torch.Tensor | None] = []
     incoming = None
     for index, (w_a, w_b) in enumerate(zip(weights_a, weights_b)):
@@ -57,6 +63,11 @@ def layer_maps(weights_a: list[torch.Tensor], weights_b: list[torch.Tensor], bia
         if index == len(weights_a) - 1 and last_layer == "identity":
             maps.append(None)
             break
+        if activations is not None:
+            incoming = transport_map(ground_cost(activations[0][index].double().T, activations[1][index].double().T,
+                                                 squared), solver, reg)
+            maps.append(incoming)
+            continue
         rows_a, rows_b = rows_a.reshape(rows_a.shape[0], -1), w_b.double().reshape(w_b.shape[0], -1)
         if biases_a[index] is not None and biases_b[index] is not None:
             rows_a = torch.cat([rows_a, biases_a[index].double().unsqueeze(1)], 1)

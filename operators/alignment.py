@@ -19,6 +19,7 @@ from mergebench import permutations, transport
 from mergebench.errors import MergebenchError
 from mergebench.numerics import weighted_sum
 from mergebench.operators.base import (
+    ACTIVATIONS,
     CHECKPOINT,
     KeyContext,
     Params,
@@ -104,15 +105,26 @@ def _align_passes(p: AlignParams, slots: frozenset[str]) -> tuple[StatisticsPass
     return ALIGN_OT if p.method == "ot" else ALIGN_MATCHING
 
 
+def _check_align(p: AlignParams, lengths: dict[str, int]) -> str | None:
+    if "activations" not in lengths:
+        return None
+    if p.method != "ot":
+        return "activations set the ground cost of method: ot; weight matching compares weights"
+    return None if lengths["activations"] == 2 else "activations: one file per model, [model's, reference's]"
+
+
 @operator(
     "align",
     paper=REBASIN + "; Singh & Jaggi, NeurIPS 2020 (arXiv:1910.05653) with method: ot",
-    signatures=[signature(CHECKPOINT, model=CHECKPOINT, reference=CHECKPOINT)],
+    signatures=[signature(CHECKPOINT, model=CHECKPOINT, reference=CHECKPOINT),
+                signature(CHECKPOINT, model=CHECKPOINT, reference=CHECKPOINT, activations=list_of(ACTIVATIONS))],
     params=AlignParams,
     execution="cross-tensor",
     passes=_align_passes,
+    check=_check_align,
 )
-def align(model: torch.Tensor, reference: torch.Tensor, p: AlignParams, ctx: KeyContext) -> torch.Tensor:
+def align(model: torch.Tensor, reference: torch.Tensor, p: AlignParams, ctx: KeyContext,
+          activations: list[torch.Tensor] | None = None) -> torch.Tensor:
     """The model with its hidden units permuted onto the reference's: the same function, matching features."""
     if p.method == "ot":
         return transported(model, 0, p.layers or [], ctx)
@@ -160,6 +172,8 @@ def _ot_planning(models_of: Callable[[dict[str, Any]], list[torch.Tensor]],
         where = _chain_key(ctx.key, p.layers or [])
         if where is not None:
             state[where] = [t.double().cpu() for t in models_of(inputs)]
+            if "activations" in inputs and where[1] == "weight":
+                state[where[0], "activations"] = [a.double().cpu() for a in inputs["activations"]]
 
     def finalize(state: dict[str, Any], p: Params, stats: Any) -> dict[str, Any]:
         missing = [layer for i, layer in enumerate(p.layers or []) if (i, "weight") not in state]
@@ -173,14 +187,37 @@ def _ot_planning(models_of: Callable[[dict[str, Any]], list[torch.Tensor]],
                 continue
             weights = [state[i, "weight"] for i in range(len(p.layers))]
             biases = [state.get((i, "bias")) for i in range(len(p.layers))]
+            activations = _activations(state, p.layers, weights, m, anchor)
             maps[m] = transport.layer_maps(
                 [w[m] for w in weights], [w[anchor] for w in weights],
                 [b[m] if b and p.bias_in_cost else None for b in biases],
                 [b[anchor] if b and p.bias_in_cost else None for b in biases],
-                p.solver, p.reg, p.squared, p.last_layer)
+                p.solver, p.reg, p.squared, p.last_layer, activations)
         return {"maps": maps, "anchor": anchor}
 
     return (StatisticsPass(lambda p, stats: {}, accumulate, finalize),)
+
+
+def _activations(state: dict[str, Any], layers: list[str], weights: list[list[torch.Tensor]], model: int,
+                 anchor: int) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+    """Each layer's activations of ``model`` and of the anchor, checked against the layer widths; None without."""
+    if (0, "activations") not in state:
+        return None
+    pair: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+    for index, layer in enumerate(layers):
+        recorded = state[index, "activations"]
+        for side, m in zip(pair, (model, anchor)):
+            width = weights[index][m].shape[0]
+            if recorded[m].dim() != 2 or recorded[m].shape[1] != width:
+                raise MergebenchError(f"OT alignment: the activations of layer '{layer}' for model {m} have shape "
+                                      f"{list(recorded[m].shape)}; the layer has {width} neurons "
+                                      f"([samples, {width}] expected)")
+            side.append(recorded[m])
+        if recorded[model].shape[0] != recorded[anchor].shape[0]:
+            raise MergebenchError(f"OT alignment: the activations of layer '{layer}' were recorded on "
+                                  f"{recorded[model].shape[0]} and {recorded[anchor].shape[0]} samples; "
+                                  f"they must come from the same inputs")
+    return pair
 
 
 def _check_fusion(p: OTFusionParams, lengths: dict[str, int]) -> str | None:
@@ -188,20 +225,24 @@ def _check_fusion(p: OTFusionParams, lengths: dict[str, int]) -> str | None:
         return "ot_fusion takes at least 2 models"
     if not -lengths["models"] <= p.anchor < lengths["models"]:
         return f"anchor {p.anchor} is not a position in models"
+    if "activations" in lengths and lengths["activations"] != lengths["models"]:
+        return f"activations: one file per model, in the same order ({lengths['activations']} for {lengths['models']})"
     return None
 
 
 @operator(
     "ot_fusion",
     paper="Singh & Jaggi, Model Fusion via Optimal Transport, NeurIPS 2020 (arXiv:1910.05653)",
-    signatures=[signature(CHECKPOINT, models=list_of(CHECKPOINT))],
+    signatures=[signature(CHECKPOINT, models=list_of(CHECKPOINT)),
+                signature(CHECKPOINT, models=list_of(CHECKPOINT), activations=list_of(ACTIVATIONS))],
     params=OTFusionParams,
     execution="cross-tensor",
     passes=_ot_planning(lambda inputs: inputs["models"], lambda p, count: p.anchor % count),
     check=_check_fusion,
     anchor=lambda p, count: p.anchor % count,
 )
-def ot_fusion(models: list[torch.Tensor], p: OTFusionParams, ctx: KeyContext) -> torch.Tensor:
+def ot_fusion(models: list[torch.Tensor], p: OTFusionParams, ctx: KeyContext,
+              activations: list[torch.Tensor] | None = None) -> torch.Tensor:
     """OT fusion: each model's neurons transported onto the anchor's, layer by layer, then averaged."""
     anchor = ctx.stats["anchor"]
     aligned = [tensor if m == anchor else transported(tensor, m, p.layers, ctx) for m, tensor in enumerate(models)]

@@ -25,7 +25,8 @@ DELTA = "Delta"
 SEQUENCE = "Sequence"  # ordered checkpoints of one training run, with their steps
 MASK = "Mask"  # per key, a boolean tensor (an artifact file: mergebench.artifacts)
 SPARSE_DELTA = "SparseDelta"  # per key, a delta stored as indices and values (an artifact file)
-ARTIFACT_TYPES = (MASK, SPARSE_DELTA)
+ACTIVATIONS = "Activations"  # per layer, [samples, neurons] recorded on shared inputs (an artifact file)
+ARTIFACT_TYPES = (MASK, SPARSE_DELTA, ACTIVATIONS)
 
 
 def list_of(value_type: str) -> str:

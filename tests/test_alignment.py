@@ -248,3 +248,70 @@ def test_weight_matching_across_conv_flatten_linear():
     aligned = ops.align(model=b.state_dict(), reference=a.state_dict(), layers=["conv", "fc"])
     b.load_state_dict(aligned)
     torch.testing.assert_close(b(x), expected, rtol=1e-5, atol=1e-6)  # channels and their flattened blocks moved
+
+
+def _mlp_and_permuted_copy(tmp_path):
+    """An MLP, the same MLP with both hidden layers' units shuffled, and each one's recorded activations."""
+    from mergebench.activations import record_activations, save_activations
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 12), torch.nn.ReLU(),
+                              torch.nn.Linear(12, 3))
+    p1, p2 = torch.randperm(16), torch.randperm(12)
+    state = {k: v.detach().clone() for k, v in mlp.state_dict().items()}
+    shuffled = {"0.weight": state["0.weight"][p1], "0.bias": state["0.bias"][p1],
+                "2.weight": state["2.weight"][p2][:, p1], "2.bias": state["2.bias"][p2],
+                "4.weight": state["4.weight"][:, p2], "4.bias": state["4.bias"]}
+    twin = torch.nn.Sequential(*[type(m)(*([m.in_features, m.out_features] if hasattr(m, "in_features") else []))
+                                 for m in mlp])
+    twin.load_state_dict(shuffled)
+    inputs = torch.randn(200, 8)
+    for name, model, weights in (("a", mlp, state), ("b", twin, shuffled)):
+        save_checkpoint(weights, tmp_path / name)
+        save_activations(record_activations(model, inputs, ["0", "2", "4"]), tmp_path / f"acts_{name}.safetensors",
+                         model=name)
+    return state, shuffled
+
+
+@pytest.mark.parametrize("op", ["align", "ot_fusion"])
+def test_activation_cost_finds_the_shuffle(tmp_path, cli, op):
+    state, shuffled = _mlp_and_permuted_copy(tmp_path)
+    params = {"layers": ["0", "2", "4"], **({"method": "ot"} if op == "align" else {})}
+
+    def run(activations: list[str]) -> dict[str, torch.Tensor]:
+        inputs = {"model": "a", "reference": "b"} if op == "align" else {"models": ["a", "b"]}
+        out = f"out-{'-'.join(activations)}"
+        recipe = write_recipe(tmp_path / "r.yaml", {
+            "models": {"a": "a", "b": "b", "acts_a": "acts_a.safetensors", "acts_b": "acts_b.safetensors"},
+            "nodes": {"x": {"op": op, "inputs": {**inputs, "activations": activations}, "params": params}},
+            "outputs": [{"from": "x", "path": out}],
+        })
+        result = cli("run", recipe, "--quiet")
+        assert result.exit_code == 0, result.output
+        return read_checkpoint(tmp_path / out)
+
+    matched = run(["acts_a", "acts_b"])  # A's units carried onto B's: A becomes B (fused: the average of equals)
+    for key, value in shuffled.items():
+        close(matched[key], value, tol=1e-5)
+    blind = run(["acts_a", "acts_a"])  # the same activations twice: the cost says "keep the order"
+    for key, value in state.items():
+        expected = value if op == "align" else (value + shuffled[key]) / 2
+        close(blind[key], expected, tol=1e-5)
+
+
+def test_activations_must_match_the_layer_widths(tmp_path, cli):
+    _mlp_and_permuted_copy(tmp_path)
+    from mergebench.activations import save_activations
+
+    save_activations({"0": torch.randn(200, 16), "2": torch.randn(200, 11), "4": torch.randn(200, 3)},
+                     tmp_path / "acts_bad.safetensors")
+    recipe = write_recipe(tmp_path / "r.yaml", {
+        "models": {"a": "a", "b": "b", "acts_a": "acts_a.safetensors", "acts_bad": "acts_bad.safetensors"},
+        "nodes": {"x": {"op": "ot_fusion", "inputs": {"models": ["a", "b"], "activations": ["acts_a", "acts_bad"]},
+                        "params": {"layers": ["0", "2", "4"]}}},
+        "outputs": [{"from": "x", "path": "out"}],
+    })
+    result = cli("run", recipe)
+    assert result.exit_code == 2
+    assert "activations of layer '2' for model 1 have shape [200, 11]; the layer has 12 neurons" in result.output
+    assert not (tmp_path / "out").exists()
