@@ -38,7 +38,7 @@ from mergebench.operators.base import (
 from mergebench.recipe import Node
 
 PREFETCH_KEYS = 1  # keys read ahead of the one being computed: overlap without doubling memory twice
-SLICE_ELEMENTS = 1 << 17  # float32 slices of 512 KiB: below the allocator's mmap threshold, so reused
+SLICE_ELEMENTS = 1 << 16  # float32 slices of 256 KiB: in L2 cache, below the mmap threshold (reused); measured best
 WRITES_IN_FLIGHT = 1  # finished tensors waiting for the writer thread
 
 Value = Any  # a tensor, or a list of tensors for list-valued nodes
@@ -297,9 +297,11 @@ def _environments(graph: Graph, key: str, raw: dict[str, torch.Tensor], device: 
     if not sliced:
         yield _KeyValues(graph, key, raw, device, stats)
         return
+    generators: dict[str, dict] = {}  # per node: random draws continue from slice to slice
     with _one_thread():
         for part in _slices(raw):
-            yield _KeyValues(graph, key, part, device, stats, shape=next(iter(part.values())).shape)
+            yield _KeyValues(graph, key, part, device, stats, shape=next(iter(part.values())).shape,
+                             generators=generators)
 
 
 def _key_statistics(graph: Graph, key: str, refs: list[str], raw: dict[str, torch.Tensor], device: torch.device,
@@ -364,10 +366,12 @@ class _KeyValues:
     """Per-key values of models and nodes, each computed at most once for this key."""
 
     def __init__(self, graph: Graph, key: str, raw: dict[str, torch.Tensor], device: torch.device,
-                 stats: dict[str, Any], shape: tuple[int, ...] | None = None):
+                 stats: dict[str, Any], shape: tuple[int, ...] | None = None,
+                 generators: dict[str, dict] | None = None):
         self.graph = graph
         self.key = key
         self.shape = shape  # a slice of the key's elements (see _sliced_output_values), else None
+        self.generators = generators
         self.raw = raw
         self.device = device
         self.stats = stats
@@ -417,7 +421,8 @@ class _KeyValues:
         blocks = block_index_for(keys)
         position = blocks.position(self.key)
         block, num_blocks = position if position else (None, max(blocks.stacks.values(), default=0))
-        return KeyContext(self.key, block, num_blocks, keys, node.seed, self.stats.get(node.name))
+        generators = None if self.generators is None else self.generators.setdefault(node.name, {})
+        return KeyContext(self.key, block, num_blocks, keys, node.seed, self.stats.get(node.name), generators)
 
     def _unchanged(self, node: Node) -> Value:
         """An unselected key: a Checkpoint keeps its primary input's value, a Delta is zero."""

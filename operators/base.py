@@ -92,10 +92,20 @@ class KeyContext:
     keys: tuple[str, ...]  # every key of the primary model, for operators with their own block rules
     seed: int
     stats: Any = None  # what the operator's statistics passes found, if it has any
+    generators: dict[tuple[str, int], torch.Generator] | None = None  # shared by the slices of one sweep
 
     def generator(self, stream: str, input_index: int) -> torch.Generator:
-        """A CPU generator for this key, so random draws do not depend on device, order or sharding."""
-        return torch.Generator(device="cpu").manual_seed(draw_seed(self.seed, stream, input_index, self.key))
+        """A CPU generator for this key, so random draws do not depend on device, order or sharding.
+
+        When a key is computed in slices, the slices of one sweep share each generator: the draws
+        continue where the previous slice stopped, so they are those of the whole tensor in order.
+        """
+        if self.generators is not None and (stream, input_index) in self.generators:
+            return self.generators[stream, input_index]
+        made = torch.Generator(device="cpu").manual_seed(draw_seed(self.seed, stream, input_index, self.key))
+        if self.generators is not None:
+            self.generators[stream, input_index] = made
+        return made
 
 
 @dataclass(frozen=True)

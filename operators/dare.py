@@ -85,7 +85,7 @@ def _dropped(p: DareParams | DarexQParams, ctx: KeyContext, base, models, deltas
 @operator(
     "dare",
     paper="Yu et al., Language Models are Super Mario, ICML 2024 (arXiv:2311.03099)",
-    signatures=DROP_SIGNATURES, params=DareParams)
+    signatures=DROP_SIGNATURES, params=DareParams, elementwise=True)
 def dare(p: DareParams, ctx: KeyContext, base=None, models=None, deltas=None) -> list[torch.Tensor]:
     """DARE: each task vector keeps an entry with probability 1 − p, kept entries divided by 1 − p."""
     return _dropped(p, ctx, base, models, deltas)
@@ -94,7 +94,7 @@ def dare(p: DareParams, ctx: KeyContext, base=None, models=None, deltas=None) ->
 @operator(
     "darex_q",
     paper="Deng et al., DARE the Extreme, ICLR 2025 (arXiv:2410.09344)",
-    signatures=DROP_SIGNATURES, params=DarexQParams)
+    signatures=DROP_SIGNATURES, params=DarexQParams, elementwise=True)
 def darex_q(p: DarexQParams, ctx: KeyContext, base=None, models=None, deltas=None) -> list[torch.Tensor]:
     """DAREx-q: DARE's mask with kept entries divided by q instead of 1 − p (q = 1: DropOnly)."""
     return _dropped(p, ctx, base, models, deltas)
@@ -108,7 +108,7 @@ class DareLinearParams(TaskArithmeticParams, DareParams):
     "dare_linear",
     paper="Yu et al., Language Models are Super Mario, ICML 2024 (arXiv:2311.03099)",
     signatures=[signature(CHECKPOINT, base=CHECKPOINT, models=list_of(CHECKPOINT))],
-    params=DareLinearParams, check=check_weights)
+    params=DareLinearParams, check=check_weights, elementwise=True)
 def dare_linear(base: torch.Tensor, models: list[torch.Tensor], p: DareLinearParams, ctx: KeyContext) -> torch.Tensor:
     """DARE then Task Arithmetic: θ = θ_base + λ·Σ_t w_t·DARE(τ_t)."""
     dropped = _dropped(p, ctx, base, models, None)

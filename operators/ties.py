@@ -145,7 +145,8 @@ def _dare_vectors(inputs: dict[str, Any], p: DareTiesParams, ctx: KeyContext) ->
     "dare_ties",
     paper="Yu et al., ICML 2024 (arXiv:2311.03099), then Yadav et al., NeurIPS 2023 (arXiv:2306.01708)",
     signatures=[SIGNATURES[0]], params=DareTiesParams, execution="global statistic",
-    passes=ties_passes(_dare_vectors, sliceable=False))
+    passes=ties_passes(_dare_vectors, sliceable=True),
+    key_passes=ties_passes(_dare_vectors, sliceable=True, scope="per_tensor"), elementwise=True)
 def dare_ties(base: torch.Tensor, models: list[torch.Tensor], p: DareTiesParams, ctx: KeyContext) -> torch.Tensor:
     """DARE then TIES: each task vector randomly dropped and rescaled, then sign-elected and merged."""
     return finish(ties_merge(_dare_vectors({"base": base, "models": models}, p, ctx), p, ctx), base)

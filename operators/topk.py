@@ -24,7 +24,7 @@ def global_threshold_passes(vectors: VectorsFn, keep: KeepFn, sliceable: bool = 
                             ) -> tuple[StatisticsPass, StatisticsPass]:
     """Coarse then fine histogram of |v| per vector; ``vectors`` may return [] for a key that does not count.
 
-    ``sliceable``: whether ``vectors`` is elementwise (DARE's random drop of a whole tensor is not)."""
+    ``sliceable``: whether ``vectors`` is elementwise (each element from the same element of the inputs)."""
 
     def coarse(state: dict[str, Any], inputs: dict[str, Any], p: Params, ctx: KeyContext) -> None:
         values = vectors(inputs, p, ctx)

@@ -18,8 +18,12 @@ NODES = {
     "lines": {"op": "lines", "inputs": {"base": "base", "fine_tuned": "ft1"}, "params": {"alpha": 0.2}},
     "ties_per_tensor": {"op": "ties", "inputs": {"base": "base", "models": ["ft1", "ft2"]},  # key passes
                         "params": {"density": 0.3, "scope": "per_tensor"}},
-    "dare_ties": {"op": "dare_ties", "inputs": {"base": "base", "models": ["ft1", "ft2"]},
-                  "params": {"p": 0.5, "scope": "per_tensor"}},
+    "dare_ties": {"op": "dare_ties", "inputs": {"base": "base", "models": ["ft1", "ft2"]},  # draws continue
+                  "params": {"p": 0.5, "scope": "per_tensor"}, "seed": 7},                    # slice to slice
+    "dare_ties_global": {"op": "dare_ties", "inputs": {"base": "base", "models": ["ft1", "ft2"]},
+                         "params": {"p": 0.5, "density": 0.5}},
+    "dare_linear": {"op": "dare_linear", "inputs": {"base": "base", "models": ["ft1", "ft2"]}, "params": {"p": 0.3}},
+    "slerp": {"op": "slerp", "inputs": {"a": "ft1", "b": "ft2"}, "params": {"t": 0.3}},
 }
 
 
@@ -52,7 +56,7 @@ def test_slices_give_the_same_bytes_as_whole_tensors(tmp_path, cli, llama_models
     assert sliced.keys() == whole.keys()
     for key in whole:
         assert torch.equal(sliced[key].view(torch.uint8), whole[key].view(torch.uint8)), key
-    if merge == "dare_ties":  # a random drop of the whole tensor is not elementwise: never sliced
+    if merge == "slerp":  # the angle between whole tensors is not elementwise: never sliced
         assert not sliced_keys
     else:
         assert sum(n > 1000 for n in sliced_keys) >= 10
