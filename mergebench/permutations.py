@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -26,11 +26,23 @@ FFN_PATTERNS = {  # per block: (key suffix, axis of the FFN neurons)
     "gpt2": ((r"mlp\.c_fc\.weight", 1), (r"mlp\.c_fc\.bias", 0), (r"mlp\.c_proj\.weight", 0)),  # Conv1D: [in, out]
     "bert": ((r"intermediate\.dense\.weight", 0), (r"intermediate\.dense\.bias", 0), (r"output\.dense\.weight", 1)),
 }
+HEAD_PATTERNS = {  # per block: (key suffix, axis of the heads); a unit is a key/value head with its query heads
+    "llama": tuple((rf"self_attn\.{name}\.{kind}", 0) for name in ("q_proj", "k_proj", "v_proj")
+                   for kind in ("weight", "bias")) + ((r"self_attn\.o_proj\.weight", 1),),
+    "bert": tuple((rf"attention\.self\.{name}\.{kind}", 0) for name in ("query", "key", "value")
+                  for kind in ("weight", "bias")) + ((r"attention\.output\.dense\.weight", 1),),
+}
 
 
 @dataclass(frozen=True)
 class PermutationSpec:
     groups: dict[str, tuple[tuple[str, int], ...]]  # group -> (key, axis) pairs it permutes
+    units: dict[str, int] = field(default_factory=dict)  # groups whose unit owns a block of each axis (heads)
+
+    def size(self, group: str, tensors: dict[str, torch.Tensor]) -> int:
+        """How many units the group permutes: given, or the length of its first tensor's axis."""
+        key, axis = self.groups[group][0]
+        return self.units.get(group) or tensors[key].shape[axis]
 
     def axes(self, key: str) -> list[tuple[str, int]]:
         return [(group, axis) for group, members in self.groups.items() for k, axis in members if k == key]
@@ -52,9 +64,8 @@ def independent_groups(spec: PermutationSpec) -> set[str]:
 def solve_alone(group: str, spec: PermutationSpec, a: dict[str, torch.Tensor],
                 b: dict[str, torch.Tensor]) -> torch.Tensor:
     """The permutation of an independent group (no other group can change its similarity)."""
-    members = spec.groups[group]
-    identity = {group: torch.arange(a[members[0][0]].shape[members[0][1]])}
-    return match_group(group, PermutationSpec({group: members}), a, b, identity)[0]
+    alone = PermutationSpec({group: spec.groups[group]}, {g: n for g, n in spec.units.items() if g == group})
+    return match_group(group, alone, a, b, {group: torch.arange(spec.size(group, a))})[0]
 
 
 def mlp_chain(layers: list[str], keys: Iterable[str]) -> PermutationSpec:
@@ -94,8 +105,38 @@ def transformer_ffn(keys: Iterable[str]) -> PermutationSpec | None:
     return None
 
 
-def build_spec(spec: str | dict[str, list[list]], layers: list[str] | None, keys: list[str]) -> PermutationSpec:
-    """From a recipe: explicit ``layers``, a ``spec`` mapping group -> [[key, axis], ...], or ``auto``."""
+def attention_heads(keys: Iterable[str], heads: int) -> PermutationSpec:
+    """The attention heads of every block of a Llama or BERT model: one group of ``heads`` units per block.
+
+    A unit owns a block of rows of the query, key and value projections and of columns of the output
+    projection. With grouped-query attention ``heads`` is the number of key/value heads, and a unit
+    carries the query heads that share it (they are contiguous), so the function is unchanged.
+    """
+    keys = list(keys)
+    for patterns in HEAD_PATTERNS.values():
+        groups: dict[str, list[tuple[str, int]]] = {}
+        for key in keys:
+            for suffix, axis in patterns:
+                match = re.fullmatch(rf"(.*\.(?:layers|layer)\.\d+)\.{suffix}", key)
+                if match:
+                    groups.setdefault(f"{match.group(1)}.heads", []).append((key, axis))
+        if groups:
+            return PermutationSpec({g: tuple(m) for g, m in groups.items()}, dict.fromkeys(groups, heads))
+    raise MergebenchError("attention_heads: no Llama or BERT attention projections among the tensors")
+
+
+def build_spec(spec: str | dict[str, list[list]], layers: list[str] | None, keys: list[str],
+               heads: int | None = None) -> PermutationSpec:
+    """From a recipe: explicit ``layers``, a ``spec`` mapping group -> [[key, axis], ...], or ``auto``;
+    with ``heads``, the attention heads of every block too."""
+    found = _base_spec(spec, layers, keys)
+    if heads is None:
+        return found
+    with_heads = attention_heads(keys, heads)
+    return PermutationSpec({**found.groups, **with_heads.groups}, {**found.units, **with_heads.units})
+
+
+def _base_spec(spec: str | dict[str, list[list]], layers: list[str] | None, keys: list[str]) -> PermutationSpec:
     if layers:
         return mlp_chain(layers, keys)
     if isinstance(spec, dict):
@@ -157,7 +198,7 @@ def match_group(group: str, spec: PermutationSpec, a: dict[str, torch.Tensor], b
 def weight_matching(spec: PermutationSpec, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
                     max_iter: int = 100, seed: int = 0, tol: float = 1e-12) -> dict[str, torch.Tensor]:
     """Permutations of B's units onto A's (unit i of A <-> unit perm[i] of B), by coordinate ascent."""
-    perms = {g: torch.arange(a[members[0][0]].shape[members[0][1]]) for g, members in spec.groups.items()}
+    perms = {g: torch.arange(spec.size(g, a)) for g in spec.groups}
     names = list(spec.groups)
     for iteration in range(max_iter):
         generator = torch.Generator().manual_seed(draw_seed(seed, ORDER_STREAM, iteration, ""))

@@ -39,6 +39,9 @@ class MatchingParams(Params):
                             "or group -> [[key, axis], ...]")
     layers: list[str] | None = Field(None, description="an MLP chain: layer prefixes in forward order")
     max_iter: int = Field(100, ge=1, description="coordinate-ascent sweeps over the groups")
+    attention_heads: int | None = Field(
+        None, ge=1, description="also permute each block's attention heads (Llama, BERT): the number of "
+                                "key/value heads; with grouped-query attention a unit carries its query heads")
 
 
 class TransportParams(Params):
@@ -70,7 +73,7 @@ def _planning(pair: Callable[[dict[str, Any]], tuple[torch.Tensor, torch.Tensor]
 
     def accumulate(state: dict[str, Any], inputs: dict[str, Any], p: MatchingParams, ctx: KeyContext) -> None:
         if "spec" not in state:
-            state["spec"] = build_spec(p.spec, p.layers, list(ctx.keys))
+            state["spec"] = build_spec(p.spec, p.layers, list(ctx.keys), p.attention_heads)
             state["independent"] = permutations.independent_groups(state["spec"])
             state["seed"] = ctx.seed
         spec = state["spec"]
@@ -89,7 +92,7 @@ def _planning(pair: Callable[[dict[str, Any]], tuple[torch.Tensor, torch.Tensor]
         spec = state.get("spec")
         if spec is None:
             raise MergebenchError("alignment: no tensor was selected")
-        coupled = PermutationSpec({g: m for g, m in spec.groups.items() if g not in state["perms"]})
+        coupled = PermutationSpec({g: m for g, m in spec.groups.items() if g not in state["perms"]}, spec.units)
         perms = dict(state["perms"])
         if coupled.groups:
             perms.update(permutations.weight_matching(coupled, state["a"], state["b"], p.max_iter, state["seed"]))

@@ -315,3 +315,61 @@ def test_activations_must_match_the_layer_widths(tmp_path, cli):
     assert result.exit_code == 2
     assert "activations of layer '2' for model 1 have shape [200, 11]; the layer has 12 neurons" in result.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])  # 2: grouped-query attention, a unit carries two query heads
+def test_aligning_attention_heads_undoes_a_head_shuffle(tmp_path, cli, kv_heads):
+    """The model is the reference with every block's heads reversed: aligning its heads gives the reference's
+    attention weights back, and the aligned model computes what the model did."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=kv_heads, vocab_size=50,
+                                      max_position_embeddings=32, tie_word_embeddings=False)
+    torch.manual_seed(3)
+    reference = transformers.LlamaForCausalLM(config).eval()
+    reference.save_pretrained(tmp_path / "reference")
+    state = {k: v.clone() for k, v in reference.state_dict().items()}
+    units = torch.arange(kv_heads).flip(0)
+    for layer in range(2):
+        prefix = f"model.layers.{layer}.self_attn"
+        for name in ("q_proj", "k_proj", "v_proj"):
+            weight = state[f"{prefix}.{name}.weight"]
+            state[f"{prefix}.{name}.weight"] = weight.reshape(kv_heads, -1, 32)[units].reshape(weight.shape)
+        o = state[f"{prefix}.o_proj.weight"]
+        state[f"{prefix}.o_proj.weight"] = o.reshape(32, kv_heads, -1)[:, units].reshape(o.shape)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.load_state_dict(state)
+    model.save_pretrained(tmp_path / "model")
+    recipe = write_recipe(tmp_path / "heads.yaml", {
+        "models": {"model": "model", "reference": "reference"},
+        "nodes": {"aligned": {"op": "align", "inputs": {"model": "model", "reference": "reference"},
+                              "params": {"attention_heads": kv_heads}}},
+        "outputs": [{"from": "aligned", "path": "aligned"}],
+    })
+    result = cli("run", recipe, "--quiet")
+    assert result.exit_code == 0, result.output
+    aligned = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "aligned").eval()
+    ids = torch.tensor([[1, 7, 9, 3, 4, 11]])
+    with torch.no_grad():
+        torch.testing.assert_close(aligned(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-5)
+    written, original = read_checkpoint(tmp_path / "aligned"), reference.state_dict()
+    for key in written:
+        if "self_attn" in key:
+            assert torch.equal(written[key], original[key]), key
+        assert not torch.equal(state[key], original[key]) or "self_attn" not in key  # the shuffle was real
+
+
+def test_attention_head_groups_for_llama_and_bert():
+    from mergebench.permutations import attention_heads
+
+    llama = attention_heads([f"model.layers.0.self_attn.{n}_proj.weight" for n in "qkvo"], heads=2)
+    assert llama.groups == {"model.layers.0.heads": (("model.layers.0.self_attn.q_proj.weight", 0),
+                                                     ("model.layers.0.self_attn.k_proj.weight", 0),
+                                                     ("model.layers.0.self_attn.v_proj.weight", 0),
+                                                     ("model.layers.0.self_attn.o_proj.weight", 1))}
+    assert llama.units == {"model.layers.0.heads": 2}
+    bert = attention_heads(["encoder.layer.3.attention.self.query.weight", "encoder.layer.3.attention.self.key.bias",
+                            "encoder.layer.3.attention.output.dense.weight", "encoder.layer.3.output.dense.weight"], 12)
+    assert [k for k, _ in bert.groups["encoder.layer.3.heads"]] == [
+        "encoder.layer.3.attention.self.query.weight", "encoder.layer.3.attention.self.key.bias",
+        "encoder.layer.3.attention.output.dense.weight"]
