@@ -124,14 +124,16 @@ def execute(
             refs = [plan.output.node for plan in plans]
             sliced = _in_slices(graph, key, refs, raw, device) and all(
                 _sliceable_output(graph, plan, key) for plan in plans)
-            key_stats = _key_statistics(graph, key, refs, raw, device, stats, sliced)
+            memos: dict[int, dict] = {}  # per slice: what a key's sweeps share (DARE's drop masks)
+            key_stats = _key_statistics(graph, key, refs, raw, device, stats, sliced, memos)
             if sliced:
-                values = _sliced_output_values(graph, key, plans, raw, device, key_stats, allow_non_finite, pool)
+                values = _sliced_output_values(graph, key, plans, raw, device, key_stats, allow_non_finite, pool,
+                                               memos)
                 lazy_bytes = 0
                 _give_back(pool, raw.values())  # nothing computed in slices refers to the inputs
                 recycled = list(values)
             else:
-                env = _KeyValues(graph, key, raw, device, key_stats)
+                env = _KeyValues(graph, key, raw, device, key_stats, memo=memos.setdefault(0, {}))
                 values = [_output_value(graph, plan, env, allow_non_finite) for plan in plans]
                 lazy_bytes = env.lazy_bytes
                 del env
@@ -191,9 +193,10 @@ def _statistics_pass(graph: Graph, stage: Stage, device: torch.device, stats: di
                   if node.selects(key) and graph.is_floating(node.name, key)]
         refs = [r for node, _, _ in active for r in node.refs()]
         sliced = all(stat_pass.sliceable for _, stat_pass, _ in active) and _in_slices(graph, key, refs, raw, device)
-        key_stats = _key_statistics(graph, key, refs, raw, device, stats, sliced)
+        memos: dict[int, dict] = {}
+        key_stats = _key_statistics(graph, key, refs, raw, device, stats, sliced, memos)
         lazy_bytes = 0
-        for env in _environments(graph, key, raw, device, key_stats, sliced):
+        for env in _environments(graph, key, raw, device, key_stats, sliced, memos):
             for node, stat_pass, state in active:
                 stat_pass.accumulate(state, env.inputs(node), node.params_for(key), env.context(node))
             lazy_bytes += env.lazy_bytes
@@ -262,7 +265,7 @@ def _slices(raw: dict[str, torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
 
 def _sliced_output_values(graph: Graph, key: str, plans: list[OutputPlan], raw: dict[str, torch.Tensor],
                           device: torch.device, stats: dict[str, Any], allow_non_finite: bool,
-                          pool: BufferPool | None) -> list[torch.Tensor]:
+                          pool: BufferPool | None, memos: dict[int, dict]) -> list[torch.Tensor]:
     """The outputs at ``key`` computed slice by slice into tensors of the output dtype."""
     outs = []
     for plan in plans:
@@ -270,7 +273,7 @@ def _sliced_output_values(graph: Graph, key: str, plans: list[OutputPlan], raw: 
         nbytes = math.prod(shape) * dtype.itemsize
         outs.append(typed(pool.take(nbytes), dtype, shape) if pool else torch.empty(shape, dtype=dtype))
     flat_outs = [out.reshape(-1) for out in outs]
-    for index, env in enumerate(_environments(graph, key, raw, device, stats, sliced=True)):
+    for index, env in enumerate(_environments(graph, key, raw, device, stats, True, memos)):
         start = index * SLICE_ELEMENTS
         for plan, out in zip(plans, flat_outs):
             value = env.value(plan.output.node)
@@ -292,20 +295,23 @@ def _one_thread() -> Iterator[None]:
 
 
 def _environments(graph: Graph, key: str, raw: dict[str, torch.Tensor], device: torch.device,
-                  stats: dict[str, Any], sliced: bool) -> Iterator[_KeyValues]:
-    """The key's values once, or once per slice of its elements (one intra-op thread meanwhile)."""
+                  stats: dict[str, Any], sliced: bool, memos: dict[int, dict]) -> Iterator[_KeyValues]:
+    """The key's values once, or once per slice of its elements (one intra-op thread meanwhile).
+
+    ``memos[i]`` is what operators keep for slice i across the sweeps of one key (``KeyContext.memo``).
+    """
     if not sliced:
-        yield _KeyValues(graph, key, raw, device, stats)
+        yield _KeyValues(graph, key, raw, device, stats, memo=memos.setdefault(0, {}))
         return
     generators: dict[str, dict] = {}  # per node: random draws continue from slice to slice
     with _one_thread():
-        for part in _slices(raw):
+        for index, part in enumerate(_slices(raw)):
             yield _KeyValues(graph, key, part, device, stats, shape=next(iter(part.values())).shape,
-                             generators=generators)
+                             generators=generators, memo=memos.setdefault(index, {}))
 
 
 def _key_statistics(graph: Graph, key: str, refs: list[str], raw: dict[str, torch.Tensor], device: torch.device,
-                    stats: dict[str, Any], sliced: bool) -> dict[str, Any]:
+                    stats: dict[str, Any], sliced: bool, memos: dict[int, dict]) -> dict[str, Any]:
     """``stats`` with, for each node behind ``refs`` that has key passes, what they found at this key.
 
     The passes of a node run one after another over the key (whole, or slice by slice), after those
@@ -320,7 +326,7 @@ def _key_statistics(graph: Graph, key: str, refs: list[str], raw: dict[str, torc
         found = stats.get(name)
         for key_pass in node.op.key_passes(params, frozenset(node.inputs)):
             state = key_pass.init(params, found)
-            for env in _environments(graph, key, raw, device, key_stats, sliced):
+            for env in _environments(graph, key, raw, device, key_stats, sliced, memos):
                 key_pass.accumulate(state, env.inputs(node), params, env.context(node))
             found = key_pass.finalize(state, params, found)
             key_stats = {**key_stats, name: found}
@@ -367,11 +373,12 @@ class _KeyValues:
 
     def __init__(self, graph: Graph, key: str, raw: dict[str, torch.Tensor], device: torch.device,
                  stats: dict[str, Any], shape: tuple[int, ...] | None = None,
-                 generators: dict[str, dict] | None = None):
+                 generators: dict[str, dict] | None = None, memo: dict[str, dict] | None = None):
         self.graph = graph
         self.key = key
         self.shape = shape  # a slice of the key's elements (see _sliced_output_values), else None
         self.generators = generators
+        self.memo = memo
         self.raw = raw
         self.device = device
         self.stats = stats
@@ -422,7 +429,8 @@ class _KeyValues:
         position = blocks.position(self.key)
         block, num_blocks = position if position else (None, max(blocks.stacks.values(), default=0))
         generators = None if self.generators is None else self.generators.setdefault(node.name, {})
-        return KeyContext(self.key, block, num_blocks, keys, node.seed, self.stats.get(node.name), generators)
+        memo = None if self.memo is None else self.memo.setdefault(node.name, {})
+        return KeyContext(self.key, block, num_blocks, keys, node.seed, self.stats.get(node.name), generators, memo)
 
     def _unchanged(self, node: Node) -> Value:
         """An unselected key: a Checkpoint keeps its primary input's value, a Delta is zero."""

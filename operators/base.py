@@ -93,6 +93,7 @@ class KeyContext:
     seed: int
     stats: Any = None  # what the operator's statistics passes found, if it has any
     generators: dict[tuple[str, int], torch.Generator] | None = None  # shared by the slices of one sweep
+    memo: dict[Any, Any] | None = None  # kept for this key (or slice of it) across its passes and the merge
 
     def generator(self, stream: str, input_index: int) -> torch.Generator:
         """A CPU generator for this key, so random draws do not depend on device, order or sharding.

@@ -32,8 +32,17 @@ MASK_STREAM = "dare"
 
 
 def keep_mask(shape: torch.Size, drop: float, ctx: KeyContext, index: int) -> torch.Tensor:
-    """m ~ Bernoulli(1 − p) per entry: keep iff a float32 uniform draw u ≥ p, drawn on the CPU."""
-    return torch.rand(shape, generator=ctx.generator(MASK_STREAM, index)) >= drop
+    """m ~ Bernoulli(1 − p) per entry: keep iff a float32 uniform draw u ≥ p, drawn on the CPU.
+
+    Drawn once per key: the statistics passes of DARE-TIES and its merge see the mask the first drew.
+    """
+    memo_key = (MASK_STREAM, index, drop, tuple(shape))
+    if ctx.memo is not None and memo_key in ctx.memo:
+        return ctx.memo[memo_key]
+    mask = torch.rand(shape, generator=ctx.generator(MASK_STREAM, index)) >= drop
+    if ctx.memo is not None:
+        ctx.memo[memo_key] = mask
+    return mask
 
 
 def rescale_kept(tau: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
