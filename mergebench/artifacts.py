@@ -61,7 +61,8 @@ class ArtifactSource:
         self.metadata = metadata
         self._shapes: dict[str, tuple[int, ...]] = {}
         if self.value_type == ACTIVATIONS:
-            for name, info in self._file._infos.items():
+            for name in self._file.keys:
+                info = self._file.info(name)
                 if not name.startswith("activations/") or len(info.shape) != 2 or not info.is_floating:
                     raise MergebenchError(f"{self.path}: '{name}' is not activations/LAYER of shape [samples, neurons]")
                 self._shapes[name[len("activations/"):] + ".weight"] = info.shape

@@ -120,7 +120,8 @@ def execute(
     tensors = 0
     with _WriteBehind() as writes:
         for key, raw in _prefetch(graph, [k for k in graph.keys if pending(k)], needed, pool):
-            plans = [plan for plan, _ in pending(key)]
+            targets = pending(key)
+            plans = [plan for plan, _ in targets]
             refs = [plan.output.node for plan in plans]
             sliced = _in_slices(graph, key, refs, raw, device) and all(
                 _sliceable_output(graph, plan, key) for plan in plans)
@@ -138,7 +139,7 @@ def execute(
                 lazy_bytes = env.lazy_bytes
                 del env
                 recycled = list(raw.values())  # an output may be an input's buffer: reuse it once written
-            for (_, sink), value in zip(pending(key), values):
+            for (_, sink), value in zip(targets, values):
                 writes.submit(sink, key, value)
                 tensors += 1
             writes.after_writes(lambda used=recycled: _give_back(pool, used))

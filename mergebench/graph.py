@@ -176,11 +176,15 @@ class Graph:
             return set(plan.models)
         return self.needed(plan.output.node, key)
 
+    def _value_type(self, name: str) -> str | None:
+        """Mask, SparseDelta or Activations for an artifact source; None for weights."""
+        return getattr(self.sources.get(name), "value_type", None)
+
     def is_activations(self, name: str) -> bool:
-        return getattr(self.sources.get(name), "value_type", None) == ACTIVATIONS
+        return self._value_type(name) == ACTIVATIONS
 
     def is_artifact(self, name: str) -> bool:
-        return getattr(self.sources.get(name), "value_type", None) in ARTIFACT_TYPES
+        return self._value_type(name) in ARTIFACT_TYPES
 
     def shape_of(self, key: str) -> tuple[int, ...]:
         """A key's shape from the first source holding it (artifacts may leave keys out)."""

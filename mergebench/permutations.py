@@ -64,7 +64,7 @@ def independent_groups(spec: PermutationSpec) -> set[str]:
 def solve_alone(group: str, spec: PermutationSpec, a: dict[str, torch.Tensor],
                 b: dict[str, torch.Tensor]) -> torch.Tensor:
     """The permutation of an independent group (no other group can change its similarity)."""
-    alone = PermutationSpec({group: spec.groups[group]}, {g: n for g, n in spec.units.items() if g == group})
+    alone = PermutationSpec({group: spec.groups[group]}, {group: spec.units[group]} if group in spec.units else {})
     return match_group(group, alone, a, b, {group: torch.arange(spec.size(group, a))})[0]
 
 
@@ -90,19 +90,27 @@ def sequential_chain(keys: Iterable[str]) -> PermutationSpec | None:
     return mlp_chain([str(i) for i in indices], keys) if len(indices) >= 2 else None
 
 
-def transformer_ffn(keys: Iterable[str]) -> PermutationSpec | None:
-    """The feed-forward neurons of every block of a Llama, GPT-2 or BERT model: one group per block."""
+def _per_block(keys: Iterable[str], architectures: dict[str, tuple[tuple[str, int], ...]],
+               suffix: str = "") -> dict[str, tuple[tuple[str, int], ...]]:
+    """Group name (the block's prefix + ``suffix``) -> (key, axis) members, for the first architecture
+    whose patterns match any key; empty when none does."""
     keys = list(keys)
-    for patterns in FFN_PATTERNS.values():
+    for patterns in architectures.values():
         groups: dict[str, list[tuple[str, int]]] = {}
         for key in keys:
-            for suffix, axis in patterns:
-                match = re.fullmatch(rf"(.*\.(?:layers|layer|h)\.\d+)\.{suffix}", key)
+            for pattern, axis in patterns:
+                match = re.fullmatch(rf"(.*\.(?:layers|layer|h)\.\d+)\.{pattern}", key)
                 if match:
-                    groups.setdefault(match.group(1), []).append((key, axis))
+                    groups.setdefault(match.group(1) + suffix, []).append((key, axis))
         if groups:
-            return PermutationSpec({name: tuple(members) for name, members in groups.items()})
-    return None
+            return {name: tuple(members) for name, members in groups.items()}
+    return {}
+
+
+def transformer_ffn(keys: Iterable[str]) -> PermutationSpec | None:
+    """The feed-forward neurons of every block of a Llama, GPT-2 or BERT model: one group per block."""
+    groups = _per_block(keys, FFN_PATTERNS)
+    return PermutationSpec(groups) if groups else None
 
 
 def attention_heads(keys: Iterable[str], heads: int) -> PermutationSpec:
@@ -112,17 +120,10 @@ def attention_heads(keys: Iterable[str], heads: int) -> PermutationSpec:
     projection. With grouped-query attention ``heads`` is the number of key/value heads, and a unit
     carries the query heads that share it (they are contiguous), so the function is unchanged.
     """
-    keys = list(keys)
-    for patterns in HEAD_PATTERNS.values():
-        groups: dict[str, list[tuple[str, int]]] = {}
-        for key in keys:
-            for suffix, axis in patterns:
-                match = re.fullmatch(rf"(.*\.(?:layers|layer)\.\d+)\.{suffix}", key)
-                if match:
-                    groups.setdefault(f"{match.group(1)}.heads", []).append((key, axis))
-        if groups:
-            return PermutationSpec({g: tuple(m) for g, m in groups.items()}, dict.fromkeys(groups, heads))
-    raise MergebenchError("attention_heads: no Llama or BERT attention projections among the tensors")
+    groups = _per_block(keys, HEAD_PATTERNS, suffix=".heads")
+    if not groups:
+        raise MergebenchError("attention_heads: no Llama or BERT attention projections among the tensors")
+    return PermutationSpec(groups, dict.fromkeys(groups, heads))
 
 
 def build_spec(spec: str | dict[str, list[list]], layers: list[str] | None, keys: list[str],

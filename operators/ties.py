@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from mergebench.numerics import elect_sign, keep_count, keep_mask, masked, threshold_for
+from mergebench.numerics import elect_sign, keep_count, keep_mask, masked
 from mergebench.operators.base import (
     CHECKPOINT,
     DELTA,
@@ -50,13 +50,8 @@ def ties_merge(taus: list[torch.Tensor], p: TiesParams, ctx: KeyContext) -> torc
 
     Accumulates in place, task by task, so a key costs about two tensors per task, not a stack of them.
     """
-    if ctx.stats is not None:  # found by the passes: over the model (global) or over this key (per tensor)
-        thresholds, majority = ctx.stats["thresholds"], ctx.stats["majority"]
-    elif p.density >= 1:
-        thresholds, majority = [0.0] * len(taus), None
-    else:
-        thresholds = [threshold_for(tau.abs(), keep_count(p.density, tau.numel())) for tau in taus]
-        majority = None
+    # found by the passes: over the model (global scope) or over this key (per tensor, as key passes)
+    thresholds, majority = ctx.stats["thresholds"], ctx.stats["majority"]
     # a zero threshold keeps everything: no masking pass needed
     trimmed = [tau if thr <= 0 else masked(tau, keep_mask(tau, thr)) for tau, thr in zip(taus, thresholds)]
     taus.clear()  # the untrimmed vectors are no longer needed (the caller's list is ours)
@@ -83,8 +78,7 @@ def ties_merge(taus: list[torch.Tensor], p: TiesParams, ctx: KeyContext) -> torc
     return merged.mul_(p.lambda_)
 
 
-def ties_passes(vectors: VectorsFn, sliceable: bool, scope: str = "global"
-                ) -> Callable[[Params, frozenset[str]], tuple[StatisticsPass, ...]]:
+def ties_passes(vectors: VectorsFn, scope: str) -> Callable[[Params, frozenset[str]], tuple[StatisticsPass, ...]]:
     """The exact per-task thresholds (two histogram passes), then the majority sign, for params of ``scope``.
 
     As key passes (``scope="per_tensor"``) they find the per-tensor thresholds the same way, so a large
@@ -105,8 +99,8 @@ def ties_passes(vectors: VectorsFn, sliceable: bool, scope: str = "global"
         majority = (state["elected"] > 0) - (state["elected"] < 0)
         return {"thresholds": state["thresholds"], "majority": float(majority)}
 
-    threshold_passes = global_threshold_passes(vectors, lambda p, n: keep_count(p.density, n), sliceable)
-    majority_pass = StatisticsPass(majority_init, count_signs, majority_done, sliceable=sliceable)
+    threshold_passes = global_threshold_passes(vectors, lambda p, n: keep_count(p.density, n))
+    majority_pass = StatisticsPass(majority_init, count_signs, majority_done, sliceable=True)
 
     def passes(p: Params, slots: frozenset[str]) -> tuple[StatisticsPass, ...]:
         if p.scope != scope:
@@ -125,8 +119,8 @@ def _ties_vectors(inputs: dict[str, Any], p: Params, ctx: KeyContext) -> list[to
     "ties",
     paper="Yadav et al., TIES-Merging, NeurIPS 2023 (arXiv:2306.01708)",
     signatures=SIGNATURES, params=TiesParams, execution="global statistic",
-    passes=ties_passes(_ties_vectors, sliceable=True),
-    key_passes=ties_passes(_ties_vectors, sliceable=True, scope="per_tensor"), elementwise=True)
+    passes=ties_passes(_ties_vectors, scope="global"),
+    key_passes=ties_passes(_ties_vectors, scope="per_tensor"), elementwise=True)
 def ties(p: TiesParams, ctx: KeyContext, base=None, models=None, deltas=None) -> torch.Tensor:
     """TIES-merging: θ = θ_base + λ·τ_m, τ_m the disjoint merge of trimmed, sign-agreeing task vectors."""
     return finish(ties_merge(task_vectors(base, models, deltas), p, ctx), base)
@@ -145,8 +139,8 @@ def _dare_vectors(inputs: dict[str, Any], p: DareTiesParams, ctx: KeyContext) ->
     "dare_ties",
     paper="Yu et al., ICML 2024 (arXiv:2311.03099), then Yadav et al., NeurIPS 2023 (arXiv:2306.01708)",
     signatures=[SIGNATURES[0]], params=DareTiesParams, execution="global statistic",
-    passes=ties_passes(_dare_vectors, sliceable=True),
-    key_passes=ties_passes(_dare_vectors, sliceable=True, scope="per_tensor"), elementwise=True)
+    passes=ties_passes(_dare_vectors, scope="global"),
+    key_passes=ties_passes(_dare_vectors, scope="per_tensor"), elementwise=True)
 def dare_ties(base: torch.Tensor, models: list[torch.Tensor], p: DareTiesParams, ctx: KeyContext) -> torch.Tensor:
     """DARE then TIES: each task vector randomly dropped and rescaled, then sign-elected and merged."""
     return finish(ties_merge(_dare_vectors({"base": base, "models": models}, p, ctx), p, ctx), base)

@@ -20,11 +20,11 @@ VectorsFn = Callable[[dict[str, Any], Params, KeyContext], list[torch.Tensor]]
 KeepFn = Callable[[Params, int], int]  # (params, n) -> k
 
 
-def global_threshold_passes(vectors: VectorsFn, keep: KeepFn, sliceable: bool = True
-                            ) -> tuple[StatisticsPass, StatisticsPass]:
+def global_threshold_passes(vectors: VectorsFn, keep: KeepFn) -> tuple[StatisticsPass, StatisticsPass]:
     """Coarse then fine histogram of |v| per vector; ``vectors`` may return [] for a key that does not count.
 
-    ``sliceable``: whether ``vectors`` is elementwise (each element from the same element of the inputs)."""
+    ``vectors`` must be elementwise (each element from the same element of the inputs, DARE's draws
+    included): the histograms are then sums over slices, and the passes are sliceable."""
 
     def coarse(state: dict[str, Any], inputs: dict[str, Any], p: Params, ctx: KeyContext) -> None:
         values = vectors(inputs, p, ctx)
@@ -46,8 +46,8 @@ def global_threshold_passes(vectors: VectorsFn, keep: KeepFn, sliceable: bool = 
     def thresholds(state: dict[str, Any], p: Params, stats: Any) -> dict[str, Any]:
         return {"thresholds": [selector.threshold() for selector in state["thresholds"] or []]}
 
-    return (StatisticsPass(lambda p, stats: {"thresholds": None}, coarse, choose_bins, sliceable=sliceable),
-            StatisticsPass(lambda p, stats: stats, fine, thresholds, sliceable=sliceable))
+    return (StatisticsPass(lambda p, stats: {"thresholds": None}, coarse, choose_bins, sliceable=True),
+            StatisticsPass(lambda p, stats: stats, fine, thresholds, sliceable=True))
 
 
 def global_threshold(ctx: KeyContext, index: int = 0) -> float:
