@@ -14,7 +14,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from mergebench.errors import MergebenchError
 from mergebench.numerics import draw_seed
@@ -189,6 +188,8 @@ def match_group(group: str, spec: PermutationSpec, a: dict[str, torch.Tensor], b
                 b_other = b_other.index_select(other_axis, _expanded(perms[other_group], b_other.shape[other_axis]))
         term = _as_rows(a[key].double(), axis, units) @ _as_rows(b_other.double(), axis, units).T
         similarity = term if similarity is None else similarity + term
+    from scipy.optimize import linear_sum_assignment  # scipy's import is slow: paid only by weight matching
+
     rows, cols = linear_sum_assignment(similarity.numpy(), maximize=True)
     new = torch.as_tensor(cols, dtype=torch.int64)
     old = perms[group]

@@ -9,7 +9,6 @@ B's. The maps are all that is kept; the fused weights are computed key by key af
 from __future__ import annotations
 
 import numpy as np
-import ot
 import torch
 
 from mergebench.errors import MergebenchError
@@ -32,6 +31,8 @@ def transport_map(cost: np.ndarray, solver: str, reg: float, num_iter_max: int =
     mu, nu = np.full(n_a, 1.0 / n_a), np.full(n_b, 1.0 / n_b)
     if not np.isfinite(cost).all() or (cost < 0).any():
         raise MergebenchError("ot_fusion: the ground cost has negative or non-finite entries")
+    import ot  # POT takes a second to import: only recipes that fuse by transport pay for it
+
     if solver == "emd":
         plan, log = ot.emd(mu, nu, cost, numItermax=EMD_MAX_ITER, log=True)
         if log.get("result_code") != 1:
