@@ -65,7 +65,7 @@ def ties_merge(taus: list[torch.Tensor], p: TiesParams, ctx: KeyContext) -> torc
     merged = torch.zeros_like(gamma)
     counts = torch.zeros_like(gamma)
     for t in trimmed:
-        agrees = (t != 0) & (torch.sign(t) == gamma)
+        agrees = torch.sign(t).mul_(gamma).clamp_(min=0)  # 1.0 where t is non-zero with the elected sign
         if p.agg == "max":
             torch.maximum(merged, masked(t.abs(), agrees), out=merged)
         else:
@@ -92,8 +92,10 @@ def ties_passes(vectors: VectorsFn, scope: str) -> Callable[[Params, frozenset[s
         taus = vectors(inputs, p, ctx)
         if state["thresholds"] is None:  # density 0 or 1: no threshold pass was needed
             state["thresholds"] = [0.0 if p.density >= 1 else float("inf")] * len(taus)
-        total = torch.stack([masked(t, keep_mask(t, thr)) for t, thr in zip(taus, state["thresholds"])])
-        state["elected"] += int(torch.sign(total.sum(0)).sum())
+        total = torch.zeros_like(taus[0])
+        for t, thr in zip(taus, state["thresholds"]):
+            total.add_(masked(t, keep_mask(t, thr)))
+        state["elected"] += int(torch.sign(total).sum(dtype=torch.float64))
 
     def majority_done(state: dict[str, Any], p: TiesParams, stats: Any) -> dict[str, Any]:
         majority = (state["elected"] > 0) - (state["elected"] < 0)
