@@ -9,6 +9,7 @@ a key outlives it. Results are cast once to the output dtype and handed to the s
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -40,6 +41,7 @@ from mergebench.recipe import Node
 PREFETCH_KEYS = 1  # keys read ahead of the one being computed: overlap without doubling memory twice
 SLICE_ELEMENTS = 1 << 16  # float32 slices of 256 KiB: in L2 cache, below the mmap threshold (reused); measured best
 WRITES_IN_FLIGHT = 1  # finished tensors waiting for the writer thread
+COMPUTE_THREADS = 2  # keys computed side by side on the CPU: each holds its inputs and outputs in memory
 
 Value = Any  # a tensor, or a list of tensors for list-valued nodes
 
@@ -117,39 +119,86 @@ def execute(
     def needed(key: str) -> set[str]:
         return set().union(*(graph.needed_for_output(plan, key) for plan, _ in pending(key)))
 
+    def compute(key: str, raw: dict[str, torch.Tensor]) -> _KeyResult:
+        return _compute_key(graph, key, raw, [plan for plan, _ in pending(key)], device, stats, allow_non_finite,
+                            pool)
+
     tensors = 0
-    with _WriteBehind() as writes:
-        for key, raw in _prefetch(graph, [k for k in graph.keys if pending(k)], needed, pool):
-            targets = pending(key)
-            plans = [plan for plan, _ in targets]
-            refs = [plan.output.node for plan in plans]
-            sliced = _in_slices(graph, key, refs, raw, device) and all(
-                _sliceable_output(graph, plan, key) for plan in plans)
-            memos: dict[int, dict] = {}  # per slice: what a key's sweeps share (DARE's drop masks)
-            key_stats = _key_statistics(graph, key, refs, raw, device, stats, sliced, memos)
-            if sliced:
-                values = _sliced_output_values(graph, key, plans, raw, device, key_stats, allow_non_finite, pool,
-                                               memos)
-                lazy_bytes = 0
-                _give_back(pool, raw.values())  # nothing computed in slices refers to the inputs
-                recycled = list(values)
-            else:
-                env = _KeyValues(graph, key, raw, device, key_stats, memo=memos.setdefault(0, {}))
-                values = [_output_value(graph, plan, env, allow_non_finite) for plan in plans]
-                lazy_bytes = env.lazy_bytes
-                del env
-                recycled = list(raw.values())  # an output may be an input's buffer: reuse it once written
-            for (_, sink), value in zip(targets, values):
+    workers = _compute_threads(device)
+    with _WriteBehind() as writes, _ComputePool(workers) as computing:
+        in_flight: deque[tuple[str, Future[_KeyResult]]] = deque()
+
+        def finish_oldest() -> int:
+            key, future = in_flight.popleft()
+            result = future.result()
+            for (_, sink), value in zip(pending(key), result.values):
                 writes.submit(sink, key, value)
-                tensors += 1
-            writes.after_writes(lambda used=recycled: _give_back(pool, used))
-            read_now = sum(t.nbytes for t in raw.values()) + lazy_bytes
-            del raw, values, recycled  # free this key's tensors before the reader allocates the one after next
-            bytes_read += read_now
+            writes.after_writes(lambda used=result.recycled: _give_back(pool, used))
             if progress:
-                progress(read_now)
+                progress(result.bytes_read)
+            return result.bytes_read
+
+        for key, raw in _prefetch(graph, [k for k in graph.keys if pending(k)], needed, pool):
+            tensors += len(pending(key))
+            in_flight.append((key, computing.submit(compute, key, raw)))
+            del raw  # the worker holds it until the key is computed
+            if len(in_flight) >= workers:
+                bytes_read += finish_oldest()
+        while in_flight:
+            bytes_read += finish_oldest()
     return Summary(tensors, bytes_read, writes.bytes_written, 1 + statistics.passes, time.perf_counter() - start,
                    str(device))
+
+
+@dataclass(frozen=True)
+class _KeyResult:
+    values: list[Value]  # one per pending output, in order
+    recycled: list[torch.Tensor]  # buffers to give back to the pool once the values are written
+    bytes_read: int
+
+
+def _compute_key(graph: Graph, key: str, raw: dict[str, torch.Tensor], plans: list[OutputPlan],
+                 device: torch.device, stats: dict[str, Any], allow_non_finite: bool,
+                 pool: BufferPool | None) -> _KeyResult:
+    """Every pending output's value at ``key``: its key passes, then the values, in slices when it can."""
+    refs = [plan.output.node for plan in plans]
+    sliced = _in_slices(graph, key, refs, raw, device) and all(_sliceable_output(graph, plan, key) for plan in plans)
+    memos: dict[int, dict] = {}  # per slice: what a key's sweeps share (DARE's drop masks)
+    key_stats = _key_statistics(graph, key, refs, raw, device, stats, sliced, memos)
+    read = sum(t.nbytes for t in raw.values())
+    if sliced:
+        values = _sliced_output_values(graph, key, plans, raw, device, key_stats, allow_non_finite, pool, memos)
+        _give_back(pool, raw.values())  # nothing computed in slices refers to the inputs
+        return _KeyResult(values, list(values), read)
+    env = _KeyValues(graph, key, raw, device, key_stats, memo=memos.setdefault(0, {}))
+    values = [_output_value(graph, plan, env, allow_non_finite) for plan in plans]
+    # an output may be an input's buffer: the inputs are reused once the outputs are written
+    return _KeyResult(values, list(raw.values()), read + env.lazy_bytes)
+
+
+def _compute_threads(device: torch.device) -> int:
+    """Keys computed at once: one per core on the CPU (at most ``COMPUTE_THREADS``), one on an accelerator."""
+    return max(1, min(COMPUTE_THREADS, os.cpu_count() or 1)) if device.type == "cpu" else 1
+
+
+class _ComputePool(ThreadPoolExecutor):
+    """Threads that compute whole keys side by side, each with one intra-op torch thread.
+
+    Slices are too small for torch's thread pool to pay off, and a key's sweeps run in order
+    (random draws continue from slice to slice), so cores are used by computing several keys at
+    once; torch releases the interpreter lock inside its kernels.
+    """
+
+    def __init__(self, workers: int):
+        self.threads = torch.get_num_threads()
+        super().__init__(max_workers=workers, thread_name_prefix="mergebench-compute",
+                         initializer=torch.set_num_threads if workers > 1 else None,
+                         initargs=(1,) if workers > 1 else ())
+
+    def __exit__(self, *exc_info: object) -> bool | None:
+        self.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(self.threads)  # where torch's thread count is process-wide, not per thread
+        return None
 
 
 @dataclass(frozen=True)
@@ -288,6 +337,9 @@ def _sliced_output_values(graph: Graph, key: str, plans: list[OutputPlan], raw: 
 def _one_thread() -> Iterator[None]:
     """Slices are too small for torch's thread pool to pay off; the other cores read and write meanwhile."""
     threads = torch.get_num_threads()
+    if threads == 1:  # a compute thread (see _ComputePool): nothing to set or restore
+        yield
+        return
     torch.set_num_threads(1)
     try:
         yield
