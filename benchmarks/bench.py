@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -126,6 +127,7 @@ def main() -> None:
         ours, theirs, bounds = [], [], []
         for _ in range(args.repeat):
             bounds.append(disk_bound(folders, out_bytes, args.work / "scratch.bin"))
+            shutil.rmtree(args.work / "out-mb", ignore_errors=True)  # both tools start without an output folder
             ours.append(timed([str(mergebench), "run", str(recipe), "--quiet", "--force", "--device", args.device]))
             if args.mergekit and mergekit_config:
                 config = {**mergekit_config, "dtype": "bfloat16"}
@@ -134,7 +136,7 @@ def main() -> None:
                 theirs.append(timed([str(args.mergekit / "bin" / "mergekit-yaml"),
                                      str(args.work / f"{merge}-mergekit.yaml"), str(args.work / "out-mk"),
                                      "--allow-crimes"]))
-                subprocess.run(["rm", "-rf", str(args.work / "out-mk")])
+                shutil.rmtree(args.work / "out-mk", ignore_errors=True)
         wall, bound = statistics.median(s for s, _ in ours), statistics.median(bounds)
         row = {"merge": merge, "wall_s": round(wall, 2), "peak_rss_GB": round(max(r for _, r in ours), 2),
                "input_GB_per_s": round(input_bytes / wall / 1e9, 2), "disk_bound_s": round(bound, 2),
