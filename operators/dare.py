@@ -7,6 +7,9 @@ same mask comes out on any device, shard layout or key order, and ``darex_q`` wi
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 from pydantic import Field, model_validator
 
@@ -34,16 +37,18 @@ MASK_STREAM = "dare"
 def keep_mask(shape: torch.Size, drop: float, ctx: KeyContext, index: int) -> torch.Tensor:
     """m ~ Bernoulli(1 − p) per entry: keep iff a float32 uniform draw u ≥ p, drawn on the CPU.
 
-    Drawn once per key: the statistics passes of DARE-TIES and its merge see the mask the first drew.
+    Drawn once per key: the statistics passes of DARE-TIES and its merge see the mask the first drew,
+    kept meanwhile as one bit per entry (a key's masks would otherwise hold a byte per entry per model).
     """
     memo_key = (MASK_STREAM, index, drop, tuple(shape))
     if ctx.memo is not None and memo_key in ctx.memo:
-        return ctx.memo[memo_key]
+        bits = np.unpackbits(ctx.memo[memo_key], count=math.prod(shape))
+        return torch.from_numpy(bits.view(bool)).reshape(shape)
     draws = torch.rand(shape, generator=ctx.generator(MASK_STREAM, index))
-    mask = torch.from_numpy(draws.numpy() >= drop)  # numpy compares into bool several times faster than torch
+    mask = draws.numpy() >= drop  # numpy compares into bool several times faster than torch
     if ctx.memo is not None:
-        ctx.memo[memo_key] = mask
-    return mask
+        ctx.memo[memo_key] = np.packbits(mask)
+    return torch.from_numpy(mask)
 
 
 def rescale_kept(tau: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
