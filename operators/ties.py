@@ -52,14 +52,9 @@ def ties_merge(taus: list[torch.Tensor], p: TiesParams, ctx: KeyContext) -> torc
     """
     # found by the passes: over the model (global scope) or over this key (per tensor, as key passes)
     thresholds, majority = ctx.stats["thresholds"], ctx.stats["majority"]
-    # a zero threshold keeps everything: no masking pass needed
-    trimmed = [tau if thr <= 0 else masked(tau, keep_mask(tau, thr)) for tau, thr in zip(taus, thresholds)]
+    trimmed = _trimmed(taus, thresholds)
     taus.clear()  # the untrimmed vectors are no longer needed (the caller's list is ours)
-    total = torch.zeros_like(trimmed[0])
-    for t in trimmed:
-        total.add_(t)
-    if majority is None:
-        majority = torch.sign(torch.sign(total).sum())
+    total = _summed(trimmed)
     gamma = elect_sign(total, majority)
     del total
     merged = torch.zeros_like(gamma)
@@ -78,6 +73,18 @@ def ties_merge(taus: list[torch.Tensor], p: TiesParams, ctx: KeyContext) -> torc
     return merged.mul_(p.lambda_)
 
 
+def _trimmed(taus: list[torch.Tensor], thresholds: list[float]) -> list[torch.Tensor]:
+    """τ̂_t: each task vector without its entries below its threshold (a zero threshold keeps them all)."""
+    return [tau if thr <= 0 else masked(tau, keep_mask(tau, thr)) for tau, thr in zip(taus, thresholds)]
+
+
+def _summed(tensors: list[torch.Tensor]) -> torch.Tensor:
+    total = torch.zeros_like(tensors[0])
+    for t in tensors:
+        total.add_(t)
+    return total
+
+
 def ties_passes(vectors: VectorsFn, scope: str) -> Callable[[Params, frozenset[str]], tuple[StatisticsPass, ...]]:
     """The exact per-task thresholds (two histogram passes), then the majority sign, for params of ``scope``.
 
@@ -92,9 +99,7 @@ def ties_passes(vectors: VectorsFn, scope: str) -> Callable[[Params, frozenset[s
         taus = vectors(inputs, p, ctx)
         if state["thresholds"] is None:  # density 0 or 1: no threshold pass was needed
             state["thresholds"] = [0.0 if p.density >= 1 else float("inf")] * len(taus)
-        total = torch.zeros_like(taus[0])
-        for t, thr in zip(taus, state["thresholds"]):
-            total.add_(masked(t, keep_mask(t, thr)))
+        total = _summed(_trimmed(taus, state["thresholds"]))
         state["elected"] += int(torch.sign(total).sum(dtype=torch.float64))
 
     def majority_done(state: dict[str, Any], p: TiesParams, stats: Any) -> dict[str, Any]:
