@@ -8,6 +8,8 @@ import torch
 import mergebench.executor as executor
 from conftest import read_checkpoint, write_recipe
 from mergebench.buffers import BufferPool
+from mergebench.checkpoint import Checkpoint
+from mergebench.writer import CheckpointWriter
 
 NODES = {
     "linear": {"op": "linear", "inputs": {"models": ["base", "ft1", "ft2"]}, "params": {"weights": [0.2, 0.3, 0.5]}},
@@ -98,3 +100,26 @@ def test_the_pool_reuses_its_own_buffers_and_ignores_others():
     for b in buffers:
         pool.give(b)
     assert sorted(b.numel() for b in pool._free) == [20, 30]  # over capacity: the smallest is dropped
+
+
+@pytest.mark.parametrize("merge", ["linear", "ties_per_tensor", "dare_ties", "slerp"])
+def test_keys_computed_side_by_side_give_the_same_bytes_in_key_order(tmp_path, cli, llama_models, monkeypatch,
+                                                                     merge):
+    folders, _, _ = llama_models(torch.bfloat16)
+    monkeypatch.setattr(executor, "_compute_threads", lambda device: 1)
+    alone = _run(tmp_path, cli, folders, NODES[merge], "alone")
+    written = []
+    write = CheckpointWriter.write
+
+    def recorded(self, key, tensor):
+        written.append(key)
+        return write(self, key, tensor)
+
+    monkeypatch.setattr(CheckpointWriter, "write", recorded)
+    monkeypatch.setattr(executor, "_compute_threads", lambda device: 3)
+    side_by_side = _run(tmp_path, cli, folders, NODES[merge], "side_by_side")
+    assert side_by_side.keys() == alone.keys()
+    for key in alone:
+        assert torch.equal(side_by_side[key].view(torch.uint8), alone[key].view(torch.uint8)), key
+    # the writer, and so a resumable run's journal, sees the keys in storage order
+    assert written == list(Checkpoint(folders["base"]).keys)
