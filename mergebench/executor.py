@@ -9,7 +9,6 @@ a key outlives it. Results are cast once to the output dtype and handed to the s
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -177,8 +176,12 @@ def _compute_key(graph: Graph, key: str, raw: dict[str, torch.Tensor], plans: li
 
 
 def _compute_threads(device: torch.device) -> int:
-    """Keys computed at once: one per core on the CPU (at most ``COMPUTE_THREADS``), one on an accelerator."""
-    return max(1, min(COMPUTE_THREADS, os.cpu_count() or 1)) if device.type == "cpu" else 1
+    """Keys computed at once: one per thread torch may use (at most ``COMPUTE_THREADS``) on the CPU.
+
+    torch's thread count is the core budget: all cores by default, what ``OMP_NUM_THREADS`` says
+    otherwise (Ray sets it to a task's CPUs). An accelerator computes one key at a time.
+    """
+    return max(1, min(COMPUTE_THREADS, torch.get_num_threads())) if device.type == "cpu" else 1
 
 
 class _ComputePool(ThreadPoolExecutor):
