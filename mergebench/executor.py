@@ -8,14 +8,16 @@ a key outlives it. Results are cast once to the output dtype and handed to the s
 
 from __future__ import annotations
 
+import functools
 import math
+import queue
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -43,6 +45,7 @@ WRITES_IN_FLIGHT = 1  # finished tensors waiting for the writer thread
 COMPUTE_THREADS = 2  # keys computed side by side on the CPU: each holds its inputs and outputs in memory
 
 Value = Any  # a tensor, or a list of tensors for list-valued nodes
+Result = TypeVar("Result")
 
 
 class Sink(Protocol):
@@ -123,28 +126,16 @@ def execute(
                             pool)
 
     tensors = 0
-    workers = _compute_threads(device)
-    with _WriteBehind() as writes, _ComputePool(workers) as computing:
-        in_flight: deque[tuple[str, Future[_KeyResult]]] = deque()
-
-        def finish_oldest() -> int:
-            key, future = in_flight.popleft()
-            result = future.result()
+    with _WriteBehind() as writes:
+        keys = [k for k in graph.keys if pending(k)]
+        for key, result in _side_by_side(_prefetch(graph, keys, needed, pool), compute, _compute_threads(device)):
             for (_, sink), value in zip(pending(key), result.values):
                 writes.submit(sink, key, value)
+                tensors += 1
             writes.after_writes(lambda used=result.recycled: _give_back(pool, used))
+            bytes_read += result.bytes_read
             if progress:
                 progress(result.bytes_read)
-            return result.bytes_read
-
-        for key, raw in _prefetch(graph, [k for k in graph.keys if pending(k)], needed, pool):
-            tensors += len(pending(key))
-            in_flight.append((key, computing.submit(compute, key, raw)))
-            del raw  # the worker holds it until the key is computed
-            if len(in_flight) >= workers:
-                bytes_read += finish_oldest()
-        while in_flight:
-            bytes_read += finish_oldest()
     return Summary(tensors, bytes_read, writes.bytes_written, 1 + statistics.passes, time.perf_counter() - start,
                    str(device))
 
@@ -182,6 +173,22 @@ def _compute_threads(device: torch.device) -> int:
     otherwise (Ray sets it to a task's CPUs). An accelerator computes one key at a time.
     """
     return max(1, min(COMPUTE_THREADS, torch.get_num_threads())) if device.type == "cpu" else 1
+
+
+def _side_by_side(items: Iterable[tuple[str, dict[str, torch.Tensor]]],
+                  work: Callable[[str, dict[str, torch.Tensor]], Result], workers: int) -> Iterator[tuple[str, Result]]:
+    """(key, work(key, raw)) for each (key, raw) of ``items``, up to ``workers`` keys at once, in order."""
+    with _ComputePool(workers) as computing:
+        in_flight: deque[tuple[str, Future[Result]]] = deque()
+        for key, raw in items:
+            in_flight.append((key, computing.submit(work, key, raw)))
+            del raw  # the worker holds it until the key is done
+            if len(in_flight) >= workers:
+                oldest, future = in_flight.popleft()
+                yield oldest, future.result()
+        while in_flight:
+            oldest, future = in_flight.popleft()
+            yield oldest, future.result()
 
 
 class _ComputePool(ThreadPoolExecutor):
@@ -231,35 +238,48 @@ def _pool(graph: Graph, outputs: int) -> BufferPool:
 def _statistics_pass(graph: Graph, stage: Stage, device: torch.device, stats: dict[str, Any],
                      progress: Callable[[int], None] | None, pool: BufferPool | None) -> int:
     entries = [(graph.nodes[name], stat_pass) for name, stat_pass in stage.passes]
-    states = [stat_pass.init(node.params, stats.get(node.name)) for node, stat_pass in entries]
+    order = entries[0][1].order
+    keys = order(list(graph.keys)) if order else graph.keys
+    # passes whose states combine accumulate keys side by side, each compute thread into states of its own
+    workers = _compute_threads(device) if all(stat_pass.combine for _, stat_pass in entries) else 1
+    free: queue.SimpleQueue[list[Any]] = queue.SimpleQueue()
+    for _ in range(workers):
+        free.put([stat_pass.init(node.params, stats.get(node.name)) for node, stat_pass in entries])
 
     def needed(key: str) -> set[str]:
         return set().union(*(graph.needed(r, key) for node, _ in entries if node.selects(key) for r in node.refs()))
 
-    order = entries[0][1].order
-    keys = order(list(graph.keys)) if order else graph.keys
+    def accumulate(key: str, raw: dict[str, torch.Tensor]) -> int:
+        states = free.get()
+        try:
+            active = [(node, stat_pass, state) for (node, stat_pass), state in zip(entries, states)
+                      if node.selects(key) and graph.is_floating(node.name, key)]
+            refs = [r for node, _, _ in active for r in node.refs()]
+            sliced = (all(stat_pass.sliceable for _, stat_pass, _ in active)
+                      and _in_slices(graph, key, refs, raw, device))
+            memos: dict[int, dict] = {}
+            key_stats = _key_statistics(graph, key, refs, raw, device, stats, sliced, memos)
+            lazy_bytes = 0
+            for env in _environments(graph, key, raw, device, key_stats, sliced, memos):
+                for node, stat_pass, state in active:
+                    stat_pass.accumulate(state, env.inputs(node), node.params_for(key), env.context(node))
+                lazy_bytes += env.lazy_bytes
+        finally:
+            free.put(states)
+        _give_back(pool, raw.values())
+        return sum(t.nbytes for t in raw.values()) + lazy_bytes
+
     if not all(stat_pass.sliceable for _, stat_pass in entries):
         pool = None  # a pass that is not a plain sum over elements may keep input tensors in its state
     bytes_read = 0
-    for key, raw in _prefetch(graph, keys, needed, pool):
-        active = [(node, stat_pass, state) for (node, stat_pass), state in zip(entries, states)
-                  if node.selects(key) and graph.is_floating(node.name, key)]
-        refs = [r for node, _, _ in active for r in node.refs()]
-        sliced = all(stat_pass.sliceable for _, stat_pass, _ in active) and _in_slices(graph, key, refs, raw, device)
-        memos: dict[int, dict] = {}
-        key_stats = _key_statistics(graph, key, refs, raw, device, stats, sliced, memos)
-        lazy_bytes = 0
-        for env in _environments(graph, key, raw, device, key_stats, sliced, memos):
-            for node, stat_pass, state in active:
-                stat_pass.accumulate(state, env.inputs(node), node.params_for(key), env.context(node))
-            lazy_bytes += env.lazy_bytes
-        read_now = sum(t.nbytes for t in raw.values()) + lazy_bytes
-        _give_back(pool, raw.values())
-        del raw
+    for _, read_now in _side_by_side(_prefetch(graph, keys, needed, pool), accumulate, workers):
         bytes_read += read_now
         if progress:
             progress(read_now)
-    for (node, stat_pass), state in zip(entries, states):
+    per_worker = [free.get() for _ in range(workers)]
+    for i, (node, stat_pass) in enumerate(entries):
+        state = functools.reduce(stat_pass.combine, [states[i] for states in per_worker]) if workers > 1 \
+            else per_worker[0][i]
         stats[node.name] = stat_pass.finalize(state, node.params, stats.get(node.name))
     return bytes_read
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 from collections.abc import Iterable
@@ -98,6 +99,19 @@ class ExactThreshold:
         bits = self._bits(magnitudes)
         _add_counts(self.coarse, bits >> HALF_BITS)
         self.count += bits.numel()
+
+    def fine_pass_copy(self) -> ExactThreshold:
+        """This selector with its bin chosen and no fine counts yet, for one state of the fine pass."""
+        fresh = copy.copy(self)
+        fresh.fine = torch.zeros(BINS, dtype=torch.int64)
+        return fresh
+
+    def add_coarse_counts(self, other: ExactThreshold) -> None:
+        self.coarse += other.coarse
+        self.count += other.count
+
+    def add_fine_counts(self, other: ExactThreshold) -> None:
+        self.fine += other.fine
 
     def choose_bin(self, k: int) -> bool:
         """Fix k; returns whether the fine pass is needed (not for k = 0 or k >= n)."""

@@ -127,6 +127,11 @@ class StatisticsPass:
     inputs one after another (sums, counts, histograms of elementwise values), so the executor may
     feed a large key in small slices; such a pass keeps no input tensor in its state, so the
     executor may also reuse the input buffers once a key is done.
+
+    ``combine(a, b)`` merges two states that accumulated different keys into the state that would
+    have accumulated all of them (histograms add, counts add); ``init`` must then return a fresh
+    state at each call. Passes that declare it let the executor accumulate keys side by side, each
+    compute thread into a state of its own.
     """
 
     init: Callable[[Params, Any], Any]
@@ -134,6 +139,7 @@ class StatisticsPass:
     finalize: Callable[[Any, Params, Any], Any] = lambda state, params, stats: state
     order: Callable[[list[str]], list[str]] | None = None
     sliceable: bool = False
+    combine: Callable[[Any, Any], Any] | None = None
 
 
 Passes = Callable[[Params, frozenset[str]], "tuple[StatisticsPass, ...]"]

@@ -106,8 +106,11 @@ def ties_passes(vectors: VectorsFn, scope: str) -> Callable[[Params, frozenset[s
         majority = (state["elected"] > 0) - (state["elected"] < 0)
         return {"thresholds": state["thresholds"], "majority": float(majority)}
 
+    def combine(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+        return {"thresholds": a["thresholds"] or b["thresholds"], "elected": a["elected"] + b["elected"]}
+
     threshold_passes = global_threshold_passes(vectors, lambda p, n: keep_count(p.density, n))
-    majority_pass = StatisticsPass(majority_init, count_signs, majority_done, sliceable=True)
+    majority_pass = StatisticsPass(majority_init, count_signs, majority_done, sliceable=True, combine=combine)
 
     def passes(p: Params, slots: frozenset[str]) -> tuple[StatisticsPass, ...]:
         if p.scope != scope:

@@ -46,8 +46,25 @@ def global_threshold_passes(vectors: VectorsFn, keep: KeepFn) -> tuple[Statistic
     def thresholds(state: dict[str, Any], p: Params, stats: Any) -> dict[str, Any]:
         return {"thresholds": [selector.threshold() for selector in state["thresholds"] or []]}
 
-    return (StatisticsPass(lambda p, stats: {"thresholds": None}, coarse, choose_bins, sliceable=True),
-            StatisticsPass(lambda p, stats: stats, fine, thresholds, sliceable=True))
+    def fine_init(p: Params, stats: Any) -> dict[str, Any]:
+        selectors = stats["thresholds"]
+        return {"thresholds": None if selectors is None else [s.fine_pass_copy() for s in selectors]}
+
+    def combine_coarse(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+        if a["thresholds"] is None:
+            return b
+        for mine, theirs in zip(a["thresholds"], b["thresholds"] or []):
+            mine.add_coarse_counts(theirs)
+        return a
+
+    def combine_fine(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+        for mine, theirs in zip(a["thresholds"] or [], b["thresholds"] or []):
+            mine.add_fine_counts(theirs)
+        return a
+
+    return (StatisticsPass(lambda p, stats: {"thresholds": None}, coarse, choose_bins, sliceable=True,
+                           combine=combine_coarse),
+            StatisticsPass(fine_init, fine, thresholds, sliceable=True, combine=combine_fine))
 
 
 def global_threshold(ctx: KeyContext, index: int = 0) -> float:

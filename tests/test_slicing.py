@@ -102,7 +102,8 @@ def test_the_pool_reuses_its_own_buffers_and_ignores_others():
     assert sorted(b.numel() for b in pool._free) == [20, 30]  # over capacity: the smallest is dropped
 
 
-@pytest.mark.parametrize("merge", ["linear", "ties_per_tensor", "dare_ties", "slerp"])
+@pytest.mark.parametrize("merge", ["linear", "ties_per_tensor", "dare_ties", "slerp", "ties_global",
+                                   "dare_ties_global"])  # the last two: statistics passes side by side
 def test_keys_computed_side_by_side_give_the_same_bytes_in_key_order(tmp_path, cli, llama_models, monkeypatch,
                                                                      merge):
     folders, _, _ = llama_models(torch.bfloat16)
