@@ -192,11 +192,12 @@ def _side_by_side(items: Iterable[tuple[str, dict[str, torch.Tensor]]],
 
 
 class _ComputePool(ThreadPoolExecutor):
-    """Threads that compute whole keys side by side, each with one intra-op torch thread.
+    """Threads that compute whole keys side by side, each with one intra-op torch thread when there are several.
 
     Slices are too small for torch's thread pool to pay off, and a key's sweeps run in order
     (random draws continue from slice to slice), so cores are used by computing several keys at
-    once; torch releases the interpreter lock inside its kernels.
+    once; torch releases the interpreter lock inside its kernels. A single worker keeps torch's
+    threads for what it computes whole.
     """
 
     def __init__(self, workers: int):
