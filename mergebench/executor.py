@@ -128,7 +128,8 @@ def execute(
     tensors = 0
     with _WriteBehind() as writes:
         keys = [k for k in graph.keys if pending(k)]
-        for key, result in _side_by_side(_prefetch(graph, keys, needed, pool), compute, _compute_threads(device)):
+        computed = _side_by_side(_prefetch(graph, keys, needed, pool), compute, device, _compute_threads(device))
+        for key, result in computed:
             for (_, sink), value in zip(pending(key), result.values):
                 writes.submit(sink, key, value)
                 tensors += 1
@@ -176,9 +177,10 @@ def _compute_threads(device: torch.device) -> int:
 
 
 def _side_by_side(items: Iterable[tuple[str, dict[str, torch.Tensor]]],
-                  work: Callable[[str, dict[str, torch.Tensor]], Result], workers: int) -> Iterator[tuple[str, Result]]:
+                  work: Callable[[str, dict[str, torch.Tensor]], Result], device: torch.device,
+                  workers: int) -> Iterator[tuple[str, Result]]:
     """(key, work(key, raw)) for each (key, raw) of ``items``, up to ``workers`` keys at once, in order."""
-    with _ComputePool(workers) as computing:
+    with _ComputePool(workers, device) as computing:
         in_flight: deque[tuple[str, Future[Result]]] = deque()
         for key, raw in items:
             in_flight.append((key, computing.submit(work, key, raw)))
@@ -191,6 +193,13 @@ def _side_by_side(items: Iterable[tuple[str, dict[str, torch.Tensor]]],
             yield oldest, future.result()
 
 
+def _start_compute_thread(workers: int, device: torch.device) -> None:
+    if workers > 1:
+        torch.set_num_threads(1)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device.index)  # a new thread starts on the first GPU
+
+
 class _ComputePool(ThreadPoolExecutor):
     """Threads that compute whole keys side by side, each with one intra-op torch thread when there are several.
 
@@ -200,11 +209,10 @@ class _ComputePool(ThreadPoolExecutor):
     threads for what it computes whole.
     """
 
-    def __init__(self, workers: int):
+    def __init__(self, workers: int, device: torch.device):
         self.threads = torch.get_num_threads()
         super().__init__(max_workers=workers, thread_name_prefix="mergebench-compute",
-                         initializer=torch.set_num_threads if workers > 1 else None,
-                         initargs=(1,) if workers > 1 else ())
+                         initializer=_start_compute_thread, initargs=(workers, device))
 
     def __exit__(self, *exc_info: object) -> bool | None:
         self.shutdown(wait=True, cancel_futures=True)
@@ -273,7 +281,7 @@ def _statistics_pass(graph: Graph, stage: Stage, device: torch.device, stats: di
     if not all(stat_pass.sliceable for _, stat_pass in entries):
         pool = None  # a pass that is not a plain sum over elements may keep input tensors in its state
     bytes_read = 0
-    for _, read_now in _side_by_side(_prefetch(graph, keys, needed, pool), accumulate, workers):
+    for _, read_now in _side_by_side(_prefetch(graph, keys, needed, pool), accumulate, device, workers):
         bytes_read += read_now
         if progress:
             progress(read_now)
