@@ -79,3 +79,24 @@ def test_device_cuda_without_gpu_is_a_clear_error(tmp_path, cli):
     })
     result = cli("run", recipe, "--device", "cuda")
     assert result.exit_code == 2 and "no CUDA device" in result.output
+
+
+def test_plan_estimates_two_keys_side_by_side_one_read_ahead_one_written(tmp_path):
+    from safetensors.torch import save_file
+
+    from mergebench.graph import Graph
+    from mergebench.recipe import load_recipe
+
+    for name in ("m0", "m1"):  # float32, stored in key order a, b, c
+        save_file({"a": torch.ones(1000), "b": torch.ones(10), "c": torch.ones(10)}, tmp_path / f"{name}.safetensors")
+
+    def estimate(node: dict) -> int:
+        recipe = write_recipe(tmp_path / "r.yaml", {
+            "models": {"m0": "m0.safetensors", "m1": "m1.safetensors"},
+            "nodes": {"merge": node}, "outputs": [{"from": "merge", "path": "out"}]})
+        return Graph(load_recipe(recipe)).peak_memory_estimate
+
+    # worst moment: a and b computed (inputs 8000 + 80, outputs 4000 + 40 bytes), c read ahead (80)
+    assert estimate({"op": "linear", "inputs": {"models": ["m0", "m1"]}}) == 8000 + 4000 + 80 + 40 + 80
+    # SLERP is not elementwise: whole float32 values too, (2 models + 1 node + 1) per element
+    assert estimate({"op": "slerp", "inputs": {"a": "m0", "b": "m1"}}) == 12000 + 16000 + 120 + 160 + 80
