@@ -255,6 +255,9 @@ def _statistics_pass(graph: Graph, stage: Stage, device: torch.device, stats: di
     for _ in range(workers):
         free.put([stat_pass.init(node.params, stats.get(node.name)) for node, stat_pass in entries])
 
+    if not all(stat_pass.sliceable for _, stat_pass in entries):
+        pool = None  # a pass that is not a plain sum over elements may keep input tensors in its state
+
     def needed(key: str) -> set[str]:
         return set().union(*(graph.needed(r, key) for node, _ in entries if node.selects(key) for r in node.refs()))
 
@@ -278,8 +281,6 @@ def _statistics_pass(graph: Graph, stage: Stage, device: torch.device, stats: di
         _give_back(pool, raw.values())
         return sum(t.nbytes for t in raw.values()) + lazy_bytes
 
-    if not all(stat_pass.sliceable for _, stat_pass in entries):
-        pool = None  # a pass that is not a plain sum over elements may keep input tensors in its state
     bytes_read = 0
     for _, read_now in _side_by_side(_prefetch(graph, keys, needed, pool), accumulate, device, workers):
         bytes_read += read_now
@@ -287,8 +288,7 @@ def _statistics_pass(graph: Graph, stage: Stage, device: torch.device, stats: di
             progress(read_now)
     per_worker = [free.get() for _ in range(workers)]
     for i, (node, stat_pass) in enumerate(entries):
-        state = functools.reduce(stat_pass.combine, [states[i] for states in per_worker]) if workers > 1 \
-            else per_worker[0][i]
+        state = functools.reduce(stat_pass.combine, [states[i] for states in per_worker])  # one: no combine
         stats[node.name] = stat_pass.finalize(state, node.params, stats.get(node.name))
     return bytes_read
 
@@ -369,9 +369,6 @@ def _sliced_output_values(graph: Graph, key: str, plans: list[OutputPlan], raw: 
 def _one_thread() -> Iterator[None]:
     """Slices are too small for torch's thread pool to pay off; the other cores read and write meanwhile."""
     threads = torch.get_num_threads()
-    if threads == 1:  # a compute thread (see _ComputePool): nothing to set or restore
-        yield
-        return
     torch.set_num_threads(1)
     try:
         yield

@@ -145,7 +145,7 @@ class ExactThreshold:
 
 
 def _add_counts(histogram: torch.Tensor, bins: torch.Tensor) -> None:
-    """histogram[b] += how often b occurs in ``bins``, counting only over the range they span.
+    """histogram[b] += how often b occurs in ``bins`` (a temporary: shifted in place), over their span only.
 
     Magnitudes of one tensor share a few exponents: counting over their span and adding that,
     rather than over all 65 536 bins, halves the cost of a histogram pass.

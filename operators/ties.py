@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from mergebench.numerics import elect_sign, keep_count, keep_mask, masked
+from mergebench.numerics import elect_sign, keep_count, keep_mask, masked, weighted_sum
 from mergebench.operators.base import (
     CHECKPOINT,
     DELTA,
@@ -79,10 +79,7 @@ def _trimmed(taus: list[torch.Tensor], thresholds: list[float]) -> list[torch.Te
 
 
 def _summed(tensors: list[torch.Tensor]) -> torch.Tensor:
-    total = torch.zeros_like(tensors[0])
-    for t in tensors:
-        total.add_(t)
-    return total
+    return weighted_sum(tensors, [1.0] * len(tensors))
 
 
 def ties_passes(vectors: VectorsFn, scope: str) -> Callable[[Params, frozenset[str]], tuple[StatisticsPass, ...]]:

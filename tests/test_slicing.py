@@ -40,6 +40,12 @@ def _run(tmp_path, cli, folders, node: dict, name: str, extra_nodes: dict | None
     return read_checkpoint(tmp_path / name)
 
 
+def _assert_same_bytes(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(got[key].view(torch.uint8), expected[key].view(torch.uint8)), key
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("merge", sorted(NODES))
 def test_slices_give_the_same_bytes_as_whole_tensors(tmp_path, cli, llama_models, monkeypatch, dtype, merge):
@@ -55,9 +61,7 @@ def test_slices_give_the_same_bytes_as_whole_tensors(tmp_path, cli, llama_models
     monkeypatch.setattr(executor, "SLICE_ELEMENTS", 1000)  # uneven: most tensors end in a partial slice
     monkeypatch.setattr(executor, "_slices", counted)
     sliced = _run(tmp_path, cli, folders, NODES[merge], "sliced")
-    assert sliced.keys() == whole.keys()
-    for key in whole:
-        assert torch.equal(sliced[key].view(torch.uint8), whole[key].view(torch.uint8)), key
+    _assert_same_bytes(sliced, whole)
     if merge == "slerp":  # the angle between whole tensors is not elementwise: never sliced
         assert not sliced_keys
     else:
@@ -119,8 +123,6 @@ def test_keys_computed_side_by_side_give_the_same_bytes_in_key_order(tmp_path, c
     monkeypatch.setattr(CheckpointWriter, "write", recorded)
     monkeypatch.setattr(executor, "_compute_threads", lambda device: 3)
     side_by_side = _run(tmp_path, cli, folders, NODES[merge], "side_by_side")
-    assert side_by_side.keys() == alone.keys()
-    for key in alone:
-        assert torch.equal(side_by_side[key].view(torch.uint8), alone[key].view(torch.uint8)), key
+    _assert_same_bytes(side_by_side, alone)
     # the writer, and so a resumable run's journal, sees the keys in storage order
     assert written == list(Checkpoint(folders["base"]).keys)
