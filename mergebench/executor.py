@@ -257,15 +257,19 @@ def _statistics_pass(graph: Graph, stage: Stage, device: torch.device, stats: di
 
     if not all(stat_pass.sliceable for _, stat_pass in entries):
         pool = None  # a pass that is not a plain sum over elements may keep input tensors in its state
+    held = {node.name: frozenset(graph.key_lists[node.name]) for node, _ in entries}  # nodes may read other models
+
+    def counts(node: Node, key: str) -> bool:
+        return key in held[node.name] and node.selects(key)
 
     def needed(key: str) -> set[str]:
-        return set().union(*(graph.needed(r, key) for node, _ in entries if node.selects(key) for r in node.refs()))
+        return set().union(*(graph.needed(r, key) for node, _ in entries if counts(node, key) for r in node.refs()))
 
     def accumulate(key: str, raw: dict[str, torch.Tensor]) -> int:
         states = free.get()
         try:
             active = [(node, stat_pass, state) for (node, stat_pass), state in zip(entries, states)
-                      if node.selects(key) and graph.is_floating(node.name, key)]
+                      if counts(node, key) and graph.is_floating(node.name, key)]
             refs = [r for node, _, _ in active for r in node.refs()]
             sliced = (all(stat_pass.sliceable for _, stat_pass, _ in active)
                       and _in_slices(graph, key, refs, raw, device))

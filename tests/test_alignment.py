@@ -98,6 +98,27 @@ def test_align_of_a_tiny_llama_keeps_its_logits(tmp_path, cli):
     assert torch.equal(written[q], original[q])  # attention untouched by the FFN spec
 
 
+def test_two_alignments_of_different_models_in_one_recipe(tmp_path, cli):
+    from mergebench.synthetic import llama_config, llama_state_dict
+
+    config = llama_config()
+    llamas = {name: llama_state_dict(config, seed=seed) for seed, name in ((1, "l1"), (2, "l2"))}
+    for name, state in {"a": A, "b": B, **llamas}.items():
+        save_checkpoint(state, tmp_path / name, config=config if name in llamas else None)
+    recipe = write_recipe(tmp_path / "r.yaml", {  # each planning pass visits only its own models' keys
+        "models": {name: name for name in ("a", "b", "l1", "l2")},
+        "nodes": {"mlp": {"op": "align", "inputs": {"model": "b", "reference": "a"},
+                          "params": {"layers": ["fc1", "fc2"]}},
+                  "llama": {"op": "align", "inputs": {"model": "l1", "reference": "l2"}}},
+        "outputs": [{"from": "mlp", "path": "out-mlp"}, {"from": "llama", "path": "out-llama"}],
+    })
+    result = cli("run", recipe, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert all(torch.equal(v, A[k]) for k, v in read_checkpoint(tmp_path / "out-mlp").items())
+    expected = ops.align(model=llamas["l1"], reference=llamas["l2"])
+    assert all(torch.equal(v, expected[k]) for k, v in read_checkpoint(tmp_path / "out-llama").items())
+
+
 def test_weight_matching_needs_two_models(tmp_path, cli):
     for name, state in (("a", A), ("b", B), ("c", B)):
         save_checkpoint(state, tmp_path / name)
