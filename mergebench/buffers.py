@@ -14,8 +14,9 @@ import torch
 
 
 class BufferPool:
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, pinned: bool = False):
         self.capacity = capacity  # free buffers kept; smaller ones are dropped beyond this
+        self.pinned = pinned  # page-locked, for asynchronous copies to and from a GPU
         self._free: list[torch.Tensor] = []
         self._owned: dict[int, torch.Tensor] = {}  # the buffers this pool made, by the address of their memory
         self._lock = threading.Lock()
@@ -26,7 +27,7 @@ class BufferPool:
             fitting = [i for i, b in enumerate(self._free) if b.numel() >= nbytes]
             if fitting:
                 return self._free.pop(min(fitting, key=lambda i: self._free[i].numel()))[:nbytes]
-        buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=self.pinned)
         with self._lock:
             self._owned[buffer.data_ptr()] = buffer
         return buffer[:nbytes]

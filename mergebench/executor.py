@@ -38,6 +38,7 @@ from mergebench.operators.base import (
     is_list_type,
 )
 from mergebench.recipe import Node
+from mergebench.staging import finish, start_compute_thread, to_device, to_host, uses_pinned_buffers
 
 PREFETCH_KEYS = 1  # keys read ahead of the one being computed: overlap without doubling memory twice
 SLICE_ELEMENTS = 1 << 16  # float32 slices of 256 KiB: in L2 cache, below the mmap threshold (reused); measured best
@@ -108,7 +109,7 @@ def execute(
     return_large_blocks_to_the_os()
     start = time.perf_counter()
     done = done or [set() for _ in sinks]
-    pool = _pool(graph, len(sinks)) if sinks_copy else None
+    pool = _pool(graph, len(sinks), device) if sinks_copy else None
     if statistics is None:
         statistics = compute_statistics(graph, device, progress, pool)
     stats = statistics.stats
@@ -128,7 +129,7 @@ def execute(
     tensors = 0
     with _WriteBehind() as writes:
         keys = [k for k in graph.keys if pending(k)]
-        computed = _side_by_side(_prefetch(graph, keys, needed, pool), compute, device, _compute_threads(device))
+        computed = _side_by_side(_prefetch(graph, keys, needed, pool), compute, device, _compute_threads())
         for key, result in computed:
             for (_, sink), value in zip(pending(key), result.values):
                 writes.submit(sink, key, value)
@@ -162,18 +163,20 @@ def _compute_key(graph: Graph, key: str, raw: dict[str, torch.Tensor], plans: li
         _give_back(pool, raw.values())  # nothing computed in slices refers to the inputs
         return _KeyResult(values, list(values), read)
     env = _KeyValues(graph, key, raw, device, key_stats, memo=memos.setdefault(0, {}))
-    values = [_output_value(graph, plan, env, allow_non_finite) for plan in plans]
+    values = [_output_value(graph, plan, env, allow_non_finite, pool) for plan in plans]
+    finish(device)  # the outputs' copies to the host are complete, the inputs' copies to the device too
     # an output may be an input's buffer: the inputs are reused once the outputs are written
-    return _KeyResult(values, list(raw.values()), read + env.lazy_bytes)
+    return _KeyResult(values, [*raw.values(), *_tensors(values)], read + env.lazy_bytes)
 
 
-def _compute_threads(device: torch.device) -> int:
-    """Keys computed at once: one per thread torch may use (at most ``COMPUTE_THREADS``) on the CPU.
+def _compute_threads() -> int:
+    """Keys computed at once: one per thread torch may use, at most ``COMPUTE_THREADS``.
 
     torch's thread count is the core budget: all cores by default, what ``OMP_NUM_THREADS`` says
-    otherwise (Ray sets it to a task's CPUs). An accelerator computes one key at a time.
+    otherwise (Ray sets it to a task's CPUs). On a GPU each thread queues its key on a stream of its
+    own, so one key's copies and host work (DARE's draws) overlap the other's kernels.
     """
-    return max(1, min(COMPUTE_THREADS, torch.get_num_threads())) if device.type == "cpu" else 1
+    return max(1, min(COMPUTE_THREADS, torch.get_num_threads()))
 
 
 def _side_by_side(items: Iterable[tuple[str, dict[str, torch.Tensor]]],
@@ -196,8 +199,7 @@ def _side_by_side(items: Iterable[tuple[str, dict[str, torch.Tensor]]],
 def _start_compute_thread(workers: int, device: torch.device) -> None:
     if workers > 1:
         torch.set_num_threads(1)
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device.index)  # a new thread starts on the first GPU
+    start_compute_thread(device)
 
 
 class _ComputePool(ThreadPoolExecutor):
@@ -206,7 +208,7 @@ class _ComputePool(ThreadPoolExecutor):
     Slices are too small for torch's thread pool to pay off, and a key's sweeps run in order
     (random draws continue from slice to slice), so cores are used by computing several keys at
     once; torch releases the interpreter lock inside its kernels. A single worker keeps torch's
-    threads for what it computes whole.
+    threads for what it computes whole. On a GPU each thread has a stream of its own (``staging``).
     """
 
     def __init__(self, workers: int, device: torch.device):
@@ -236,12 +238,12 @@ def compute_statistics(graph: Graph, device: torch.device, progress: Callable[[i
     bytes_read = 0
     stages = statistics_stages(graph)
     for stage in stages:
-        bytes_read += _statistics_pass(graph, stage, device, stats, progress, pool or _pool(graph, 0))
+        bytes_read += _statistics_pass(graph, stage, device, stats, progress, pool or _pool(graph, 0, device))
     return Statistics(stats, bytes_read, len(stages))
 
 
-def _pool(graph: Graph, outputs: int) -> BufferPool:
-    return BufferPool(capacity=2 * (len(graph.sources) + outputs) + 2)
+def _pool(graph: Graph, outputs: int, device: torch.device) -> BufferPool:
+    return BufferPool(capacity=2 * (len(graph.sources) + outputs) + 2, pinned=uses_pinned_buffers(device))
 
 
 def _statistics_pass(graph: Graph, stage: Stage, device: torch.device, stats: dict[str, Any],
@@ -250,7 +252,7 @@ def _statistics_pass(graph: Graph, stage: Stage, device: torch.device, stats: di
     order = entries[0][1].order
     keys = order(list(graph.keys)) if order else graph.keys
     # passes whose states combine accumulate keys side by side, each compute thread into states of its own
-    workers = _compute_threads(device) if all(stat_pass.combine for _, stat_pass in entries) else 1
+    workers = _compute_threads() if all(stat_pass.combine for _, stat_pass in entries) else 1
     free: queue.SimpleQueue[list[Any]] = queue.SimpleQueue()
     for _ in range(workers):
         free.put([stat_pass.init(node.params, stats.get(node.name)) for node, stat_pass in entries])
@@ -280,6 +282,7 @@ def _statistics_pass(graph: Graph, stage: Stage, device: torch.device, stats: di
                 for node, stat_pass, state in active:
                     stat_pass.accumulate(state, env.inputs(node), node.params_for(key), env.context(node))
                 lazy_bytes += env.lazy_bytes
+            finish(device)  # the next key may accumulate into these states on another thread's stream
         finally:
             free.put(states)
         _give_back(pool, raw.values())
@@ -297,8 +300,13 @@ def _statistics_pass(graph: Graph, stage: Stage, device: torch.device, stats: di
     return bytes_read
 
 
-def _output_value(graph: Graph, plan: OutputPlan, env: _KeyValues, allow_non_finite: bool = False) -> Value:
-    """The finished tensor(s) of one output at one key: cast once, checked finite, on the CPU."""
+def _output_value(graph: Graph, plan: OutputPlan, env: _KeyValues, allow_non_finite: bool = False,
+                  pool: BufferPool | None = None) -> Value:
+    """The finished tensor(s) of one output at one key: cast once, checked finite, on the CPU.
+
+    From a GPU each is copied back once, into a ``pool`` buffer when there is one: complete only
+    after ``finish``.
+    """
     key = env.key
     if plan.output.kind in ARTIFACT_TYPES:  # a mask or a sparse delta: no cast, the writer encodes it
         return env.value(plan.output.node).cpu()
@@ -312,8 +320,8 @@ def _output_value(graph: Graph, plan: OutputPlan, env: _KeyValues, allow_non_fin
     cast = []
     for v in values:
         out = v.to(dtype=dtype)
+        cast.append(to_host(out, pool))  # queued before the check, which waits for it
         _check_finite(out, plan, key, allow_non_finite)
-        cast.append(out.cpu())
     return cast if isinstance(value, list) else cast[0]
 
 
@@ -419,6 +427,10 @@ def _key_statistics(graph: Graph, key: str, refs: list[str], raw: dict[str, torc
     return key_stats
 
 
+def _tensors(values: list[Value]) -> list[torch.Tensor]:
+    return [t for v in values for t in (v if isinstance(v, list) else [v])]
+
+
 def _give_back(pool: BufferPool | None, tensors: Iterable[torch.Tensor]) -> None:
     if pool is not None:
         for tensor in tensors:
@@ -494,7 +506,7 @@ class _KeyValues:
             self.lazy_bytes += tensor.nbytes
         if not tensor.dtype.is_floating_point:
             return tensor.to(device=self.device)  # masks stay boolean
-        return tensor.to(device=self.device, dtype=compute_dtype(tensor.dtype))
+        return to_device(tensor, self.device, compute_dtype(tensor.dtype))
 
     def _sequence(self, name: str) -> TensorSequence:
         members = self.graph.recipe.sequences[name]

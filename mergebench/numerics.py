@@ -93,7 +93,8 @@ class ExactThreshold:
 
     @staticmethod
     def _bits(magnitudes: torch.Tensor) -> torch.Tensor:
-        return magnitudes.detach().to("cpu", torch.float32).contiguous().reshape(-1).view(torch.int32)
+        """float32 bit patterns, on the magnitudes' device: a GPU counts them there, only counts come back."""
+        return magnitudes.detach().to(torch.float32).contiguous().reshape(-1).view(torch.int32)
 
     def add_coarse(self, magnitudes: torch.Tensor) -> None:
         bits = self._bits(magnitudes)
@@ -125,7 +126,11 @@ class ExactThreshold:
         return True
 
     def add_fine(self, magnitudes: torch.Tensor) -> None:
-        bits = self._bits(magnitudes).numpy()
+        bits = self._bits(magnitudes)
+        if not bits.is_cpu:
+            _add_counts(self.fine, bits[(bits >> HALF_BITS) == self.bin] & (BINS - 1))
+            return
+        bits = bits.numpy()
         in_bin = bits[(bits >> HALF_BITS) == self.bin]  # numpy: torch's boolean indexing is far slower
         low_bits = in_bin & (BINS - 1)
         if low_bits.size < FEW:  # no 65 536-bin temporary for a few elements
@@ -154,7 +159,7 @@ def _add_counts(histogram: torch.Tensor, bins: torch.Tensor) -> None:
         return
     low = int(bins.min())
     counts = torch.bincount(bins.sub_(low))
-    histogram[low:low + counts.numel()] += counts
+    histogram[low:low + counts.numel()] += counts.to(histogram.device)
 
 
 def masked(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
