@@ -4,10 +4,12 @@ Generates three Llama-shaped bfloat16 checkpoints (a base and two "fine-tunes" o
 the Hub does, then for each merge runs a fresh process (median of ``--repeat`` runs, mergekit and
 mergebench alternating) and prints wall time, peak RSS of the process, input GB/s, the ratio to the
 disk bound measured in the same run (read every input file + write the output with fsync) and, with
-``--mergekit VENV``, the ratio to mergekit.
+``--mergekit VENV``, the ratio to mergekit (``--mergekit-command`` names its command instead). With
+``--device cuda`` both tools compute on the GPU (mergekit with ``--cuda``).
 
     .venv/bin/python benchmarks/bench.py --size small
     .venv/bin/python benchmarks/bench.py --size medium --mergekit /path/to/mergekit-venv --repeat 3
+    python3 benchmarks/bench.py --size medium --device cuda --mergekit-command mergekit-yaml
 """
 
 from __future__ import annotations
@@ -110,13 +112,16 @@ def main() -> None:
     parser.add_argument("--merges", default="linear,task_arithmetic,ties,dare_ties,ties_global,lines")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--mergekit", type=Path, help="a virtualenv with mergekit installed (its bin/mergekit-yaml)")
+    parser.add_argument("--mergekit-command", help="mergekit's command, where it is installed outside a virtualenv")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--work", type=Path, default=Path(__file__).parent / "_work")
     args = parser.parse_args()
     folders = make_models(args.work, args.size)
     input_bytes = sum(f.stat().st_size for folder in folders for f in folder.glob("*.safetensors"))
     out_bytes = sum(f.stat().st_size for f in folders[0].glob("*.safetensors"))
-    mergebench = Path(sys.executable).parent / "mergebench"
+    mergekit = ([str(args.mergekit / "bin" / "mergekit-yaml")] if args.mergekit
+                else args.mergekit_command.split() if args.mergekit_command else None)
+    on_gpu = ["--cuda"] if args.device.startswith("cuda") else []
     rows = []
     for merge in args.merges.split(","):
         node, mergekit_config = MERGES[merge]
@@ -128,14 +133,14 @@ def main() -> None:
         for _ in range(args.repeat):
             bounds.append(disk_bound(folders, out_bytes, args.work / "scratch.bin"))
             shutil.rmtree(args.work / "out-mb", ignore_errors=True)  # both tools start without an output folder
-            ours.append(timed([str(mergebench), "run", str(recipe), "--quiet", "--force", "--device", args.device]))
-            if args.mergekit and mergekit_config:
+            ours.append(timed([sys.executable, "-m", "mergebench", "run", str(recipe), "--quiet", "--force",
+                               "--device", args.device]))
+            if mergekit and mergekit_config:
                 config = {**mergekit_config, "dtype": "bfloat16"}
                 config = json.loads(json.dumps(config).replace('"model_', f'"{folders[0].parent}/model_'))
                 (args.work / f"{merge}-mergekit.yaml").write_text(yaml.safe_dump(config))
-                theirs.append(timed([str(args.mergekit / "bin" / "mergekit-yaml"),
-                                     str(args.work / f"{merge}-mergekit.yaml"), str(args.work / "out-mk"),
-                                     "--allow-crimes"]))
+                theirs.append(timed([*mergekit, str(args.work / f"{merge}-mergekit.yaml"), str(args.work / "out-mk"),
+                                     "--allow-crimes", *on_gpu]))
                 shutil.rmtree(args.work / "out-mk", ignore_errors=True)
         wall, bound = statistics.median(s for s, _ in ours), statistics.median(bounds)
         row = {"merge": merge, "wall_s": round(wall, 2), "peak_rss_GB": round(max(r for _, r in ours), 2),
@@ -147,7 +152,8 @@ def main() -> None:
                         "x_mergekit": round(wall / their_wall, 2)})
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print(f"{args.size}: {input_bytes / 1e9:.2f} GB of inputs, {out_bytes / 1e9:.2f} GB out, device {args.device}")
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu, {os.cpu_count()} cores"
+    print(f"{args.size}: {input_bytes / 1e9:.2f} GB of inputs, {out_bytes / 1e9:.2f} GB out, device {device}")
 
 
 if __name__ == "__main__":
