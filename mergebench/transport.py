@@ -81,15 +81,18 @@ def layer_maps(weights_a: list[torch.Tensor], weights_b: list[torch.Tensor], bia
 def incoming_aligned(weight: torch.Tensor, incoming: torch.Tensor | None) -> torch.Tensor:
     """W·T̂_{l−1} on the input axis (axis 1), for linear ``[out, in]`` and conv ``[out, in, ...]`` weights.
 
+    The map (planned on the CPU) is moved to the weight's device.
+
     A linear layer after a flatten reads C channels × P positions (channel-major, as torch flattens):
     its input axis is viewed as ``[C, P]`` and the map applies to C.
     """
     if incoming is None:
         return weight
     channels = incoming.shape[0]
+    incoming = incoming.to(weight.device, weight.dtype)
     if weight.dim() == 2 and weight.shape[1] != channels:
         if weight.shape[1] % channels:
             raise MergebenchError(f"ot_fusion: {weight.shape[1]} inputs do not flatten {channels} channels")
         blocks = weight.reshape(weight.shape[0], channels, -1)
-        return torch.einsum("oip,ij->ojp", blocks, incoming.to(weight.dtype)).reshape(weight.shape[0], -1)
-    return torch.einsum("oi...,ij->oj...", weight, incoming.to(weight.dtype))
+        return torch.einsum("oip,ij->ojp", blocks, incoming).reshape(weight.shape[0], -1)
+    return torch.einsum("oi...,ij->oj...", weight, incoming)

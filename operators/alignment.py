@@ -261,13 +261,13 @@ def transported(tensor: torch.Tensor, model: int, layers: list[str], ctx: KeyCon
     if where is None:
         return tensor
     index, kind = where
-    maps = ctx.stats["maps"][model]
+    maps = ctx.stats["maps"][model]  # planned on the CPU
     value = tensor.double()
     if kind == "weight" and index > 0:
         value = transport.incoming_aligned(value, maps[index - 1])
     outgoing = maps[index] if index < len(maps) else None
     if outgoing is not None:
-        value = torch.einsum("o...,oj->j...", value, outgoing)
+        value = torch.einsum("o...,oj->j...", value, outgoing.to(value.device))
     return value.to(tensor.dtype)
 
 
