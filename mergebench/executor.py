@@ -44,6 +44,7 @@ PREFETCH_KEYS = 1  # keys read ahead of the one being computed: overlap without 
 SLICE_ELEMENTS = 1 << 16  # float32 slices of 256 KiB: in L2 cache, below the mmap threshold (reused); measured best
 WRITES_IN_FLIGHT = 1  # finished tensors waiting for the writer thread
 COMPUTE_THREADS = 2  # keys computed side by side on the CPU: each holds its inputs and outputs in memory
+GPU_COMPUTE_THREADS = 4  # on a GPU: more keys' host work (DARE's draws) overlaps the copies and kernels
 
 Value = Any  # a tensor, or a list of tensors for list-valued nodes
 Result = TypeVar("Result")
@@ -129,7 +130,7 @@ def execute(
     tensors = 0
     with _WriteBehind() as writes:
         keys = [k for k in graph.keys if pending(k)]
-        computed = _side_by_side(_prefetch(graph, keys, needed, pool), compute, device, _compute_threads())
+        computed = _side_by_side(_prefetch(graph, keys, needed, pool), compute, device, _compute_threads(device))
         for key, result in computed:
             for (_, sink), value in zip(pending(key), result.values):
                 writes.submit(sink, key, value)
@@ -169,14 +170,15 @@ def _compute_key(graph: Graph, key: str, raw: dict[str, torch.Tensor], plans: li
     return _KeyResult(values, [*raw.values(), *_tensors(values)], read + env.lazy_bytes)
 
 
-def _compute_threads() -> int:
-    """Keys computed at once: one per thread torch may use, at most ``COMPUTE_THREADS``.
+def _compute_threads(device: torch.device) -> int:
+    """Keys computed at once: one per thread torch may use, at most ``COMPUTE_THREADS`` (``GPU_COMPUTE_THREADS``).
 
     torch's thread count is the core budget: all cores by default, what ``OMP_NUM_THREADS`` says
     otherwise (Ray sets it to a task's CPUs). On a GPU each thread queues its key on a stream of its
-    own, so one key's copies and host work (DARE's draws) overlap the other's kernels.
+    own, so one key's copies and host work (DARE's draws) overlap the others' kernels.
     """
-    return max(1, min(COMPUTE_THREADS, torch.get_num_threads()))
+    most = COMPUTE_THREADS if device.type == "cpu" else GPU_COMPUTE_THREADS
+    return max(1, min(most, torch.get_num_threads()))
 
 
 def _side_by_side(items: Iterable[tuple[str, dict[str, torch.Tensor]]],
@@ -252,7 +254,7 @@ def _statistics_pass(graph: Graph, stage: Stage, device: torch.device, stats: di
     order = entries[0][1].order
     keys = order(list(graph.keys)) if order else graph.keys
     # passes whose states combine accumulate keys side by side, each compute thread into states of its own
-    workers = _compute_threads() if all(stat_pass.combine for _, stat_pass in entries) else 1
+    workers = _compute_threads(device) if all(stat_pass.combine for _, stat_pass in entries) else 1
     free: queue.SimpleQueue[list[Any]] = queue.SimpleQueue()
     for _ in range(workers):
         free.put([stat_pass.init(node.params, stats.get(node.name)) for node, stat_pass in entries])

@@ -32,23 +32,44 @@ from mergebench.operators.task_vectors import (
 )
 
 MASK_STREAM = "dare"
+DRAW_PIECE = 1 << 16  # draws per piece: 256 KiB of float32, in cache
+CPU = torch.device("cpu")
 
 
-def keep_mask(shape: torch.Size, drop: float, ctx: KeyContext, index: int) -> torch.Tensor:
-    """m ~ Bernoulli(1 − p) per entry: keep iff a float32 uniform draw u ≥ p, drawn on the CPU.
+def keep_mask(shape: torch.Size, drop: float, ctx: KeyContext, index: int,
+              device: torch.device = CPU) -> torch.Tensor:
+    """m ~ Bernoulli(1 − p) per entry, on ``device``: keep iff a float32 uniform draw u ≥ p, drawn on the CPU.
 
     Drawn once per key: the statistics passes of DARE-TIES and its merge see the mask the first drew,
-    kept meanwhile as one bit per entry (a key's masks would otherwise hold a byte per entry per model).
+    kept meanwhile as one bit per entry on the CPU (a key's masks would otherwise hold a byte per
+    entry per model), on a GPU as the mask itself (no unpacking on the host for the next sweep).
     """
     memo_key = (MASK_STREAM, index, drop, tuple(shape))
-    if ctx.memo is not None and memo_key in ctx.memo:
-        bits = np.unpackbits(ctx.memo[memo_key], count=math.prod(shape))
-        return torch.from_numpy(bits.view(bool)).reshape(shape)
-    draws = torch.rand(shape, generator=ctx.generator(MASK_STREAM, index))
-    mask = draws.numpy() >= drop  # numpy compares into bool several times faster than torch
+    kept = ctx.memo.get(memo_key) if ctx.memo is not None else None
+    if isinstance(kept, torch.Tensor):
+        return kept
+    if kept is not None:
+        return torch.from_numpy(np.unpackbits(kept, count=math.prod(shape)).view(bool)).reshape(shape)
+    bits = _drawn_mask(math.prod(shape), drop, ctx.generator(MASK_STREAM, index))
+    mask = torch.from_numpy(bits).reshape(shape).to(device)
     if ctx.memo is not None:
-        ctx.memo[memo_key] = np.packbits(mask)
-    return torch.from_numpy(mask)
+        ctx.memo[memo_key] = np.packbits(bits) if device.type == "cpu" else mask
+    return mask
+
+
+def _drawn_mask(numel: int, drop: float, generator: torch.Generator) -> np.ndarray:
+    """u ≥ p for numel draws, drawn and compared a cache-sized piece at a time.
+
+    The CPU generator draws serially, so the pieces are the draws of the whole key; drawing a large
+    key at once writes and re-reads a tensor-sized float32 temporary, twice as slow per entry.
+    """
+    mask = np.empty(numel, dtype=bool)
+    draws = torch.empty(min(numel, DRAW_PIECE))
+    for start in range(0, numel, DRAW_PIECE):
+        piece = draws[:min(DRAW_PIECE, numel - start)]
+        torch.rand(piece.shape, generator=generator, out=piece)
+        np.greater_equal(piece.numpy(), drop, out=mask[start:start + piece.numel()])  # numpy: bool is faster
+    return mask
 
 
 def rescale_kept(tau: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
@@ -59,7 +80,7 @@ def drop_and_rescale(tau: torch.Tensor, drop: float, scale: float, ctx: KeyConte
     """m ⊙ τ · scale for the mask of this (seed, input position, key)."""
     if drop <= 0:
         return tau * scale
-    return rescale_kept(tau, keep_mask(tau.shape, drop, ctx, index).to(tau.device), scale)
+    return rescale_kept(tau, keep_mask(tau.shape, drop, ctx, index, tau.device), scale)
 
 
 class DareParams(Params):

@@ -111,7 +111,7 @@ def test_the_pool_reuses_its_own_buffers_and_ignores_others():
 def test_keys_computed_side_by_side_give_the_same_bytes_in_key_order(tmp_path, cli, llama_models, monkeypatch,
                                                                      merge):
     folders, _, _ = llama_models(torch.bfloat16)
-    monkeypatch.setattr(executor, "_compute_threads", lambda: 1)
+    monkeypatch.setattr(executor, "_compute_threads", lambda device: 1)
     alone = _run(tmp_path, cli, folders, NODES[merge], "alone")
     written = []
     write = CheckpointWriter.write
@@ -121,7 +121,7 @@ def test_keys_computed_side_by_side_give_the_same_bytes_in_key_order(tmp_path, c
         return write(self, key, tensor)
 
     monkeypatch.setattr(CheckpointWriter, "write", recorded)
-    monkeypatch.setattr(executor, "_compute_threads", lambda: 3)
+    monkeypatch.setattr(executor, "_compute_threads", lambda device: 3)
     side_by_side = _run(tmp_path, cli, folders, NODES[merge], "side_by_side")
     _assert_same_bytes(side_by_side, alone)
     # the writer, and so a resumable run's journal, sees the keys in storage order
