@@ -2,7 +2,7 @@
 
 On a GPU the inputs are read into page-locked (pinned) host buffers, so their copy to the device is
 a DMA transfer queued on the computing thread's own stream: while one compute thread's copies run,
-the other's kernels do. A tensor crosses as stored (bf16 is half the bytes of float32) and is upcast
+the others' kernels do. A tensor crosses as stored (bf16 is half the bytes of float32) and is upcast
 on the device. Each output is cast on the device and copied back once, into a pinned buffer, before
 the thread waits for its stream and hands the key to the writer. On the CPU all of this is nothing.
 """

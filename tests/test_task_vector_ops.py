@@ -71,6 +71,17 @@ def test_dare_mask_does_not_depend_on_key_order_or_neighbours():
     assert torch.equal(ops.dare(deltas=[a], p=0.5)[0]["x"], alone)
 
 
+def test_dare_mask_is_the_seeded_draw_of_the_whole_key():
+    """OPERATORS.md §0.5: keep iff torch.rand(shape, generator seeded by (seed, "dare", position, key)) >= p,
+    also for a key larger than the pieces the draws are made in."""
+    from mergebench.numerics import draw_seed
+
+    shape = (3, 65_536 + 7)
+    dropped = ops.dare(deltas=[{"w": torch.ones(shape)}], p=0.3, seed=5)[0]["w"]
+    generator = torch.Generator().manual_seed(draw_seed(5, "dare", 0, "w"))
+    assert torch.equal(dropped != 0, torch.rand(shape, generator=generator) >= 0.3)
+
+
 def test_darex_q_with_q_one_minus_p_is_dare():
     tau = torch.randn(1000, generator=torch.Generator().manual_seed(0))
     p = 0.7
