@@ -16,7 +16,7 @@ from conftest import read_checkpoint, write_recipe
 from mergebench.activations import record_activations, save_activations
 from mergebench.artifacts import load_artifact
 from mergebench.operators.base import REGISTRY
-from mergebench.synthetic import save_checkpoint
+from mergebench.synthetic import llama_config, llama_state_dict, save_checkpoint
 
 TINY = ["base", "ft1", "ft2"]
 MASKS = {"m1": {"op": "mask_topk", "inputs": {"base": "base", "fine_tuned": "ft1"}, "params": {"proportion": 0.2}},
@@ -90,8 +90,6 @@ def test_every_operator_has_a_device_case():
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> Path:
     """Tiny bf16 Llamas (base, two fine-tunes, a two-checkpoint run) and two MLPs with their activations."""
-    from mergebench.synthetic import llama_config, llama_state_dict
-
     folder = tmp_path_factory.mktemp("inputs")
     config = llama_config(dtype="bfloat16")
     base = llama_state_dict(config, seed=0, dtype=torch.bfloat16)
