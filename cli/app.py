@@ -6,6 +6,7 @@ A wrong recipe or input prints one line and exits 2; anything else is a bug and 
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from collections.abc import Iterator
@@ -89,6 +90,9 @@ def run(
         from mergebench.recipe import load_recipe
         from mergebench.runner import run_recipe
 
+        # torch's hundreds of thousands of objects live until exit: no collection, during the run or
+        # at exit (half a second), need scan them
+        gc.freeze()
         loaded = load_recipe(recipe, _parse_sets(set_ or []))
         show_progress = not (quiet or as_json)
         with _Progress(show_progress) as progress:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 from collections import Counter
 from collections.abc import Mapping
@@ -20,6 +21,7 @@ from mergebench.errors import MergebenchError
 from mergebench.safetensors_format import TensorInfo, read_header
 
 PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+MADV_POPULATE_READ = 22  # Linux 5.14+: map a range's cached pages now (not in the mmap module's constants)
 FINGERPRINT_SAMPLES = 64
 FINGERPRINT_SAMPLE_BYTES = 4096
 FINGERPRINT_HEAD_BYTES = 65536
@@ -85,6 +87,30 @@ class Checkpoint:
         if info.nbytes:
             _pread_into(self._fd(info.file), buffer.numpy(), info.offset, info.file)
         return buffer.view(info.dtype).reshape(info.shape)
+
+    def map(self, key: str) -> torch.Tensor:
+        """The tensor in its stored dtype, seen in place in the file's cached pages (no copy).
+
+        Copying a model out of the page cache costs a CPU core about a second per 5 GB; mapping the
+        same pages costs a tenth of that. The mapping is private (a write to the tensor copies the
+        page, the file never changes) and is unmapped when the tensor is freed: hold it no longer
+        than the key, since the file must not shrink while it is mapped.
+        """
+        info = self._infos[key]
+        self.reads[key] += 1
+        if not info.nbytes:
+            return torch.empty(info.shape, dtype=info.dtype)
+        fd = self._fd(info.file)
+        if os.fstat(fd).st_size < info.offset + info.nbytes:
+            raise MergebenchError(f"{info.file}: file ended early (truncated?)")
+        start = info.offset - info.offset % mmap.ALLOCATIONGRANULARITY
+        pages = mmap.mmap(fd, info.offset + info.nbytes - start, access=mmap.ACCESS_COPY, offset=start)
+        try:
+            pages.madvise(MADV_POPULATE_READ)  # fault the pages in here, in the reading thread
+        except OSError:
+            pages.madvise(mmap.MADV_WILLNEED)  # an older kernel: at least start reading ahead
+        data = torch.frombuffer(pages, dtype=torch.uint8, offset=info.offset - start, count=info.nbytes)
+        return data.view(info.dtype).reshape(info.shape)
 
     def fingerprint(self) -> str:
         """sha256 over every shard's header, size and sampled data (see ``sampled_fingerprint``); computed once."""

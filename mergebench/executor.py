@@ -585,13 +585,16 @@ def _prefetch(graph: Graph, keys: list[str], needed: Callable[[str], set[str]], 
               ) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
     """Yield each key with its input tensors, read in a background thread a few keys ahead.
 
-    Files are read into ``pool`` buffers when one is given: the caller gives them back.
+    A ``pool`` says the caller keeps no input past its key: files are then seen in place (mapped)
+    for the CPU, or read into the pool's pinned buffers for a GPU, which the caller gives back.
     """
 
     def read_one(source: Any, key: str) -> torch.Tensor:
-        if pool is not None and isinstance(source, Checkpoint):
+        if pool is None or not isinstance(source, Checkpoint):
+            return source.read(key)
+        if pool.pinned:  # a GPU copies from page-locked memory asynchronously
             return source.read(key, pool.take(source.info(key).nbytes))
-        return source.read(key)
+        return source.map(key)
 
     def read(key: str) -> dict[str, torch.Tensor]:
         sources = graph.sources

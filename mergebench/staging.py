@@ -34,7 +34,9 @@ def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) ->
     ``Tensor.to(device, dtype)`` from the host converts on the CPU before copying, moving twice the
     bytes of a bf16 tensor and spending a CPU core on it.
     """
-    return tensor.to(device, non_blocking=True).to(dtype)
+    if tensor.device != device:
+        tensor = tensor.to(device, non_blocking=True)
+    return tensor.to(dtype)
 
 
 def to_host(tensor: torch.Tensor, pool: BufferPool | None) -> torch.Tensor:

@@ -13,12 +13,15 @@ output keeps two runs from writing the same output.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
 import math
 import os
 import shutil
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,6 +98,7 @@ class CheckpointWriter:
         self._fds: list[int] = []
         self._unsynced: list[str] = []
         self._unsynced_bytes = 0
+        self._syncing: _Background | None = None  # the fsync of earlier writes, while later ones go on
         try:
             if resume and (self.partial / JOURNAL_NAME).exists():
                 self.done = self._read_journal()
@@ -161,21 +165,38 @@ class CheckpointWriter:
         self._unsynced.append(key)
         self._unsynced_bytes += done
         if self._unsynced_bytes >= JOURNAL_EVERY_BYTES:
-            self.sync()
+            self._wait_for_sync()  # one fsync at a time: writes never run more than twice the bytes ahead
+            self._syncing = _Background(self._make_durable, self._take_unsynced())
         return done
 
     def sync(self) -> None:
         """Make every written tensor durable, then record it in the journal."""
-        if not self._unsynced:
+        self._wait_for_sync()
+        self._make_durable(self._take_unsynced())
+
+    def _take_unsynced(self) -> list[str]:
+        keys, self._unsynced, self._unsynced_bytes = self._unsynced, [], 0
+        return keys
+
+    def _make_durable(self, keys: list[str]) -> None:
+        """fsync the shards (every write so far, ``keys`` included), then journal ``keys``.
+
+        Runs beside the writes that follow, so the disk's latency does not stall them.
+        """
+        if not keys:
             return
         try:
             for fd in self._fds:
                 os.fsync(fd)
-            self._append_journal({"done": self._unsynced})
+            self._append_journal({"done": keys})
         except OSError as exc:
             raise _output_error(self.partial, exc) from None
-        self.done.update(self._unsynced)
-        self._unsynced, self._unsynced_bytes = [], 0
+        self.done.update(keys)
+
+    def _wait_for_sync(self) -> None:
+        syncing, self._syncing = self._syncing, None
+        if syncing is not None:
+            syncing.result()
 
     def finish_weights(self) -> None:
         """fsync every shard and write the index (only when there are several shards, as HF does)."""
@@ -205,6 +226,8 @@ class CheckpointWriter:
             raise _output_error(self.out, exc) from None
 
     def _close(self) -> None:
+        with contextlib.suppress(OutputError):  # raised already, or the run is stopping for another reason
+            self._wait_for_sync()  # its file descriptors must stay open until it is done
         for fd in self._fds:
             os.close(fd)
         self._fds.clear()
@@ -217,6 +240,26 @@ class CheckpointWriter:
     def close(self) -> None:
         """Leave the partial output for --resume (the run stopped on a write error or an interrupt)."""
         self._close()
+
+
+class _Background:
+    """A call run in a thread of its own; ``result`` waits for it and raises what it raised."""
+
+    def __init__(self, call: Callable[[list[str]], None], keys: list[str]):
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(call, keys), name="mergebench-fsync", daemon=True)
+        self._thread.start()
+
+    def _run(self, call: Callable[[list[str]], None], keys: list[str]) -> None:
+        try:
+            call(keys)
+        except BaseException as exc:  # re-raised in the writing thread by result()
+            self._error = exc
+
+    def result(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 def _output_error(path: Path, exc: OSError) -> OutputError:

@@ -29,8 +29,34 @@ def test_reads_every_dtype_like_safetensors(tmp_path, dtype):
     save_file(tensors, tmp_path / "t.safetensors")
     ckpt = Checkpoint(tmp_path / "t.safetensors")
     for key, tensor in tensors.items():
-        read = ckpt.read(key)
-        assert read.dtype == tensor.dtype and read.shape == tensor.shape and torch.equal(read, tensor)
+        for read in (ckpt.read(key), ckpt.map(key)):
+            assert read.dtype == tensor.dtype and read.shape == tensor.shape and torch.equal(read, tensor)
+
+
+def test_a_mapped_tensor_at_any_offset_is_private_to_the_run(tmp_path):
+    """Mapping starts at a page boundary whatever the tensor's offset; writing to it never reaches the file."""
+    data = torch.arange(3000, dtype=torch.float64)
+    header = {"pad": {"dtype": "U8", "shape": [5], "data_offsets": [0, 5]},
+              "x": {"dtype": "F64", "shape": [3000], "data_offsets": [5, 5 + data.nbytes]}}
+    body = json.dumps(header).encode()
+    body += b" " * ((3 - len(body) - 13) % 8)  # x starts at 8 + len(body) + 5, 3 bytes past a multiple of 8
+    path = _raw_file(tmp_path / "odd.safetensors", body, bytes(range(5)) + data.numpy().tobytes())
+    before = path.read_bytes()
+    ckpt = Checkpoint(path)
+    mapped = ckpt.map("x")
+    assert ckpt.info("x").offset % 8 == 3 and torch.equal(mapped, data)
+    mapped.add_(1)
+    assert torch.equal(mapped, data + 1) and path.read_bytes() == before and torch.equal(ckpt.read("x"), data)
+
+
+def test_a_file_cut_short_after_opening_is_refused_by_name(tmp_path):
+    save_file({"x": torch.ones(4096)}, tmp_path / "t.safetensors")
+    ckpt = Checkpoint(tmp_path / "t.safetensors")
+    with open(tmp_path / "t.safetensors", "r+b") as f:
+        f.truncate(1000)
+    for read in (ckpt.read, ckpt.map):
+        with pytest.raises(MergebenchError, match="t.safetensors: file ended early"):
+            read("x")
 
 
 def test_keys_come_in_storage_order_across_shards(tmp_path):

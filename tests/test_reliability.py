@@ -135,6 +135,28 @@ def test_resume_skips_what_the_journal_holds(three_models, monkeypatch):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_an_fsync_failing_beside_the_writes_stops_the_run(three_models, monkeypatch):
+    """Shards are made durable in the background while later tensors are written: its error still surfaces."""
+    folder, recipe = three_models
+    monkeypatch.setattr(writer_module, "JOURNAL_EVERY_BYTES", 500_000)
+    real_fsync = os.fsync
+    journaled = {"n": 0}
+
+    def failing_fsync(fd):
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith("model-"):
+            journaled["n"] += 1
+            if journaled["n"] == 5:
+                raise OSError(errno.EIO, "Input/output error")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(writer_module.os, "fsync", failing_fsync)
+    with pytest.raises(OutputError, match="out-t.*partial: cannot write \\(Input/output error\\)"):
+        run_recipe(load_recipe(recipe), device="cpu")
+    monkeypatch.setattr(writer_module.os, "fsync", real_fsync)
+    assert (folder / "out-ta.partial").exists() and not (folder / "out-ta").exists()
+    assert not (folder / "out-ta.lock").exists()
+
+
 def test_resume_refuses_a_different_recipe(three_models, cli, monkeypatch):
     folder, recipe = three_models
     _disk_full_midway(recipe, monkeypatch)
