@@ -10,7 +10,9 @@ from safetensors.torch import save_file
 from conftest import read_checkpoint, write_recipe
 from mergebench import operators as ops
 from mergebench.checkpoint import Checkpoint
-from mergebench.operators.dare import rescale_kept
+from mergebench.numerics import draw_seed
+from mergebench.operators.base import KeyContext
+from mergebench.operators.dare import keep_mask, rescale_kept
 from mergebench.recipe import load_recipe
 from mergebench.runner import run_recipe
 
@@ -74,12 +76,20 @@ def test_dare_mask_does_not_depend_on_key_order_or_neighbours():
 def test_dare_mask_is_the_seeded_draw_of_the_whole_key():
     """OPERATORS.md §0.5: keep iff torch.rand(shape, generator seeded by (seed, "dare", position, key)) >= p,
     also for a key larger than the pieces the draws are made in."""
-    from mergebench.numerics import draw_seed
-
     shape = (3, 65_536 + 7)
     dropped = ops.dare(deltas=[{"w": torch.ones(shape)}], p=0.3, seed=5)[0]["w"]
     generator = torch.Generator().manual_seed(draw_seed(5, "dare", 0, "w"))
     assert torch.equal(dropped != 0, torch.rand(shape, generator=generator) >= 0.3)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.3, 0.5, 1 / 3, 0.9, 2**-24, 1 - 2**-24, 1.0])
+def test_dare_masks_from_numpy_words_are_torch_rand_compared_with_p(p):
+    """The masks are computed on the MT19937 words behind torch.rand: the same draws, the same comparison."""
+    ctx = KeyContext("layer.w", None, 0, (), seed=3)
+    numel = 2 * 65_536 + 11  # three pieces, the last one short
+    mask = keep_mask(torch.Size([numel]), p, ctx, index=1)
+    generator = torch.Generator().manual_seed(draw_seed(3, "dare", 1, "layer.w"))
+    assert torch.equal(mask, torch.rand(numel, generator=generator) >= p)
 
 
 def test_darex_q_with_q_one_minus_p_is_dare():
