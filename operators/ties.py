@@ -54,23 +54,21 @@ def ties_merge(taus: list[torch.Tensor], p: TiesParams, ctx: KeyContext) -> torc
     thresholds, majority = ctx.stats["thresholds"], ctx.stats["majority"]
     trimmed = _trimmed(taus, thresholds)
     taus.clear()  # the untrimmed vectors are no longer needed (the caller's list is ours)
-    total = _summed(trimmed)
-    gamma = elect_sign(total, majority)
-    del total
+    gamma = elect_sign(_summed(trimmed), majority)
     merged = torch.zeros_like(gamma)
     counts = torch.zeros_like(gamma)
     for t in trimmed:
-        agrees = torch.sign(t).mul_(gamma).clamp_(min=0)  # 1.0 where t is non-zero with the elected sign
+        agrees = torch.mul(t, gamma).gt_(0)  # 1.0 where t is non-zero with the elected sign
         if p.agg == "max":
             torch.maximum(merged, masked(t.abs(), agrees), out=merged)
         else:
-            merged.add_(masked(t, agrees))
+            merged.addcmul_(t, agrees)
             counts.add_(agrees)
     if p.agg == "max":
         merged.mul_(gamma)
     elif p.agg == "mean":
         merged.div_(counts.clamp_(min=1))
-    return merged.mul_(p.lambda_)
+    return merged if p.lambda_ == 1 else merged.mul_(p.lambda_)
 
 
 def _trimmed(taus: list[torch.Tensor], thresholds: list[float]) -> list[torch.Tensor]:
