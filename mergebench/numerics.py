@@ -183,6 +183,18 @@ def masked(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return values * (keep.view(torch.uint8) if keep.dtype == torch.bool else keep)
 
 
+EXACT_FLOAT32_COUNT = 1 << 24  # every integer up to this is a float32
+
+
+def sum_of_signs(values: torch.Tensor) -> int:
+    """Σ sign(v), exactly: summed in float32 a 2²⁴-element chunk at a time, where every partial sum is an integer.
+
+    A float64 sum would first convert every sign to float64, one more pass over the values.
+    """
+    signs = torch.sign(values).reshape(-1)
+    return sum(int(chunk.sum()) for chunk in signs.split(EXACT_FLOAT32_COUNT))
+
+
 def elect_sign(trimmed_sum: torch.Tensor, majority: float) -> torch.Tensor:
     """TIES sign election: the sign of the summed trimmed deltas, zeros resolved to the majority sign.
 

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from mergebench.numerics import elect_sign, keep_count, keep_mask, masked, weighted_sum
+from mergebench.numerics import elect_sign, keep_count, keep_mask, masked, sum_of_signs, weighted_sum
 from mergebench.operators.base import (
     CHECKPOINT,
     DELTA,
@@ -94,8 +94,7 @@ def ties_passes(vectors: VectorsFn, scope: str) -> Callable[[Params, frozenset[s
         taus = vectors(inputs, p, ctx)
         if state["thresholds"] is None:  # density 0 or 1: no threshold pass was needed
             state["thresholds"] = [0.0 if p.density >= 1 else float("inf")] * len(taus)
-        total = _summed(_trimmed(taus, state["thresholds"]))
-        state["elected"] += int(torch.sign(total).sum(dtype=torch.float64))
+        state["elected"] += sum_of_signs(_summed(_trimmed(taus, state["thresholds"])))
 
     def majority_done(state: dict[str, Any], p: TiesParams, stats: Any) -> dict[str, Any]:
         majority = (state["elected"] > 0) - (state["elected"] < 0)

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from conftest import read_checkpoint, write_recipe
 from mergebench import operators as ops
 from mergebench.checkpoint import Checkpoint
-from mergebench.numerics import draw_seed
+from mergebench.numerics import draw_seed, sum_of_signs, weighted_sum
 from mergebench.operators.base import KeyContext
 from mergebench.operators.dare import keep_mask, rescale_kept
 from mergebench.recipe import load_recipe
@@ -90,6 +90,26 @@ def test_dare_masks_from_numpy_words_are_torch_rand_compared_with_p(p):
     mask = keep_mask(torch.Size([numel]), p, ctx, index=1)
     generator = torch.Generator().manual_seed(draw_seed(3, "dare", 1, "layer.w"))
     assert torch.equal(mask, torch.rand(numel, generator=generator) >= p)
+
+
+def test_sum_of_signs_stays_exact_past_the_integers_of_float32():
+    values = torch.ones(2**24 + 3)
+    values[:5], values[5:9] = -2.0, 0.0
+    assert sum_of_signs(values) == (2**24 + 3 - 9) - 5
+
+
+@pytest.mark.parametrize("weights", [[1.0, 0.3, -2.0], [1.0, 0.0, 0.5], [0.0, 1.0, 1.0], [0.7, 1.0, 1.0], [1.0]])
+def test_weighted_sum_has_the_bits_of_multiplying_then_adding(weights):
+    g = torch.Generator().manual_seed(1)
+    tensors = [torch.randn(1000, generator=g) for _ in weights]
+    tensors[0][:4] = torch.tensor([-0.0, float("inf"), float("nan"), 1e38])
+    expected = None
+    for tensor, weight in zip(tensors, weights):
+        if weight != 0:
+            expected = torch.mul(tensor, weight) if expected is None else expected.add_(tensor, alpha=weight)
+    total = weighted_sum(tensors, weights)
+    assert torch.equal(total.view(torch.int32), expected.view(torch.int32))
+    assert all(total.data_ptr() != t.data_ptr() for t in tensors)
 
 
 def test_darex_q_with_q_one_minus_p_is_dare():
