@@ -42,7 +42,7 @@ from mergebench.staging import finish, start_compute_thread, to_device, to_host,
 
 PREFETCH_KEYS = 1  # keys read ahead of the one being computed: overlap without doubling memory twice
 SLICE_ELEMENTS = 1 << 16  # float32 slices of 256 KiB: in L2 cache, below the mmap threshold (reused); measured best
-WRITES_IN_FLIGHT = 1  # finished tensors waiting for the writer thread
+WRITES_IN_FLIGHT = 2  # finished tensors waiting for the writer thread: with one, handing over a key often waited
 COMPUTE_THREADS = 2  # keys computed side by side on the CPU: each holds its inputs and outputs in memory
 GPU_COMPUTE_THREADS = 4  # on a GPU: more keys' host work (DARE's draws) overlaps the copies and kernels
 
