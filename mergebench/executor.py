@@ -14,7 +14,7 @@ import queue
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -184,18 +184,22 @@ def _compute_threads(device: torch.device) -> int:
 def _side_by_side(items: Iterable[tuple[str, dict[str, torch.Tensor]]],
                   work: Callable[[str, dict[str, torch.Tensor]], Result], device: torch.device,
                   workers: int) -> Iterator[tuple[str, Result]]:
-    """(key, work(key, raw)) for each (key, raw) of ``items``, up to ``workers`` keys at once, in order."""
+    """(key, work(key, raw)) for each (key, raw) of ``items``, up to ``workers`` keys at once, as each is done.
+
+    A key done before an older one is handed on at once, and the thread that computed it takes the
+    next: an embedding matrix (a tenth of a model in one key) would otherwise leave the other
+    threads idle until it is done. Keys are written at their planned offsets, in any order.
+    """
     with _ComputePool(workers, device) as computing:
-        in_flight: deque[tuple[str, Future[Result]]] = deque()
+        in_flight: dict[Future[Result], str] = {}
         for key, raw in items:
-            in_flight.append((key, computing.submit(work, key, raw)))
+            in_flight[computing.submit(work, key, raw)] = key
             del raw  # the worker holds it until the key is done
             if len(in_flight) >= workers:
-                oldest, future = in_flight.popleft()
-                yield oldest, future.result()
-        while in_flight:
-            oldest, future = in_flight.popleft()
-            yield oldest, future.result()
+                done = next(as_completed(in_flight))
+                yield in_flight.pop(done), done.result()
+        for done in as_completed(list(in_flight)):
+            yield in_flight.pop(done), done.result()
 
 
 def _start_compute_thread(workers: int, device: torch.device) -> None:
