@@ -22,6 +22,7 @@ import math
 import os
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -117,19 +118,34 @@ class ArtifactSource:
         return self.path.stat().st_size
 
 
+@dataclass(frozen=True)
+class _Entry:
+    key: str  # the model key it belongs to (a layer, for activations)
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # where its bytes are in the side file
+    nbytes: int
+
+
 class ArtifactWriter:
     """Writes an artifact whose tensor sizes are known only as they come: data to a side file, header last.
 
-    The file appears at ``path`` by one rename once complete, like a checkpoint folder.
+    Keys may come in any order (compute threads hand each on as it is done); the file lists them in
+    ``key_order`` (others after, as they came), so its bytes do not depend on timing. The file
+    appears at ``path`` by one rename once complete, like a checkpoint folder.
     """
 
-    def __init__(self, path: Path, value_type: str, metadata: dict[str, str]):
+    def __init__(self, path: Path, value_type: str, metadata: dict[str, str], key_order: Iterable[str] = ()):
         self.path = path
         self.value_type = value_type
         self.metadata = {**metadata, "format": FORMATS[value_type]}
         self.partial = path.with_name(path.name + ".partial")
         self._data_path = path.with_name(path.name + ".partial-data")
-        self._entries: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
+        self._rank = {key: i for i, key in enumerate(key_order)}
+        self._entries: list[_Entry] = []
+        self._shapes: dict[str, str] = {}
+        self._data_bytes = 0
         self.stored = 0  # entries kept (set bits or indices)
         self.dense_bytes = 0  # what the same keys take as dense float32 tensors
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -143,23 +159,24 @@ class ArtifactWriter:
 
     def write(self, key: str, value: torch.Tensor) -> int:
         if self.value_type == ACTIVATIONS:  # ``key`` is a layer; the values are kept as they are
-            return self._add(f"activations/{key}", value.detach().to("cpu", torch.float32))
+            return self._add(key, f"activations/{key}", value.detach().to("cpu", torch.float32))
         flat = value.detach().to("cpu").reshape(-1)
-        self.metadata[f"shape/{key}"] = json.dumps(list(value.shape))
+        self._shapes[key] = json.dumps(list(value.shape))
         self.dense_bytes += flat.numel() * 4
         if self.value_type == MASK:
             packed = np.packbits(flat.to(torch.bool).numpy(), bitorder="big")
             self.stored += int(flat.to(torch.bool).sum())
-            return self._add(f"mask/{key}", torch.from_numpy(packed))
+            return self._add(key, f"mask/{key}", torch.from_numpy(packed))
         indices = torch.nonzero(flat, as_tuple=True)[0].to(torch.int64)
         self.stored += indices.numel()
-        return (self._add(f"sparse/{key}/indices", indices)
-                + self._add(f"sparse/{key}/values", flat[indices].to(torch.float32)))
+        return (self._add(key, f"sparse/{key}/indices", indices)
+                + self._add(key, f"sparse/{key}/values", flat[indices].to(torch.float32)))
 
-    def _add(self, name: str, tensor: torch.Tensor) -> int:
+    def _add(self, key: str, name: str, tensor: torch.Tensor) -> int:
         data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
         self._data.write(data)
-        self._entries.append((name, tensor.dtype, tuple(tensor.shape)))
+        self._entries.append(_Entry(key, name, tensor.dtype, tuple(tensor.shape), self._data_bytes, len(data)))
+        self._data_bytes += len(data)
         return len(data)
 
     done: frozenset[str] = frozenset()  # nothing to resume: an artifact is cheap to recompute
@@ -169,10 +186,18 @@ class ArtifactWriter:
         self._data.close()
         if self._finished_elsewhere:
             return
+
+        def rank(key: str) -> int:
+            return self._rank.get(key, len(self._rank))  # a stable sort keeps the rest as they came
+
+        entries = sorted(self._entries, key=lambda entry: rank(entry.key))
+        metadata = {**self.metadata, **{f"shape/{key}": self._shapes[key] for key in sorted(self._shapes, key=rank)}}
         with open(self.partial, "wb") as out, open(self._data_path, "rb") as data:
-            out.write(encode_header(self._entries, self.metadata))
-            while chunk := data.read(1 << 24):
-                out.write(chunk)
+            out.write(encode_header([(e.name, e.dtype, e.shape) for e in entries], metadata))
+            for entry in entries:
+                data.seek(entry.offset)
+                for start in range(0, entry.nbytes, 1 << 24):
+                    out.write(data.read(min(1 << 24, entry.nbytes - start)))
             out.flush()
             os.fsync(out.fileno())
         self._data_path.unlink()

@@ -129,7 +129,8 @@ def run_recipe(
 def open_writer(graph: Graph, plan: OutputPlan, resume: bool) -> CheckpointWriter | ArtifactWriter:
     """One output's writer: preallocated shards in ``OUT.partial`` (reopened to resume), or an artifact file."""
     if plan.output.kind in ARTIFACT_TYPES:
-        return ArtifactWriter(plan.path, plan.output.kind, _artifact_metadata(graph, plan))
+        return ArtifactWriter(plan.path, plan.output.kind, _artifact_metadata(graph, plan),
+                              key_order=[t.key for t in plan.tensors])
     metadata = {"format": "pt", "mergebench_version": version(), "mergebench_recipe_sha256": graph.recipe.sha256}
     return CheckpointWriter(plan.path, list(plan.tensors), plan.output.shard_size, metadata,
                             identity=_identity(graph, plan), resume=resume)

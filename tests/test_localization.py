@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import read_checkpoint, write_recipe
 from mergebench import operators as ops
-from mergebench.artifacts import ArtifactSource, load_artifact, mask_overlap, save_artifact
+from mergebench.artifacts import ArtifactSource, ArtifactWriter, load_artifact, mask_overlap, save_artifact
 from mergebench.graft import optimize_mask, relax
 from mergebench.operators.base import MASK, SPARSE_DELTA
 from mergebench.recipe import load_recipe
@@ -224,3 +224,25 @@ def test_optimize_mask_improves_on_the_base_patch():
     assert result.history[0] >= result.score
     assert result.mask["layers.0.w"].dtype == torch.bool
     assert loss({"layers.0.w": torch.where(result.mask["layers.0.w"], ft["layers.0.w"], 0.0)}) <= result.history[0]
+
+
+def test_an_artifact_has_the_same_bytes_whatever_order_its_keys_come_in(tmp_path):
+    """Compute threads hand keys on as they finish: the file lists them in the planned order regardless."""
+    g = torch.Generator().manual_seed(0)
+    deltas = {f"layers.{i}.w": torch.randn(40, 30, generator=g).mul_(torch.rand(40, 30, generator=g) > 0.7)
+              for i in range(4)}
+    files = {}
+    for name, arrival in (("planned", list(deltas)), ("reversed", list(reversed(deltas)))):
+        for value_type, values in ((SPARSE_DELTA, deltas), (MASK, {k: v != 0 for k, v in deltas.items()})):
+            path = tmp_path / f"{name}-{value_type}.safetensors"
+            writer = ArtifactWriter(path, value_type, {"node": "n"}, key_order=list(deltas))
+            for key in arrival:
+                writer.write(key, values[key])
+            writer.finish_weights()
+            writer.commit(force=False)
+            files[name, value_type] = path.read_bytes()
+    for value_type in (SPARSE_DELTA, MASK):
+        assert files["planned", value_type] == files["reversed", value_type]
+    assert list(ArtifactSource(tmp_path / f"reversed-{SPARSE_DELTA}.safetensors").keys) == list(deltas)
+    loaded = load_artifact(tmp_path / f"reversed-{SPARSE_DELTA}.safetensors")
+    assert all(torch.equal(loaded[k], v) for k, v in deltas.items())
