@@ -184,11 +184,12 @@ def _eager(op: Operator, inputs: dict[str, Any], params: dict[str, Any], common:
     sink = _DictSink()
     plain_tensors = bool(sources.bare)
     execute(graph, [sink], sources.device)
+    values = {t.key: sink.values[t.key] for t in graph.outputs[0].tensors}  # keys finish in any order
     if is_list_type(signature.result):
-        count = len(next(iter(sink.values.values())))
-        results = [{k: v[i] for k, v in sink.values.items()} for i in range(count)]
+        count = len(next(iter(values.values())))
+        results = [{k: v[i] for k, v in values.items()} for i in range(count)]
         return [r[EAGER_TENSOR_KEY] for r in results] if plain_tensors else results
-    return sink.values[EAGER_TENSOR_KEY] if plain_tensors else sink.values
+    return values[EAGER_TENSOR_KEY] if plain_tensors else values
 
 
 def _steps_and_states(slot: str, value: Any) -> list[tuple[int, Any]]:

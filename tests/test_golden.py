@@ -64,6 +64,14 @@ def test_state_dicts_keep_keys_and_buffers():
     assert out["ids"].dtype == torch.int64 and torch.equal(out["ids"], torch.arange(3))
 
 
+def test_eager_results_keep_the_key_order_when_a_large_key_finishes_last():
+    states = [{"embed": torch.full((4_000_000,), float(i)), **{f"layers.{j}.w": torch.ones(3) * i for j in range(6)}}
+              for i in range(2)]
+    out = ops.wise_ft(zero_shot=states[0], fine_tuned=states[1], alpha=0.5)
+    assert list(out) == list(states[0])
+    assert torch.equal(out["embed"][:2], T([0.5, 0.5]))
+
+
 GOLDEN_RECIPES = [
     ("wise_ft", {"zero_shot": "a", "fine_tuned": "b"}, {"alpha": 0.25},
      {"a": [1.0, 2, 3, 4], "b": [3.0, 2, 1, 0]}, [1.5, 2.0, 2.5, 3.0]),
