@@ -90,8 +90,8 @@ def run(
         from mergebench.recipe import load_recipe
         from mergebench.runner import run_recipe
 
-        # torch's hundreds of thousands of objects live until exit: no collection, during the run or
-        # at exit (half a second), need scan them
+        # the imports' objects (hundreds of thousands, mostly torch's) live until exit: frozen, no
+        # collection scans them, during the run or at exit (where that took half a second)
         gc.freeze()
         loaded = load_recipe(recipe, _parse_sets(set_ or []))
         show_progress = not (quiet or as_json)

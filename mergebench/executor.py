@@ -187,8 +187,8 @@ def _side_by_side(items: Iterable[tuple[str, dict[str, torch.Tensor]]],
     """(key, work(key, raw)) for each (key, raw) of ``items``, up to ``workers`` keys at once, as each is done.
 
     A key done before an older one is handed on at once, and the thread that computed it takes the
-    next: an embedding matrix (a tenth of a model in one key) would otherwise leave the other
-    threads idle until it is done. Keys are written at their planned offsets, in any order.
+    next: an embedding matrix, many times the size of the keys after it, would otherwise leave the
+    other threads idle until it is done. Keys are written at their planned offsets, in any order.
     """
     with _ComputePool(workers, device) as computing:
         in_flight: dict[Future[Result], str] = {}
