@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import struct
 
 import pytest
@@ -47,6 +48,17 @@ def test_a_mapped_tensor_at_any_offset_is_private_to_the_run(tmp_path):
     assert ckpt.info("x").offset % 8 == 3 and torch.equal(mapped, data)
     mapped.add_(1)
     assert torch.equal(mapped, data + 1) and path.read_bytes() == before and torch.equal(ckpt.read("x"), data)
+
+
+def test_a_file_system_that_cannot_map_files_is_read_instead(tmp_path, monkeypatch):
+    save_file({"x": torch.arange(5000, dtype=torch.float32)}, tmp_path / "t.safetensors")
+    ckpt = Checkpoint(tmp_path / "t.safetensors")
+
+    def refuse(*args, **kwargs):
+        raise OSError(19, "No such device")  # ENODEV: what mmap gives where a file system has no mapping
+
+    monkeypatch.setattr(mmap, "mmap", refuse)
+    assert torch.equal(ckpt.map("x"), torch.arange(5000, dtype=torch.float32)) and ckpt.reads["x"] == 1
 
 
 def test_a_file_cut_short_after_opening_is_refused_by_name(tmp_path):
