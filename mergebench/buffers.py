@@ -1,9 +1,10 @@
 """Byte buffers that are handed out and given back, so streaming a model costs no fresh memory per tensor.
 
 A fresh tensor-sized allocation is a new mapping the kernel must fault in and zero page by page:
-for a merge that only adds and casts, that costs as much as the arithmetic. The executor reads
-inputs into pooled buffers and computes outputs into them; the pool keeps a bounded number of free
-buffers (the largest), so its memory stays set by the tensors in flight, never by the model.
+for a merge that only adds and casts, that costs as much as the arithmetic. The executor computes
+outputs into pooled buffers (and reads a GPU's inputs into pinned ones; CPU inputs are mapped from
+their files); the pool keeps a bounded number of free buffers (the largest), so its memory stays
+set by the tensors in flight, never by the model.
 """
 
 from __future__ import annotations
