@@ -101,7 +101,7 @@ class Checkpoint:
             return self.read(key)
         fd = self._fd(info.file)
         if os.fstat(fd).st_size < info.offset + info.nbytes:
-            raise MergebenchError(f"{info.file}: file ended early (truncated?)")
+            raise _ended_early(info.file)
         start = info.offset - info.offset % mmap.ALLOCATIONGRANULARITY
         try:
             pages = mmap.mmap(fd, info.offset + info.nbytes - start, access=mmap.ACCESS_COPY, offset=start)
@@ -164,7 +164,7 @@ def _pread_into(fd: int, buffer, offset: int, file: Path) -> None:
     while done < len(view):
         n = os.preadv(fd, [view[done:]], offset + done)
         if n == 0:
-            raise MergebenchError(f"{file}: file ended early (truncated?)")
+            raise _ended_early(file)
         done += n
 
 
@@ -313,3 +313,7 @@ def open_checkpoint(path: str | os.PathLike[str], allow_pickle: bool = False):
         if not has_safetensors and (path.is_file() or _pickled_files(path)):
             return PickledCheckpoint(path)
     return Checkpoint(path)
+
+
+def _ended_early(file: Path) -> MergebenchError:
+    return MergebenchError(f"{file}: file ended early (truncated?)")

@@ -20,8 +20,7 @@ import json
 import math
 import os
 import shutil
-import threading
-from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,7 +97,8 @@ class CheckpointWriter:
         self._fds: list[int] = []
         self._unsynced: list[str] = []
         self._unsynced_bytes = 0
-        self._syncing: _Background | None = None  # the fsync of earlier writes, while later ones go on
+        self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergebench-fsync")
+        self._syncing: Future[None] | None = None  # the fsync of earlier writes, while later ones go on
         try:
             if resume and (self.partial / JOURNAL_NAME).exists():
                 self.done = self._read_journal()
@@ -166,7 +166,7 @@ class CheckpointWriter:
         self._unsynced_bytes += done
         if self._unsynced_bytes >= JOURNAL_EVERY_BYTES:
             self._wait_for_sync()  # one fsync at a time: writes never run more than twice the bytes ahead
-            self._syncing = _Background(self._make_durable, self._take_unsynced())
+            self._syncing = self._syncer.submit(self._make_durable, self._take_unsynced())
         return done
 
     def sync(self) -> None:
@@ -228,6 +228,7 @@ class CheckpointWriter:
     def _close(self) -> None:
         with contextlib.suppress(OutputError):  # raised already, or the run is stopping for another reason
             self._wait_for_sync()  # its file descriptors must stay open until it is done
+        self._syncer.shutdown()
         for fd in self._fds:
             os.close(fd)
         self._fds.clear()
@@ -240,26 +241,6 @@ class CheckpointWriter:
     def close(self) -> None:
         """Leave the partial output for --resume (the run stopped on a write error or an interrupt)."""
         self._close()
-
-
-class _Background:
-    """A call run in a thread of its own; ``result`` waits for it and raises what it raised."""
-
-    def __init__(self, call: Callable[[list[str]], None], keys: list[str]):
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(call, keys), name="mergebench-fsync", daemon=True)
-        self._thread.start()
-
-    def _run(self, call: Callable[[list[str]], None], keys: list[str]) -> None:
-        try:
-            call(keys)
-        except BaseException as exc:  # re-raised in the writing thread by result()
-            self._error = exc
-
-    def result(self) -> None:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
 
 
 def _output_error(path: Path, exc: OSError) -> OutputError:

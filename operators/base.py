@@ -102,7 +102,7 @@ class KeyContext:
         When a key is computed in slices, the slices of one sweep share each generator: the draws
         continue where the previous slice stopped, so they are those of the whole tensor in order.
         """
-        return self._shared(("torch", stream, input_index), lambda seed: torch.Generator().manual_seed(seed))
+        return self._shared("torch", stream, input_index, lambda seed: torch.Generator().manual_seed(seed))
 
     def words(self, stream: str, input_index: int) -> np.random.RandomState:
         """The 32-bit words ``generator(stream, input_index)`` draws from, made faster by numpy.
@@ -112,12 +112,14 @@ class KeyContext:
         3.6–4.3 ns per entry where ``torch.rand`` took 4.0–5.1. Shared by the slices of a sweep like
         ``generator``.
         """
-        return self._shared(("numpy", stream, input_index), lambda seed: np.random.RandomState(seed & 0xFFFFFFFF))
+        return self._shared("numpy", stream, input_index, lambda seed: np.random.RandomState(seed & 0xFFFFFFFF))
 
-    def _shared(self, name: tuple[str, str, int], make: Callable[[int], Any]) -> Any:
+    def _shared(self, kind: str, stream: str, input_index: int, make: Callable[[int], Any]) -> Any:
+        """The ``kind`` of generator for (stream, input) at this key, made once per sweep from its seed."""
+        name = (kind, stream, input_index)
         if self.generators is not None and name in self.generators:
             return self.generators[name]
-        made = make(draw_seed(self.seed, name[1], name[2], self.key))
+        made = make(draw_seed(self.seed, stream, input_index, self.key))
         if self.generators is not None:
             self.generators[name] = made
         return made
