@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from conftest import write_recipe
 
@@ -158,6 +158,22 @@ def test_non_finite_result_aborts_and_removes_partial(tmp_path, cli):
     result = cli("run", recipe)
     assert result.exit_code == 2 and "non-finite" in result.output and "'w'" in result.output
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_a_finite_result_whose_sum_overflows_is_written(tmp_path, cli):
+    """Results are checked through their sum first; a sum that overflows is settled element by element."""
+    for name in ("a", "b"):
+        save_file({"w": torch.full((3,), 60000.0, dtype=torch.float16)}, tmp_path / f"{name}.safetensors")
+    recipe = write_recipe(tmp_path / "merge.yaml", {
+        "models": {"a": "a.safetensors", "b": "b.safetensors"},
+        "nodes": {"mean": {"op": "linear", "inputs": {"models": ["a", "b"]}}},
+        "outputs": [{"from": "mean", "path": "out"}],
+    })
+    assert torch.isinf(torch.full((3,), 60000.0, dtype=torch.float16).sum())
+    result = cli("run", recipe, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert torch.equal(load_file(tmp_path / "out" / "model.safetensors")["w"],
+                       torch.full((3,), 60000.0, dtype=torch.float16))
 
 
 def test_differing_integer_buffers_are_refused(tmp_path, cli):
