@@ -142,8 +142,10 @@ class ExactThreshold:
             _add_counts(self.fine, bits[(bits >> HALF_BITS) == self.bin] & (BINS - 1))
             return
         bits = bits.numpy()
-        in_bin = bits[(bits >> HALF_BITS) == self.bin]  # numpy: torch's boolean indexing is far slower
-        low_bits = in_bin & (BINS - 1)
+        # positions, then a gather: boolean indexing (torch's, and numpy's too) mispredicts a branch per
+        # element when a bin holds a fifth of them, as bf16 fine-tunes' few distinct deltas do (3 times slower)
+        low_bits = np.take(bits, np.flatnonzero((bits >> HALF_BITS) == self.bin))
+        low_bits &= BINS - 1
         if low_bits.size < FEW:  # no 65 536-bin temporary for a few elements
             np.add.at(self.fine.numpy(), low_bits, 1)
         else:

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from conftest import read_checkpoint, write_recipe
 from mergebench import operators as ops
 from mergebench.checkpoint import Checkpoint
-from mergebench.numerics import draw_seed, sum_of_signs, weighted_sum
+from mergebench.numerics import FEW, draw_seed, sum_of_signs, threshold_for, weighted_sum
 from mergebench.operators.base import KeyContext
 from mergebench.operators.dare import keep_mask, rescale_kept
 from mergebench.recipe import load_recipe
@@ -97,6 +97,28 @@ def test_sum_of_signs_stays_exact_past_the_integers_of_float32():
     values = torch.ones(2**24 + 21)
     values[:5], values[5:9] = -2.0, 0.0
     assert sum_of_signs(values) == (2**24 + 21 - 9) - 5
+
+
+def _bf16_deltas(n: int) -> torch.Tensor:
+    """|θ_ft − θ_base| of bf16 weights a few units in the last place apart: few distinct magnitudes."""
+    generator = torch.Generator().manual_seed(7)
+    base = torch.randn(n, generator=generator).to(torch.bfloat16)
+    steps = torch.randint(-3, 4, (n,), generator=generator).to(torch.bfloat16)
+    return (base + steps * base.abs() * 2**-7).float().sub(base.float()).abs()
+
+
+@pytest.mark.parametrize("data", ["normal", "bf16 deltas", "one value"])
+@pytest.mark.parametrize("fraction", [0.0001, 0.2, 0.5, 0.9999])
+def test_threshold_is_the_kth_largest_magnitude(data, fraction):
+    """Both histogram passes, with the k-th largest in a bin of a few entries or of thousands."""
+    n = 200_003
+    magnitudes = {"normal": torch.randn(n, generator=torch.Generator().manual_seed(3)).abs(),
+                  "bf16 deltas": _bf16_deltas(n), "one value": torch.full((n,), 0.25)}[data]
+    k = max(1, int(n * fraction))
+    assert threshold_for(magnitudes, k) == float(magnitudes.sort(descending=True).values[k - 1])
+    if data == "bf16 deltas" and fraction == 0.5:  # the fine pass counted thousands of entries of one bin
+        high = magnitudes.view(torch.int32) >> 16
+        assert (high == high.sort(descending=True).values[k - 1]).sum() > 10 * FEW
 
 
 @pytest.mark.parametrize("weights", [[1.0, 0.3, -2.0], [1.0, 0.0, 0.5], [0.0, 1.0, 1.0], [0.7, 1.0, 1.0], [1.0]])
