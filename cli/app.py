@@ -209,7 +209,7 @@ def sweep(
 def plan(recipe: RecipeArg, set_: SetOpt = None, allow_pickle: PickleOpt = False) -> None:
     """Check a recipe against its inputs and show what a run would do: nodes, bytes, peak memory."""
     with _user_errors():
-        from mergebench.executor import statistics_stages
+        from mergebench.executor import peak_memory_estimate, statistics_stages
         from mergebench.graph import Graph
         from mergebench.recipe import load_recipe
 
@@ -240,7 +240,7 @@ def plan(recipe: RecipeArg, set_: SetOpt = None, allow_pickle: PickleOpt = False
     passes = 1 + len(statistics_stages(graph))
     console.print(f"{len(graph.keys)} keys, {passes} pass(es); read {_size(graph.bytes_to_read)} per pass, "
                   f"write {_size(sum(o.nbytes for o in graph.outputs))}; "
-                  f"peak memory ≈ {_size(graph.peak_memory_estimate)} beyond the interpreter")
+                  f"peak memory ≈ {_size(peak_memory_estimate(graph))} beyond the interpreter")
 
 
 @app.command()

@@ -154,34 +154,6 @@ class Graph:
             total += sum(self.sources[m].info(key).nbytes for m in models if key in self.sources[m].keys)
         return total
 
-    @cached_property
-    def peak_memory_estimate(self) -> int:
-        """Bytes held at the worst moment of a CPU run, keys in storage order: two keys computed side by
-        side (their stored inputs, outputs and, unless computed in slices, a float32 value per model and
-        node), the key after them read ahead, and the outputs of the one before being written.
-
-        Pooled buffers keep the size of the largest tensor they held, so a model with outsized tensors
-        (embeddings) peaks somewhat higher: medium bench models, 0.58 GB estimated, 0.77 GB measured."""
-        held = [self._bytes_at(key) for key in self.keys]
-        worst = 0
-        for i in range(len(held)):
-            computing = sum(stored + out + floats for stored, out, floats in held[i:i + 2])
-            read_ahead = held[i + 2][0] if i + 2 < len(held) else 0
-            written = held[i - 1][1] if i > 0 else 0
-            worst = max(worst, computing + read_ahead + written)
-        return worst
-
-    def _bytes_at(self, key: str) -> tuple[int, int, int]:
-        """(stored inputs, outputs, float32 values) of one key."""
-        models = [m for m in self.sources if key in self.sources[m].keys]
-        stored = sum(self.sources[m].info(key).nbytes for m in models)
-        numel = self.sources[models[0]].info(key).numel
-        plans = [plan for plan in self.outputs if key in plan.dtypes]
-        out = sum(numel * plan.dtypes[key].itemsize for plan in plans)
-        sliced = all(self.is_elementwise(plan.output.node, key) for plan in plans)
-        floats = 0 if sliced else (len(models) + len(self.nodes) + 1) * numel * 4
-        return stored, out, floats
-
     def needed_for_output(self, plan: OutputPlan, key: str) -> set[str]:
         """The models read for one output at one key (buffers are compared across all of them; an embedding's
         rows may fall back on every model's)."""

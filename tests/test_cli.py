@@ -81,22 +81,25 @@ def test_device_cuda_without_gpu_is_a_clear_error(tmp_path, cli):
     assert result.exit_code == 2 and "no CUDA device" in result.output
 
 
-def test_plan_estimates_two_keys_side_by_side_one_read_ahead_one_written(tmp_path):
+def test_plan_estimates_two_keys_side_by_side_one_read_ahead_two_waiting_for_the_writer(tmp_path):
     from safetensors.torch import save_file
 
+    from mergebench.executor import peak_memory_estimate
     from mergebench.graph import Graph
     from mergebench.recipe import load_recipe
 
-    for name in ("m0", "m1"):  # float32, stored in key order a, b, c
-        save_file({"a": torch.ones(1000), "b": torch.ones(10), "c": torch.ones(10)}, tmp_path / f"{name}.safetensors")
+    for name in ("m0", "m1"):  # float32, stored in key order a, b, c, d, e
+        save_file({"a": torch.ones(1000), "b": torch.ones(10), "c": torch.ones(10), "d": torch.ones(2000),
+                   "e": torch.ones(3000)}, tmp_path / f"{name}.safetensors")
 
     def estimate(node: dict) -> int:
         recipe = write_recipe(tmp_path / "r.yaml", {
             "models": {"m0": "m0.safetensors", "m1": "m1.safetensors"},
             "nodes": {"merge": node}, "outputs": [{"from": "merge", "path": "out"}]})
-        return Graph(load_recipe(recipe)).peak_memory_estimate
+        return peak_memory_estimate(Graph(load_recipe(recipe)))
 
-    # worst moment: a and b computed (inputs 8000 + 80, outputs 4000 + 40 bytes), c read ahead (80)
-    assert estimate({"op": "linear", "inputs": {"models": ["m0", "m1"]}}) == 8000 + 4000 + 80 + 40 + 80
+    # worst moment: d and e computed (inputs 16000 + 24000, outputs 8000 + 12000 bytes), b and c waiting
+    # for the writer (two outputs of 40 bytes), nothing left to read ahead
+    assert estimate({"op": "linear", "inputs": {"models": ["m0", "m1"]}}) == 40000 + 20000 + 40 + 40
     # SLERP is not elementwise: whole float32 values too, (2 models + 1 node + 1) per element
-    assert estimate({"op": "slerp", "inputs": {"a": "m0", "b": "m1"}}) == 12000 + 16000 + 120 + 160 + 80
+    assert estimate({"op": "slerp", "inputs": {"a": "m0", "b": "m1"}}) == 40000 + 20000 + 80000 + 40 + 40
