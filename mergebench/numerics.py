@@ -84,6 +84,7 @@ def keep_mask(values: torch.Tensor, threshold: float) -> torch.Tensor:
 HALF_BITS = 16
 BINS = 1 << HALF_BITS
 FEW = 1024  # below this many elements, counting them one by one beats a histogram over their span
+FINE_PIECE = 1 << 20  # a whole tensor's fine pass goes by pieces: its temporaries (8 bytes an entry) stay small
 
 
 class ExactThreshold:
@@ -142,14 +143,16 @@ class ExactThreshold:
             _add_counts(self.fine, bits[(bits >> HALF_BITS) == self.bin] & (BINS - 1))
             return
         bits = bits.numpy()
-        # positions, then a gather: boolean indexing (torch's, and numpy's too) mispredicts a branch per
-        # element when a bin holds a fifth of them, as bf16 fine-tunes' few distinct deltas do (3 times slower)
-        low_bits = np.take(bits, np.flatnonzero((bits >> HALF_BITS) == self.bin))
-        low_bits &= BINS - 1
-        if low_bits.size < FEW:  # no 65 536-bin temporary for a few elements
-            np.add.at(self.fine.numpy(), low_bits, 1)
-        else:
-            _add_counts(self.fine, torch.from_numpy(low_bits))
+        for start in range(0, bits.size, FINE_PIECE):
+            piece = bits[start:start + FINE_PIECE]
+            # positions, then a gather: boolean indexing (torch's, and numpy's too) mispredicts a branch
+            # per element when a bin holds a fifth of them, as bf16 fine-tunes' few distinct deltas do
+            low_bits = np.take(piece, np.flatnonzero((piece >> HALF_BITS) == self.bin))
+            low_bits &= BINS - 1
+            if low_bits.size < FEW:  # no 65 536-bin temporary for a few elements
+                np.add.at(self.fine.numpy(), low_bits, 1)
+            else:
+                _add_counts(self.fine, torch.from_numpy(low_bits))
 
     def threshold(self) -> float:
         if self.k <= 0:

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import read_checkpoint, write_recipe
+from mergebench import numerics
 from mergebench import operators as ops
 from mergebench.checkpoint import Checkpoint
 from mergebench.numerics import FEW, draw_seed, sum_of_signs, threshold_for, weighted_sum
@@ -109,13 +110,22 @@ def _bf16_deltas(n: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("data", ["normal", "bf16 deltas", "one value"])
 @pytest.mark.parametrize("fraction", [0.0001, 0.2, 0.5, 0.9999])
-def test_threshold_is_the_kth_largest_magnitude(data, fraction):
+@pytest.mark.parametrize("piece", [numerics.FINE_PIECE, 65_536])  # the tensor in one piece, or in four
+def test_threshold_is_the_kth_largest_magnitude(data, fraction, piece, monkeypatch):
     """Both histogram passes, with the k-th largest in a bin of a few entries or of thousands."""
+    monkeypatch.setattr(numerics, "FINE_PIECE", piece)
     n = 200_003
     magnitudes = {"normal": torch.randn(n, generator=torch.Generator().manual_seed(3)).abs(),
                   "bf16 deltas": _bf16_deltas(n), "one value": torch.full((n,), 0.25)}[data]
     k = max(1, int(n * fraction))
     assert threshold_for(magnitudes, k) == float(magnitudes.sort(descending=True).values[k - 1])
+    selector = numerics.ExactThreshold()
+    selector.add_coarse(magnitudes)
+    if selector.choose_bin(k):  # the fine counts are exactly those of the bin's entries, every piece counted
+        bits = magnitudes.view(torch.int32)
+        in_bin = bits[(bits >> numerics.HALF_BITS) == selector.bin] & (numerics.BINS - 1)
+        selector.add_fine(magnitudes)
+        assert torch.equal(selector.fine, torch.bincount(in_bin, minlength=numerics.BINS))
     if data == "bf16 deltas" and fraction == 0.5:  # the fine pass counted thousands of entries of one bin
         high = magnitudes.view(torch.int32) >> 16
         assert (high == high.sort(descending=True).values[k - 1]).sum() > 10 * FEW
