@@ -197,6 +197,8 @@ def sum_of_signs(values: torch.Tensor) -> int:
     A float64 sum would first convert every sign to float64, one more pass over the values.
     """
     signs = torch.sign(values).reshape(-1)
+    if signs.numel() <= EXACT_FLOAT32_COUNT:  # a slice: one chunk, without split's Python wrapper (10 µs)
+        return int(signs.sum())
     return sum(int(chunk.sum()) for chunk in signs.split(EXACT_FLOAT32_COUNT))
 
 
