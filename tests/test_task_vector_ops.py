@@ -126,9 +126,8 @@ def test_threshold_is_the_kth_largest_magnitude(data, fraction, piece, monkeypat
         in_bin = bits[(bits >> numerics.HALF_BITS) == selector.bin] & (numerics.BINS - 1)
         selector.add_fine(magnitudes)
         assert torch.equal(selector.fine, torch.bincount(in_bin, minlength=numerics.BINS))
-    if data == "bf16 deltas" and fraction == 0.5:  # the fine pass counted thousands of entries of one bin
-        high = magnitudes.view(torch.int32) >> 16
-        assert (high == high.sort(descending=True).values[k - 1]).sum() > 10 * FEW
+        if data == "bf16 deltas" and fraction == 0.5:  # the fine pass counted thousands of entries of one bin
+            assert in_bin.numel() > 10 * FEW
 
 
 @pytest.mark.parametrize("weights", [[1.0, 0.3, -2.0], [1.0, 0.0, 0.5], [0.0, 1.0, 1.0], [0.7, 1.0, 1.0], [1.0]])
