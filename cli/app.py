@@ -180,6 +180,7 @@ def sweep(
     address: AddressOpt = None,
     gpus_per_point: Annotated[float, typer.Option(help="GPUs each point's merge and eval needs (Ray)")] = 0.0,
     cpus_per_point: Annotated[float, typer.Option(help="CPUs each point's merge and eval needs (Ray)")] = 1.0,
+    max_points: Annotated[int, typer.Option(help="refuse a grid of more points than this")] = 1000,
 ) -> None:
     """Merge every point of a parameter grid (one pass over the inputs), evaluate each, tabulate and plot.
 
@@ -188,10 +189,11 @@ def sweep(
     with _user_errors():
         from mergebench.sweeps import parse_grid, run_sweep
 
-        parsed = dict(parse_grid(spec) for spec in grid)
+        parsed = dict(parse_grid(spec, max_points) for spec in grid)
         out_dir = out or Path(f"sweep-{recipe.stem}")
         points = run_sweep(recipe, parsed, out_dir, eval_command, device=device, force=force, executor=executor,
-                           address=address, resources={"num_gpus": gpus_per_point, "num_cpus": cpus_per_point})
+                           address=address, resources={"num_gpus": gpus_per_point, "num_cpus": cpus_per_point},
+                           max_points=max_points)
     metrics = list(dict.fromkeys(k for p in points for k in p.metrics))
     table = Table(title=f"sweep of {recipe} -> {out_dir}", title_justify="left")
     for column in ("point", *parsed, *metrics, "status"):

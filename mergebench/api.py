@@ -21,7 +21,7 @@ from mergebench.graph import Graph
 from mergebench.operators.base import ARTIFACT_TYPES, CHECKPOINT, SEQUENCE, Operator, element_type, is_list_type
 from mergebench.recipe import MEMORY_PATH, build_recipe, load_recipe
 from mergebench.runner import RunResult, run_recipe
-from mergebench.sweeps import SweepPoint, run_sweep
+from mergebench.sweeps import MAX_GRID_POINTS, SweepPoint, run_sweep
 
 COMMON_FIELDS = ("include", "exclude", "overrides", "seed")
 PYTHON_SOURCE = Path("<python>")
@@ -88,14 +88,14 @@ def run(recipe_path: str | os.PathLike[str], set: Mapping[str, Any] | None = Non
 def sweep(recipe_path: str | os.PathLike[str], grid: Mapping[str, list[Any]], out_dir: str | os.PathLike[str],
           evaluate: Callable[[Path], dict[str, float]] | str | None = None, device: str = "auto",
           force: bool = False, executor: str = "local", address: str | None = None,
-          resources: Mapping[str, float] | None = None) -> list[SweepPoint]:
+          resources: Mapping[str, float] | None = None, max_points: int = MAX_GRID_POINTS) -> list[SweepPoint]:
     """Merge every point of ``grid`` ({"node.param": [values]}) in one pass and score each output with
     ``evaluate`` (a callable on the output folder returning metrics, or a shell command with ``{out}``).
 
     ``executor="ray"`` runs each point (merge, then evaluation) as a Ray task needing ``resources``
     ({"num_gpus": 1} for a GPU evaluation)."""
     return run_sweep(recipe_path, dict(grid), out_dir, evaluate, device=device, force=force, executor=executor,
-                     address=address, resources=dict(resources or {}))
+                     address=address, resources=dict(resources or {}), max_points=max_points)
 
 
 def call_operator(op: Operator, kwargs: dict[str, Any]) -> Any:

@@ -33,6 +33,7 @@ from mergebench.errors import MergebenchError
 from mergebench.layers import BlockIndex
 from mergebench.operators.base import ACTIVATIONS, MASK, SPARSE_DELTA
 from mergebench.safetensors_format import TensorInfo, encode_header, read_header
+from mergebench.writer import check_may_replace
 
 FORMATS = {MASK: "mergebench.mask/1", SPARSE_DELTA: "mergebench.sparse_delta/1",
            ACTIVATIONS: "mergebench.activations/1"}
@@ -202,9 +203,11 @@ class ArtifactWriter:
             os.fsync(out.fileno())
         self._data_path.unlink()
 
+    def prepare(self) -> None:
+        """Nothing left to make durable: ``finish_weights`` wrote and fsynced the whole file."""
+
     def commit(self, force: bool) -> None:
-        if self.path.exists() and not force:
-            raise MergebenchError(f"{self.path}: already exists (use --force to replace it)")
+        check_may_replace(self.path, force, artifact=True)
         os.replace(self.partial, self.path)
 
     def abort(self) -> None:

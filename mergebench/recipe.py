@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
@@ -34,6 +35,10 @@ from mergebench.operators.base import (
 from mergebench.sequences import is_glob, resolve_sequence
 
 MAX_YAML_NODES = 100_000
+# What yaml.safe_load resolves plain scalars, lists and mappings to. Anything else is an explicit tag
+# (!!binary, !!set, !!python/...): refused with its line rather than constructed or silently dropped.
+PLAIN_YAML_TAGS = frozenset(f"tag:yaml.org,2002:{name}" for name in
+                            ("str", "int", "float", "bool", "null", "map", "seq", "timestamp"))
 MEMORY_PATH = "<memory>"  # an output kept in memory (the eager API): any value type, no files
 OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -247,6 +252,7 @@ def build_recipe(
     nodes = _check_nodes(spec, where, types, sequences)
     outputs = tuple(_check_output(i, out, nodes, models, sequences, base_dir, where, in_memory)
                     for i, out in enumerate(spec.outputs))
+    _check_output_paths(outputs, file, where)
     resolved = spec.model_dump(by_alias=True, exclude_none=True)
     resolved["models"] = models
     if sequences:
@@ -417,7 +423,7 @@ def _check_output(i: int, out: OutputSpec, nodes: dict[str, Node], models: dict[
                                           f"node to turn it into a Checkpoint")
     if value_type in ARTIFACT_TYPES and not out.path.endswith(".safetensors"):
         raise where.error((*loc, "path"), f"output {i} is a {value_type} file: its path must end in .safetensors")
-    path = (base_dir / out.path).resolve()
+    path = _output_path(base_dir, out.path)
     for name, model_path in models.items():
         if name in in_memory:
             continue
@@ -435,6 +441,32 @@ def _check_output(i: int, out: OutputSpec, nodes: dict[str, Node], models: dict[
     if copy_from is not None and copy_from not in models:
         raise where.error((*loc, "copy_files_from"), f"copy_files_from names '{copy_from}', which is not a model")
     return Output(out.from_, path, out.dtype, parse_size(out.shard_size), copy_from, kind)
+
+
+def _output_path(base_dir: Path, given: str) -> Path:
+    """The absolute output path with its folders' links resolved but not its last component's: a link
+    given as the output is refused as a link, never followed to what it points at."""
+    path = Path(os.path.normpath(base_dir / given))
+    return path.parent.resolve() / path.name
+
+
+def _check_output_paths(outputs: tuple[Output, ...], recipe_file: Path, where: _Locator) -> None:
+    """No two outputs at one path or one inside another; none at the recipe's folder or above it."""
+    on_disk = {i: out.path for i, out in enumerate(outputs) if str(out.path) != MEMORY_PATH}
+    recipe = Path(recipe_file).resolve() if Path(recipe_file).is_file() else None
+    for i, path in on_disk.items():
+        if recipe is not None and path in recipe.parents:
+            raise where.error(("outputs", i, "path"), f"output {i} ({path}) is the recipe's own folder or a folder "
+                                                      f"above it: writing it would replace the recipe")
+        for j, other in on_disk.items():
+            if j <= i:
+                continue
+            if other == path:
+                raise where.error(("outputs", j, "path"), f"outputs {i} and {j} both write {path}")
+            if path in other.parents or other in path.parents:
+                outer, inner = (i, j) if path in other.parents else (j, i)
+                raise where.error(("outputs", inner, "path"), f"output {inner} ({on_disk[inner]}) lies inside "
+                                                              f"output {outer} ({on_disk[outer]})")
 
 
 def _primary_model(ref: str, nodes: dict[str, Node], sequences: dict[str, tuple[tuple[int, str], ...]]) -> str:
@@ -459,7 +491,13 @@ def _apply_sets(data: dict[str, Any], sets: dict[str, Any], where: _Locator) -> 
         nodes[node].setdefault("params", {})
         if not isinstance(nodes[node]["params"], dict):
             raise where.error(("nodes", node, "params"), f"node '{node}': params must be a mapping")
-        nodes[node]["params"][param] = yaml.safe_load(value) if isinstance(value, str) else value
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError as exc:
+                problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+                raise MergebenchError(f"--set {target}={value}: not a valid YAML value ({problem})") from None
+        nodes[node]["params"][param] = value
 
 
 class _Locator:
@@ -509,13 +547,19 @@ def _parse_yaml(text: str, file: Path) -> tuple[Any, dict[tuple[Any, ...], int]]
         if budget[0] < 0:
             raise located(file, node.start_mark.line + 1, "recipe too large (more than "
                           f"{MAX_YAML_NODES} YAML values; an alias bomb?)")
+        if node.tag not in PLAIN_YAML_TAGS:
+            raise located(file, node.start_mark.line + 1, f"YAML tag {node.tag!r} is not allowed in a recipe "
+                                                          f"(only plain values, lists and mappings)")
         lines.setdefault(path, node.start_mark.line + 1)
         if isinstance(node, yaml.MappingNode):
             result = {}
             for key_node, value_node in node.value:
-                key = constructor.construct_object(key_node, deep=True)
+                key = convert(key_node, (*path, "<key>"))
                 if not isinstance(key, (str, int, float, bool)):
                     raise located(file, key_node.start_mark.line + 1, "mapping keys must be plain values")
+                if key in result:
+                    raise located(file, key_node.start_mark.line + 1,
+                                  f"duplicate key {key!r} (first on line {lines[(*path, key)]})")
                 lines[(*path, key)] = key_node.start_mark.line + 1
                 result[key] = convert(value_node, (*path, key))
             return result

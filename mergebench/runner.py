@@ -21,7 +21,7 @@ from mergebench.output_files import copy_model_files, model_card, update_config
 from mergebench.recipe import Recipe
 from mergebench.safetensors_format import DTYPE_NAMES
 from mergebench.vocab import FALLBACK_RULE, write_tokenizer
-from mergebench.writer import CheckpointWriter, OutputError, OutputLock
+from mergebench.writer import CheckpointWriter, OutputError, OutputLock, check_may_replace
 
 DTYPE_CONFIG_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
                       torch.float64: "float64"}
@@ -91,8 +91,7 @@ def run_recipe(
         for plan in sorted(graph.outputs, key=lambda p: str(p.path)):
             locks.enter_context(OutputLock(plan.path))
         for plan in graph.outputs:
-            if plan.path.exists() and not force:
-                raise MergebenchError(f"{plan.path}: already exists (use --force to replace it)")
+            check_may_replace(plan.path, force, artifact=plan.output.kind in ARTIFACT_TYPES)
         writers: list[CheckpointWriter | ArtifactWriter] = []
         try:
             for plan in graph.outputs:
@@ -113,6 +112,8 @@ def run_recipe(
                     _write_companions(graph, plan, writer)
                 results.append({"path": str(plan.path), "tensors": len(plan.tensors),
                                 "shards": len(writer.shards), "bytes": _written_bytes(plan, writer)})
+            for writer in writers:
+                writer.prepare()
             for writer in writers:
                 writer.commit(force)
         except MergebenchError as exc:

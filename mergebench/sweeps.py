@@ -30,12 +30,18 @@ from mergebench.runner import run_recipe
 
 Evaluator = Callable[[Path], dict[str, float]]
 GRID_TOLERANCE = Decimal("1e-9")
+# Every point is a merged checkpoint on disk: a grid past this many points is almost always a typo in
+# STEP (0:1:1e-9 is a billion points). ``max_points`` raises it for a sweep that really means it.
+MAX_GRID_POINTS = 1000
 
 
-def parse_grid(spec: str) -> tuple[str, list[Any]]:
-    """``node.param=a:b:step`` (b included when on the grid, within 1e-9) or ``node.param=v1,v2,...``."""
+def parse_grid(spec: str, max_points: int = MAX_GRID_POINTS) -> tuple[str, list[Any]]:
+    """``node.param=a:b:step`` (b included when on the grid, within 1e-9) or ``node.param=v1,v2,...``.
+
+    The number of points is counted before any is built; more than ``max_points`` is an error.
+    """
     target, eq, values = spec.partition("=")
-    if not eq or "." not in target or not values:
+    if not eq or "." not in target or not values.strip():
         raise MergebenchError(f"--grid {spec}: expected NODE.PARAM=START:STOP:STEP or NODE.PARAM=V1,V2,...")
     parts = values.split(":")
     if len(parts) == 3:
@@ -43,14 +49,42 @@ def parse_grid(spec: str) -> tuple[str, list[Any]]:
             start, stop, step = (Decimal(p) for p in parts)
         except InvalidOperation:
             raise MergebenchError(f"--grid {spec}: START:STOP:STEP must be numbers") from None
+        if not all(v.is_finite() for v in (start, stop, step)):
+            raise MergebenchError(f"--grid {spec}: START:STOP:STEP must be finite numbers")
         if step <= 0:
             raise MergebenchError(f"--grid {spec}: STEP must be positive")
-        points, value = [], start
-        while value <= stop + GRID_TOLERANCE:
-            points.append(float(value))
-            value += step
-        return target.strip(), points
-    return target.strip(), [yaml.safe_load(v) for v in values.split(",")]
+        if stop < start:
+            raise MergebenchError(f"--grid {spec}: STOP is below START (the range is empty)")
+        count = int((stop - start + GRID_TOLERANCE) / step) + 1
+        _check_count(spec, count, max_points)
+        return target.strip(), [float(start + i * step) for i in range(count)]
+    items = values.split(",")
+    if any(not item.strip() for item in items):
+        raise MergebenchError(f"--grid {spec}: an empty value in the list")
+    _check_count(spec, len(items), max_points)
+    try:
+        return target.strip(), [yaml.safe_load(v) for v in items]
+    except yaml.YAMLError as exc:
+        raise MergebenchError(f"--grid {spec}: a value is not valid YAML ({_yaml_problem(exc)})") from None
+
+
+def _check_count(what: str, count: int, max_points: int) -> None:
+    if count > max_points:
+        raise MergebenchError(f"--grid {what}: {count} points, more than the limit of {max_points} (each is a "
+                              f"checkpoint on disk; raise the limit with --max-points if you mean it)")
+
+
+def grid_size(grid: dict[str, list[Any]], max_points: int = MAX_GRID_POINTS) -> int:
+    """The number of points of the whole grid (the product of the axes), refused above ``max_points``."""
+    count = 1
+    for values in grid.values():
+        count *= len(values)
+    _check_count(" ".join(f"{t}=<{len(v)} values>" for t, v in grid.items()), count, max_points)
+    return count
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    return getattr(exc, "problem", None) or str(exc).splitlines()[0]
 
 
 @dataclass
@@ -130,6 +164,7 @@ def run_sweep(
     executor: str = "local",
     address: str | None = None,
     resources: dict[str, float] | None = None,
+    max_points: int = MAX_GRID_POINTS,
 ) -> list[SweepPoint]:
     """Merge every grid point (one pass when it can), evaluate each, write results.csv and sweep.png.
 
@@ -137,6 +172,7 @@ def run_sweep(
     (``num_cpus``, ``num_gpus``); the outputs folder must be on storage the cluster's nodes share.
     """
     recipe_path, out_dir = Path(recipe_path), Path(out_dir)
+    grid_size(grid, max_points)
     data, lines = read_yaml(recipe_path)
     expanded, points = expand(data, grid, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from mergebench.errors import MergebenchError
+from mergebench.output_guard import MANIFEST_NAME, check_replaceable, check_scratch, write_manifest
 from mergebench.safetensors_format import encode_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -88,7 +89,10 @@ class CheckpointWriter:
 
     def __init__(self, out: Path, tensors: list[PlannedTensor], shard_size: int, metadata: dict[str, str],
                  identity: str = "", resume: bool = False):
+        check_scratch(partial_path(out), (JOURNAL_NAME, MANIFEST_NAME))
         self.out = out
+        self.metadata = metadata
+        self._prepared = False
         self.partial = partial_path(out)
         self.shards = plan_shards(tensors, shard_size)
         self.identity = identity
@@ -209,17 +213,30 @@ class CheckpointWriter:
             }
             (self.partial / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
+    def prepare(self) -> None:
+        """Write the manifest and make every file durable: all that a commit does short of its rename.
+
+        A run with several outputs prepares them all before it renames any, so that an interruption
+        rarely falls between two renames (each output still appears whole or not at all)."""
+        try:
+            write_manifest(self.partial, f"mergebench {self.metadata.get('mergebench_version', '')}".strip(),
+                           exclude={JOURNAL_NAME})
+            _fsync_tree(self.partial)
+        except OSError as exc:
+            raise _output_error(self.partial, exc) from None
+        self._prepared = True
+
     def commit(self, force: bool) -> None:
         """Make the output visible in one rename; an older ``OUT`` is replaced only with ``force``."""
+        if not self._prepared:
+            self.prepare()
         try:
             (self.partial / JOURNAL_NAME).unlink(missing_ok=True)
-            _fsync_tree(self.partial)
-            if self.out.exists():
-                if not force:
-                    raise MergebenchError(f"{self.out}: already exists (use --force to replace it)")
-                old = self.out.with_name(self.out.name + ".old")
+            if os.path.lexists(self.out):
+                check_may_replace(self.out, force, artifact=False)
+                old = _unused_name(self.out, ".old")
                 os.replace(self.out, old)
-                shutil.rmtree(old) if old.is_dir() else old.unlink()
+                shutil.rmtree(old)
             os.replace(self.partial, self.out)
             _fsync_dir(self.out.parent)
         except OSError as exc:
@@ -241,6 +258,24 @@ class CheckpointWriter:
     def close(self) -> None:
         """Leave the partial output for --resume (the run stopped on a write error or an interrupt)."""
         self._close()
+
+
+def check_may_replace(out: Path, force: bool, artifact: bool) -> None:
+    """An existing output is an error without ``force``; with it, only an earlier mergebench output goes."""
+    if not os.path.lexists(out):
+        return
+    if not force:
+        raise MergebenchError(f"{out}: already exists (use --force to replace it)")
+    check_replaceable(out, artifact)
+
+
+def _unused_name(path: Path, suffix: str) -> Path:
+    """A sibling name that nothing uses yet (``OUT.old``, else ``OUT.old-1``, ...): never a user's file."""
+    candidate, n = path.with_name(path.name + suffix), 0
+    while os.path.lexists(candidate):
+        n += 1
+        candidate = path.with_name(f"{path.name}{suffix}-{n}")
+    return candidate
 
 
 def _output_error(path: Path, exc: OSError) -> OutputError:
