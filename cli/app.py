@@ -12,7 +12,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -21,16 +21,22 @@ from rich.table import Table
 
 app = typer.Typer(
     add_completion=False,
+    rich_markup_mode=None,  # help texts are plain: 'mergebench[ray]' must print as written
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
     help="Model merging and weight surgery: run YAML recipes of weight operators on safetensors checkpoints.",
 )
-console = Console()
-errors = Console(stderr=True)
+console = Console(emoji=False)  # a path with :thumbs_up: in it is a path
+errors = Console(stderr=True, emoji=False)
+
+
+def _flag(*names: str, help: str) -> Any:
+    """A boolean option shown without a ``<bool>`` type: it takes no value."""
+    return typer.Option(*names, help=help, metavar="")
 
 RecipeArg = Annotated[Path, typer.Argument(help="the recipe YAML file")]
 SetOpt = Annotated[list[str], typer.Option("--set", help="override a parameter: NODE.PARAM=VALUE (repeatable)")]
-PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="read pickled .bin/.pt weights, through "
+PickleOpt = Annotated[bool, _flag("--allow-pickle", help="read pickled .bin/.pt weights, through "
                                                                 "torch.load(weights_only=True)")]
 ExecutorOpt = Annotated[str, typer.Option(help="local, or ray: tasks on a Ray cluster (pip install "
                                                "'mergebench[ray]'); paths must be visible to every node")]
@@ -74,14 +80,14 @@ def run(
     recipe: RecipeArg,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
     set_: SetOpt = None,
-    force: Annotated[bool, typer.Option("--force", help="replace existing outputs")] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run from its partial output")
+    force: Annotated[bool, _flag("--force", help="replace existing outputs")] = False,
+    resume: Annotated[bool, _flag("--resume", help="continue an interrupted run from its partial output")
                       ] = False,
-    allow_non_finite: Annotated[bool, typer.Option("--allow-non-finite", help="write NaN/Inf results instead of "
+    allow_non_finite: Annotated[bool, _flag("--allow-non-finite", help="write NaN/Inf results instead of "
                                                                               "stopping")] = False,
     allow_pickle: PickleOpt = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar, no summary")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+    quiet: Annotated[bool, _flag("--quiet", "-q", help="no progress bar, no summary")] = False,
+    as_json: Annotated[bool, _flag("--json", help="print the summary as JSON")] = False,
     executor: ExecutorOpt = "local",
     address: AddressOpt = None,
 ) -> None:
@@ -95,10 +101,16 @@ def run(
         gc.freeze()
         loaded = load_recipe(recipe, _parse_sets(set_ or []))
         show_progress = not (quiet or as_json)
-        with _Progress(show_progress) as progress:
-            result = run_recipe(loaded, device=device, force=force, progress_factory=progress.factory,
-                                resume=resume, allow_non_finite=allow_non_finite, allow_pickle=allow_pickle,
-                                executor=executor, address=address)
+        try:
+            with _Progress(show_progress) as progress:
+                result = run_recipe(loaded, device=device, force=force, progress_factory=progress.factory,
+                                    resume=resume, allow_non_finite=allow_non_finite, allow_pickle=allow_pickle,
+                                    executor=executor, address=address)
+        except KeyboardInterrupt:
+            kept = ", ".join(f"{o.path}.partial" for o in loaded.outputs)
+            errors.print(f"interrupted: what was written is kept ({escape(kept)}); continue with: mergebench run "
+                         f"{escape(str(recipe))} --resume", highlight=False, soft_wrap=True)
+            raise typer.Exit(130) from None
     summary = result.summary
     if as_json:
         doc = {"outputs": result.outputs, "tensors": summary.tensors, "bytes_read": summary.bytes_read,
@@ -113,8 +125,11 @@ def run(
     for column in ("tensors", "shards", "size"):
         table.add_column(column, no_wrap=True)
     for out in result.outputs:
-        table.add_row(out["path"], str(out["tensors"]), str(out["shards"]), _size(out["bytes"]))
+        table.add_row(escape(out["path"]), str(out["tensors"]), str(out["shards"]), _size(out["bytes"]))
     console.print(table)
+    for out in result.outputs:
+        for line in out["files_not_copied"]:
+            console.print(f"not copied to {escape(out['path'])}: {escape(line)}", highlight=False)
     rate = summary.bytes_read / summary.seconds if summary.seconds else 0.0
     console.print(f"read {_size(summary.bytes_read)} in {summary.passes} pass(es), wrote "
                   f"{_size(summary.bytes_written)} on {summary.device} in {summary.seconds:.2f} s "
@@ -175,7 +190,7 @@ def sweep(
                                                                     "path); its last line is a JSON object")] = None,
     out: Annotated[Path | None, typer.Option(help="folder for the points, results.csv and sweep.png")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
-    force: Annotated[bool, typer.Option("--force", help="replace existing outputs")] = False,
+    force: Annotated[bool, _flag("--force", help="replace existing outputs")] = False,
     executor: ExecutorOpt = "local",
     address: AddressOpt = None,
     gpus_per_point: Annotated[float, typer.Option(help="GPUs each point's merge and eval needs (Ray)")] = 0.0,
@@ -230,7 +245,7 @@ def plan(recipe: RecipeArg, set_: SetOpt = None, allow_pickle: PickleOpt = False
         inputs = escape(", ".join(f"{k}={v if isinstance(v, str) else '[' + ', '.join(v) + ']'}"
                                   for k, v in node.inputs.items()))
         params = json.dumps(node.params.model_dump(by_alias=True), separators=(", ", ": "))
-        nodes.add_row(node.name, node.op.name, inputs, escape(node.result), escape(params))
+        nodes.add_row(node.name, node.op.name, inputs, escape(node.result), escape(params + _selection(node)))
     console.print(nodes)
     outputs = Table(title="outputs", title_justify="left")
     for column in ("from", "path", "dtype", "tensors", "size", "shard size"):
@@ -243,6 +258,19 @@ def plan(recipe: RecipeArg, set_: SetOpt = None, allow_pickle: PickleOpt = False
     console.print(f"{len(graph.keys)} keys, {passes} pass(es); read {_size(graph.bytes_to_read)} per pass, "
                   f"write {_size(sum(o.nbytes for o in graph.outputs))}; "
                   f"peak memory ≈ {_size(peak_memory_estimate(graph))} beyond the interpreter")
+
+
+def _selection(node) -> str:
+    """Which keys a node merges and with which per-key parameters, as the plan shows it."""
+    lines = []
+    if node.include:
+        lines.append("include: " + ", ".join(p.pattern for p in node.include))
+    if node.exclude:
+        lines.append("exclude: " + ", ".join(p.pattern for p in node.exclude))
+    for pattern, params in node.overrides:
+        changed = params.model_dump(by_alias=True, exclude_unset=True)
+        lines.append(f"override {pattern.pattern}: {json.dumps(changed, separators=(', ', ': '))}")
+    return "".join("\n" + line for line in lines)
 
 
 @app.command()
@@ -258,15 +286,15 @@ def ops(name: Annotated[str | None, typer.Argument(help="an operator name")] = N
                 table.add_column(column)
             for op in sorted(REGISTRY.values(), key=lambda o: o.name):
                 table.add_row(op.name, op.execution, escape("\n".join(s.describe() for s in op.signatures)),
-                              op.doc.splitlines()[0] if op.doc else "")
+                              escape(op.doc.splitlines()[0]) if op.doc else "")
             console.print(table)
             return
         op = REGISTRY.get(name)
         if op is None:
             raise MergebenchError(f"unknown operator '{name}' (known: {', '.join(sorted(REGISTRY))})")
     console.print(f"[bold]{op.name}[/] ({op.execution})")
-    console.print(op.doc, highlight=False)
-    console.print(f"implements: {op.paper}", highlight=False)
+    console.print(escape(op.doc), highlight=False)
+    console.print(f"implements: {escape(op.paper)}", highlight=False)
     for sig in op.signatures:
         console.print(f"  inputs {escape(sig.describe())}", highlight=False)
     table = Table(title="parameters", title_justify="left")
@@ -275,7 +303,8 @@ def ops(name: Annotated[str | None, typer.Argument(help="an operator name")] = N
     for field_name, info in op.params.model_fields.items():
         annotation = info.annotation
         type_name = annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
-        table.add_row(info.alias or field_name, escape(type_name), repr(info.default), info.description or "")
+        default = "required" if info.is_required() else repr(info.default)
+        table.add_row(info.alias or field_name, escape(type_name), escape(default), escape(info.description or ""))
     for common in ("include", "exclude", "overrides", "seed"):
         table.add_row(common, "", "", _COMMON_DOCS[common])
     console.print(table)
@@ -345,7 +374,7 @@ def extract(
     base: Annotated[Path, typer.Argument(help="the base (pretrained) checkpoint")],
     fine_tuned: Annotated[Path, typer.Argument(help="the fine-tuned checkpoint")],
     out: Annotated[Path, typer.Argument(help="the artifact to write (.safetensors)")],
-    mask: Annotated[bool, typer.Option("--mask", help="write the Mask of kept entries, not the SparseDelta")] = False,
+    mask: Annotated[bool, _flag("--mask", help="write the Mask of kept entries, not the SparseDelta")] = False,
     proportion: Annotated[float | None, typer.Option(help="fraction of entries kept by |Δ| (top-K)")] = None,
     k: Annotated[int | None, typer.Option(help="number of entries kept by |Δ|")] = None,
     scope: Annotated[str, typer.Option(help="global or per_tensor top-K")] = "global",
@@ -353,7 +382,7 @@ def extract(
     include: Annotated[list[str], typer.Option("--include", help="only keys matching (regex, repeatable)")] = None,
     exclude: Annotated[list[str], typer.Option("--exclude", help="skip keys matching (regex, repeatable)")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
-    force: Annotated[bool, typer.Option("--force", help="replace an existing artifact")] = False,
+    force: Annotated[bool, _flag("--force", help="replace an existing artifact")] = False,
 ) -> None:
     """Turn a fine-tune into a SparseDelta (or, with --mask, a Mask) artifact in one streamed pass."""
     with _user_errors():
@@ -381,24 +410,26 @@ def diff(
     checkpoints: Annotated[list[Path], typer.Argument(help="the base, then one or more fine-tunes of it")],
     masks: Annotated[float | None, typer.Option("--masks", help="also the Jaccard overlap of per-tensor top-k masks "
                                                                 "at this density (e.g. 0.01)")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+    as_json: Annotated[bool, _flag("--json", help="print the report as JSON")] = False,
     plot: Annotated[Path | None, typer.Option("--plot", help="write a PNG of norms and cosines per block")] = None,
 ) -> None:
     """Per-block delta norms, changed fraction, cosine similarity and sign agreement between fine-tunes."""
     with _user_errors():
         from mergebench.checkpoint import open_checkpoint
-        from mergebench.diff import plot_diff, weight_diff
+        from mergebench.diff import check_plot_path, json_ready, plot_diff, weight_diff
         from mergebench.errors import MergebenchError
 
         if len(checkpoints) < 2:
             raise MergebenchError("diff needs a base and at least one other checkpoint")
+        if plot:
+            check_plot_path(plot)
         sources = [open_checkpoint(path) for path in checkpoints]
         names = _short_names(checkpoints[1:])
         report = weight_diff(sources[0], sources[1:], names, masks)
         if plot:
             plot_diff(report, str(plot))
     if as_json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps(json_ready(report), indent=2, allow_nan=False))
         return
     columns = list(next(iter(report.values())))
     for group in ("relative norm", "norm", "changed", "cosine", "sign agreement", "mask jaccard"):

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mergebench.checkpoint import Checkpoint, sampled_fingerprint
+from mergebench.checkpoint import Checkpoint, file_states, sampled_fingerprint
 from mergebench.errors import MergebenchError
 from mergebench.layers import BlockIndex
 from mergebench.operators.base import ACTIVATIONS, MASK, SPARSE_DELTA
@@ -68,13 +68,23 @@ class ArtifactSource:
                 if not name.startswith("activations/") or len(info.shape) != 2 or not info.is_floating:
                     raise MergebenchError(f"{self.path}: '{name}' is not activations/LAYER of shape [samples, neurons]")
                 self._shapes[name[len("activations/"):] + ".weight"] = info.shape
+        stored = set(self._file.keys)
         for name, value in metadata.items():
             if name.startswith("shape/"):
-                try:
-                    shape = tuple(int(d) for d in json.loads(value))
-                except (ValueError, TypeError):
-                    raise MergebenchError(f"{self.path}: metadata {name} is not a shape: {value!r}") from None
-                self._shapes[name[len("shape/"):]] = shape
+                key = name[len("shape/"):]
+                self._shapes[key] = _stored_shape(self.path, name, value)
+                needed = [f"mask/{key}"] if self.value_type == MASK else [f"sparse/{key}/indices",
+                                                                         f"sparse/{key}/values"]
+                missing = [n for n in needed if n not in stored]
+                if missing:
+                    raise MergebenchError(f"{self.path}: metadata {name} has no tensor '{missing[0]}'")
+                if self.value_type == MASK:
+                    packed = self._file.info(f"mask/{key}")
+                    bits = math.prod(self._shapes[key])
+                    if packed.dtype != torch.uint8 or math.prod(packed.shape) != (bits + 7) // 8:
+                        raise MergebenchError(f"{self.path}: 'mask/{key}' holds {math.prod(packed.shape)} "
+                                              f"{packed.dtype} values, where shape {list(self._shapes[key])} needs "
+                                              f"{(bits + 7) // 8} packed bytes")
         self.reads = self._file.reads
 
     @property
@@ -114,6 +124,9 @@ class ArtifactSource:
     def fingerprint(self) -> str:
         return sampled_fingerprint([self.path])
 
+    def file_states(self) -> dict[str, list[int]]:
+        return file_states([self.path])
+
     @property
     def total_bytes(self) -> int:
         return self.path.stat().st_size
@@ -127,6 +140,24 @@ class _Entry:
     shape: tuple[int, ...]
     offset: int  # where its bytes are in the side file
     nbytes: int
+
+
+MAX_ARTIFACT_ELEMENTS = 2**40  # far beyond any real tensor, well inside int64 arithmetic
+
+
+def _stored_shape(path: Path, name: str, value: object) -> tuple[int, ...]:
+    """A shape from an artifact's metadata: a JSON list of non-negative integers of sane total size."""
+    try:
+        dims = json.loads(value) if isinstance(value, str) else None
+    except (ValueError, RecursionError):
+        dims = None
+    if not (isinstance(dims, list) and len(dims) <= 8
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims)):
+        raise MergebenchError(f"{path}: metadata {name} is not a shape (a list of non-negative integers): "
+                              f"{str(value)[:80]!r}")
+    if math.prod(dims) > MAX_ARTIFACT_ELEMENTS:
+        raise MergebenchError(f"{path}: metadata {name} claims {math.prod(dims)} elements, more than any tensor")
+    return tuple(dims)
 
 
 class ArtifactWriter:

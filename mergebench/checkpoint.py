@@ -7,7 +7,6 @@ Hugging Face folder (single file or sharded index), or a state dict held in memo
 from __future__ import annotations
 
 import hashlib
-import json
 import mmap
 import os
 from collections import Counter
@@ -18,6 +17,7 @@ from typing import Protocol
 import torch
 
 from mergebench.errors import MergebenchError
+from mergebench.reading import read_json_object
 from mergebench.safetensors_format import TensorInfo, read_header
 
 PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
@@ -121,6 +121,9 @@ class Checkpoint:
             self._fingerprint = sampled_fingerprint([file for file, _ in self._files])
         return self._fingerprint
 
+    def file_states(self) -> dict[str, list[int]]:
+        return file_states([file for file, _ in self._files])
+
     @property
     def total_bytes(self) -> int:
         return sum(info.nbytes for info in self._infos.values())
@@ -138,6 +141,42 @@ class Checkpoint:
 
     def __del__(self) -> None:
         self.close()
+
+
+DESCRIPTOR_MARGIN = 64  # for the outputs' shards, journals, the interpreter and libraries
+
+
+def reserve_descriptors(files: int) -> None:
+    """Make sure a run may hold every input file open at once (each source keeps its shards open).
+
+    Raises the soft RLIMIT_NOFILE up to the hard limit when needed; past that, one error that says
+    how many descriptors the run needs instead of a failure halfway through.
+    """
+    import resource
+
+    needed = files + DESCRIPTOR_MARGIN
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or needed <= soft:
+        return
+    if hard == resource.RLIM_INFINITY or needed <= hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+        return
+    raise MergebenchError(f"the inputs are {files} weight files, and a run keeps each open: it needs about {needed} "
+                          f"file descriptors, but this process may open only {hard} (raise it with ulimit -n)")
+
+
+def file_states(files: list[Path]) -> dict[str, list[int]]:
+    """(device, inode, size, mtime_ns, ctime_ns) of each file: what a resume checks before trusting a journal.
+
+    The kernel sets ctime on every write and no user call can set it back, so a file rewritten in
+    place, even to the same size with its mtime restored, shows a new ctime; a file replaced by
+    another shows a new inode. Unlike a hash of every tensor, this costs nothing on the hot path.
+    """
+    states = {}
+    for file in files:
+        info = file.stat()
+        states[str(file)] = [info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns]
+    return states
 
 
 def sampled_fingerprint(files: list[Path]) -> str:
@@ -199,12 +238,12 @@ def _weight_files(path: Path) -> list[tuple[Path, set[str] | None]]:
 
 
 def _indexed_files(index: Path) -> list[tuple[Path, set[str] | None]]:
+    doc = read_json_object(index, "weight index")
     try:
-        doc = json.loads(index.read_text())
         weight_map = doc["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError
-    except (ValueError, KeyError, TypeError):
+    except (KeyError, TypeError):
         raise MergebenchError(f"{index}: not a weight index (needs a 'weight_map' object)") from None
     folder = index.parent.resolve()
     by_shard: dict[str, set[str]] = {}
@@ -294,6 +333,9 @@ class PickledCheckpoint(StateDictSource):
 
     def fingerprint(self) -> str:
         return sampled_fingerprint(self._files)
+
+    def file_states(self) -> dict[str, list[int]]:
+        return file_states(self._files)
 
     @property
     def total_bytes(self) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -40,6 +41,8 @@ def weight_diff(base: Source, others: Sequence[Source], names: Sequence[str],
     """Per block (and overall): the statistics above, keyed by readable names; task names from ``names``."""
     if not others:
         raise MergebenchError("diff needs a base and at least one other checkpoint")
+    if mask_density is not None and not 0 < mask_density <= 1:
+        raise MergebenchError(f"--masks {mask_density}: the density must be in (0, 1], e.g. 0.01")
     for other in others:
         missing = sorted(set(base.keys) - set(other.keys))
         if missing:
@@ -104,6 +107,25 @@ def _report(s: _Sums, names: Sequence[str], pairs: list[tuple[int, int]]) -> dic
         if (i, j) in s.mask_union:
             row[f"mask jaccard {pair}"] = s.mask_inter[i, j] / s.mask_union[i, j] if s.mask_union[i, j] else 0.0
     return row
+
+
+PLOT_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg")
+
+
+def check_plot_path(path: Path) -> None:
+    """Refuse a plot path up front (before minutes of reading weights): its folder must exist and its
+    extension must name an image format."""
+    if path.suffix.lstrip(".").lower() not in PLOT_FORMATS:
+        raise MergebenchError(f"--plot {path}: the file name must end in one of "
+                              f"{', '.join('.' + f for f in PLOT_FORMATS)}")
+    if not path.parent.resolve().is_dir():
+        raise MergebenchError(f"--plot {path}: the folder {path.parent} does not exist")
+
+
+def json_ready(report: dict[str, dict[str, float]]) -> dict[str, dict[str, float | None]]:
+    """The report with undefined statistics (NaN: e.g. a cosine with a zero delta) as null, since JSON has
+    no NaN and strict parsers reject it."""
+    return {name: {k: (v if math.isfinite(v) else None) for k, v in row.items()} for name, row in report.items()}
 
 
 def plot_diff(report: dict[str, dict[str, float]], path: str) -> None:

@@ -13,6 +13,7 @@ Ray is an optional dependency (``pip install 'mergebench[ray]'``).
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -38,10 +39,28 @@ def require_ray() -> Any:
     return ray
 
 
+CONNECT_TIMEOUT_S = 10.0  # ray.init waits minutes on an address that does not answer
+
+
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """For ``HOST:PORT``, one TCP connection to the head's port within ``timeout`` seconds, or an error."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise MergebenchError(f"--address {address}: expected auto or HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        reason = "no answer" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
+        raise MergebenchError(f"--address {address}: no Ray head answers there within {timeout:g} s "
+                              f"({reason})") from None
+
+
 def connect(address: str | None) -> Any:
     """Join the cluster at ``address`` (``auto``: the one this machine belongs to) or start a local one."""
     ray = require_ray()
     if not ray.is_initialized():
+        if address not in (None, "auto") and not address.startswith("ray://"):
+            check_reachable(address)
         try:
             ray.init(address=address, logging_level="ERROR", log_to_driver=False)
         except ConnectionError as exc:

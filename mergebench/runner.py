@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections import Counter
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from mergebench.artifacts import ArtifactWriter
-from mergebench.checkpoint import Source
+from mergebench.checkpoint import Source, reserve_descriptors
 from mergebench.errors import MergebenchError
 from mergebench.executor import Summary, execute
 from mergebench.graph import Graph, OutputPlan
 from mergebench.operators.base import ARTIFACT_TYPES
 from mergebench.output_files import copy_model_files, model_card, update_config
-from mergebench.recipe import Recipe
+from mergebench.recipe import MEMORY_PATH, Recipe
 from mergebench.safetensors_format import DTYPE_NAMES
 from mergebench.vocab import FALLBACK_RULE, write_tokenizer
 from mergebench.writer import CheckpointWriter, OutputError, OutputLock, check_may_replace
@@ -88,10 +90,12 @@ def run_recipe(
     torch_device = resolve_device(device)
     with ExitStack() as locks:
         graph = Graph(recipe, sources, allow_pickle=allow_pickle)
+        reserve_descriptors(sum(len(s.file_states()) for s in graph.sources.values() if hasattr(s, "file_states")))
         for plan in sorted(graph.outputs, key=lambda p: str(p.path)):
             locks.enter_context(OutputLock(plan.path))
         for plan in graph.outputs:
             check_may_replace(plan.path, force, artifact=plan.output.kind in ARTIFACT_TYPES)
+        check_free_space(graph.outputs)
         writers: list[CheckpointWriter | ArtifactWriter] = []
         try:
             for plan in graph.outputs:
@@ -108,10 +112,10 @@ def run_recipe(
             results = []
             for plan, writer in zip(graph.outputs, writers):
                 writer.finish_weights()
-                if isinstance(writer, CheckpointWriter):
-                    _write_companions(graph, plan, writer)
+                skipped = _write_companions(graph, plan, writer) if isinstance(writer, CheckpointWriter) else []
                 results.append({"path": str(plan.path), "tensors": len(plan.tensors),
-                                "shards": len(writer.shards), "bytes": _written_bytes(plan, writer)})
+                                "shards": len(writer.shards), "bytes": _written_bytes(plan, writer),
+                                "files_not_copied": skipped})
             for writer in writers:
                 writer.prepare()
             for writer in writers:
@@ -127,6 +131,27 @@ def run_recipe(
     return RunResult(summary, results)
 
 
+def check_free_space(plans: list[OutputPlan]) -> None:
+    """Refuse up front when a file system cannot hold the outputs planned on it (shards are preallocated
+    sparse, so without this a full disk shows only halfway through the run). Artifacts are left out:
+    their size (set bits, nonzero entries) is known only once they are computed."""
+    needed: dict[int, tuple[Path, int]] = {}
+    for plan in plans:
+        if plan.output.kind in ARTIFACT_TYPES or str(plan.path) == MEMORY_PATH:
+            continue
+        folder = plan.path.parent
+        while not folder.exists():
+            folder = folder.parent
+        device = folder.stat().st_dev
+        where, total = needed.get(device, (folder, 0))
+        needed[device] = (where, total + plan.nbytes)
+    for folder, total in needed.values():
+        free = shutil.disk_usage(folder).free
+        if total > free:
+            raise MergebenchError(f"{folder}: the outputs need {total / 1e9:.2f} GB and the file system has "
+                                  f"{free / 1e9:.2f} GB free")
+
+
 def open_writer(graph: Graph, plan: OutputPlan, resume: bool) -> CheckpointWriter | ArtifactWriter:
     """One output's writer: preallocated shards in ``OUT.partial`` (reopened to resume), or an artifact file."""
     if plan.output.kind in ARTIFACT_TYPES:
@@ -134,7 +159,7 @@ def open_writer(graph: Graph, plan: OutputPlan, resume: bool) -> CheckpointWrite
                               key_order=[t.key for t in plan.tensors])
     metadata = {"format": "pt", "mergebench_version": version(), "mergebench_recipe_sha256": graph.recipe.sha256}
     return CheckpointWriter(plan.path, list(plan.tensors), plan.output.shard_size, metadata,
-                            identity=_identity(graph, plan), resume=resume)
+                            identity=_identity(graph, plan), resume=resume, inputs=_input_files(graph, plan))
 
 
 def _artifact_metadata(graph: Graph, plan: OutputPlan) -> dict[str, str]:
@@ -163,13 +188,27 @@ def _identity(graph: Graph, plan: OutputPlan) -> str:
     return digest.hexdigest()
 
 
-def _write_companions(graph: Graph, plan: OutputPlan, writer: CheckpointWriter) -> None:
+def _input_files(graph: Graph, plan: OutputPlan) -> dict[str, list[int]]:
+    """The state of every file the output is computed from, journalled so that a resume can refuse
+    inputs that changed since (see ``file_states``)."""
+    states: dict[str, list[int]] = {}
+    for name in plan.models:
+        source = graph.sources[name]
+        if hasattr(source, "file_states"):
+            states.update(source.file_states())
+    return states
+
+
+def _write_companions(graph: Graph, plan: OutputPlan, writer: CheckpointWriter) -> list[str]:
+    """The model's companion files, tokenizer and model card; returns what was left behind, and why."""
     recipe = graph.recipe
     source_name = plan.output.copy_files_from
     source = graph.sources.get(source_name) if source_name else None
     folder = getattr(source, "folder", None)
+    skipped = []
     if folder is not None:
-        copy_model_files(folder, writer.partial, _dominant_float_dtype(plan))
+        report = copy_model_files(folder, writer.partial, _dominant_float_dtype(plan))
+        skipped = [f"{folder / name}: {reason}" for name, reason in report.skipped]
     notes = []
     if graph.vocab is not None:
         folders = {name: graph.sources[name].folder for name in graph.vocab.rows}
@@ -181,6 +220,7 @@ def _write_companions(graph: Graph, plan: OutputPlan, writer: CheckpointWriter) 
                     if name in plan.models and hasattr(src, "fingerprint")}
     card = model_card(recipe.resolved, recipe.sha256, plan.index, fingerprints, version(), notes)
     (writer.partial / "README.md").write_text(card)
+    return skipped
 
 
 def _dominant_float_dtype(plan: OutputPlan) -> str | None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from mergebench.errors import MergebenchError
+from mergebench.reading import require_regular_file
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -67,6 +68,7 @@ class Header:
 
 def read_header(path: Path) -> Header:
     """Parse and validate a safetensors header; every inconsistency is an error naming the file."""
+    require_regular_file(path, "safetensors file")
     size = path.stat().st_size
     with open(path, "rb") as f:
         prefix = f.read(8)
@@ -87,6 +89,8 @@ def read_header(path: Path) -> Header:
     data_start = 8 + header_len
     data_len = size - data_start
     metadata = doc.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise MergebenchError(f"{path}: __metadata__ is not an object of strings")
     tensors: dict[str, TensorInfo] = {}
     spans: list[tuple[int, int, str]] = []
     for key, entry in doc.items():

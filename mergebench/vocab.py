@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from mergebench.errors import MergebenchError
+from mergebench.reading import read_json_object, read_text
 
 TOKENIZER_FILE = "tokenizer.json"
 EMBEDDING_KEYS = r"(?:^|\.)(?:embed_tokens|word_embeddings|wte|lm_head|shared|embed_out)\.weight$"
@@ -28,10 +29,7 @@ FALLBACK_RULE = "a token an input lacks takes the base's row, else the mean of t
 def read_vocab(folder: Path) -> list[str]:
     """Token strings by id, from a fast tokenizer's ``tokenizer.json`` (model vocabulary + added tokens)."""
     path = folder / TOKENIZER_FILE
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise MergebenchError(f"{path}: cannot read the tokenizer ({exc})") from None
+    doc = read_json_object(path, "tokenizer file")
     by_id: dict[int, str] = {}
     vocab = (doc.get("model") or {}).get("vocab")
     if isinstance(vocab, dict):
@@ -135,13 +133,13 @@ def write_tokenizer(plan: VocabPlan, folders: dict[str, Path], dest: Path) -> No
     owner = plan.base if plan.source in ("base", "union") else plan.source
     for name in (TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json"):
         if (folders[owner] / name).exists():
-            (dest / name).write_bytes((folders[owner] / name).read_bytes())
+            (dest / name).write_text(read_text(folders[owner] / name, "tokenizer file"))
     if plan.source != "union" or len(plan.tokens) == plan.vocab_sizes[plan.base]:
         return
     added = {}
     for folder in folders.values():
         if (folder / TOKENIZER_FILE).exists():
-            for entry in json.loads((folder / TOKENIZER_FILE).read_text()).get("added_tokens") or []:
+            for entry in read_json_object(folder / TOKENIZER_FILE, "tokenizer file").get("added_tokens") or []:
                 added.setdefault(entry["content"], entry)
     doc = json.loads((dest / TOKENIZER_FILE).read_text())
     new_entries = []
@@ -154,7 +152,7 @@ def write_tokenizer(plan: VocabPlan, folders: dict[str, Path], dest: Path) -> No
     (dest / TOKENIZER_FILE).write_text(json.dumps(doc, ensure_ascii=False, indent=2))
     config_path = dest / "tokenizer_config.json"
     if config_path.exists():
-        config = json.loads(config_path.read_text())
+        config = read_json_object(config_path, "tokenizer config")
         if isinstance(config.get("added_tokens_decoder"), dict):
             for entry in new_entries:
                 config["added_tokens_decoder"][str(entry["id"])] = {k: v for k, v in entry.items() if k != "id"}

@@ -88,7 +88,7 @@ class CheckpointWriter:
     """
 
     def __init__(self, out: Path, tensors: list[PlannedTensor], shard_size: int, metadata: dict[str, str],
-                 identity: str = "", resume: bool = False):
+                 identity: str = "", resume: bool = False, inputs: dict[str, list[int]] | None = None):
         check_scratch(partial_path(out), (JOURNAL_NAME, MANIFEST_NAME))
         self.out = out
         self.metadata = metadata
@@ -96,6 +96,7 @@ class CheckpointWriter:
         self.partial = partial_path(out)
         self.shards = plan_shards(tensors, shard_size)
         self.identity = identity
+        self.inputs = inputs or {}
         self.done: set[str] = set()
         self._where: dict[str, tuple[int, int, PlannedTensor]] = {}
         self._fds: list[int] = []
@@ -112,7 +113,7 @@ class CheckpointWriter:
                     shutil.rmtree(self.partial)
                 self.partial.mkdir(parents=True)
                 self._open_shards(metadata, fresh=True)
-                self._append_journal({"identity": identity})
+                self._append_journal({"identity": identity, "inputs": self.inputs})
         except OSError as exc:
             raise _output_error(self.partial, exc) from None
 
@@ -144,6 +145,12 @@ class CheckpointWriter:
         if not entries or entries[0].get("identity") != self.identity:
             raise MergebenchError(f"{self.partial}: was written by a different recipe or from different inputs; "
                                   f"cannot resume (rerun without --resume to start over)")
+        journalled = entries[0].get("inputs", {})
+        for file, state in self.inputs.items():
+            if journalled.get(file) != state:
+                change = "is new" if file not in journalled else _what_changed(journalled[file], state)
+                raise MergebenchError(f"{file}: {change} since the interrupted run began, so the tensors it wrote "
+                                      f"may be stale; cannot resume (rerun without --resume to start over)")
         return {key for entry in entries[1:] for key in entry.get("done", [])}
 
     def _append_journal(self, entry: dict) -> None:
@@ -258,6 +265,12 @@ class CheckpointWriter:
     def close(self) -> None:
         """Leave the partial output for --resume (the run stopped on a write error or an interrupt)."""
         self._close()
+
+
+def _what_changed(before: list[int], now: list[int]) -> str:
+    fields = ("device", "inode (the file was replaced)", "size", "modification time", "change time (it was "
+              "written to)")
+    return "changed: its " + ", ".join(name for name, a, b in zip(fields, before, now) if a != b)
 
 
 def check_may_replace(out: Path, force: bool, artifact: bool) -> None:

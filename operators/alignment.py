@@ -80,6 +80,10 @@ def _planning(pair: Callable[[dict[str, Any]], tuple[torch.Tensor, torch.Tensor]
         if ctx.key not in spec.keys:
             return
         reference, model = pair(inputs)
+        for group, axis in spec.axes(ctx.key):
+            if not -reference.dim() <= axis < reference.dim():
+                raise MergebenchError(f"permutation spec group '{group}': axis {axis} of '{ctx.key}', which has "
+                                      f"{reference.dim()} axes (shape {list(reference.shape)})")
         state["a"][ctx.key], state["b"][ctx.key] = reference.float().cpu(), model.float().cpu()
         for group, _ in spec.axes(ctx.key):
             members = [key for key, _ in spec.groups[group]]

@@ -10,13 +10,14 @@ before the main pass and hands its result to the function as ``ctx.stats``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict
 
 from mergebench.numerics import draw_seed
 
@@ -59,6 +60,17 @@ class TensorSequence:
     def __iter__(self):
         for index, step in enumerate(self.steps):
             yield step, self._load(index)
+
+
+def _compiles(pattern: str) -> str:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"not a valid regular expression ({exc})") from None
+    return pattern
+
+
+Regex = Annotated[str, AfterValidator(_compiles)]  # a parameter that is a regular expression
 
 
 class Params(BaseModel):

@@ -20,6 +20,7 @@ from mergebench.operators.base import (
     DELTA,
     KeyContext,
     Params,
+    Regex,
     StatisticsPass,
     list_of,
     operator,
@@ -42,7 +43,7 @@ class LinesParams(Params):
     outside_blocks: Literal["alpha", "alpha_plus_beta", "split"] = Field(
         "alpha", description="scale of keys outside blocks: α, α + β, or α before the blocks and α + β after")
     num_blocks: int | None = Field(None, ge=1, description="L, when the keys do not show all blocks")
-    block_regex: str = Field(BLOCK_REGEX, description="regex whose first group is the block number")
+    block_regex: Regex = Field(BLOCK_REGEX, description="regex whose first group is the block number")
     stack_mode: Literal["separate", "concatenate"] = Field(
         "separate", description="encoder/decoder stacks numbered each on its own, or one after the other")
 
