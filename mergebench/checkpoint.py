@@ -17,7 +17,7 @@ from typing import Protocol
 import torch
 
 from mergebench.errors import MergebenchError
-from mergebench.reading import read_json_object
+from mergebench.reading import read_json_object, require_regular_file
 from mergebench.safetensors_format import TensorInfo, read_header
 
 PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
@@ -211,7 +211,8 @@ def _weight_files(path: Path) -> list[tuple[Path, set[str] | None]]:
     """The safetensors files of a checkpoint, each with the keys an index assigns to it (None: all)."""
     if not path.exists():
         raise MergebenchError(f"{path}: no such file or folder")
-    if path.is_file():
+    if not path.is_dir():
+        require_regular_file(path, "safetensors file" if path.suffix == ".safetensors" else "weight file")
         if path.name.endswith(".index.json"):
             return _indexed_files(path)
         if path.suffix != ".safetensors":

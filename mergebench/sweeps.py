@@ -55,7 +55,7 @@ def parse_grid(spec: str, max_points: int = MAX_GRID_POINTS) -> tuple[str, list[
             raise MergebenchError(f"--grid {spec}: STEP must be positive")
         if stop < start:
             raise MergebenchError(f"--grid {spec}: STOP is below START (the range is empty)")
-        count = int((stop - start + GRID_TOLERANCE) / step) + 1
+        count = int((stop - start) / step + GRID_TOLERANCE) + 1  # STOP counts when within 1e-9 steps of it
         _check_count(spec, count, max_points)
         return target.strip(), [float(start + i * step) for i in range(count)]
     items = values.split(",")
