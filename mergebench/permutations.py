@@ -142,9 +142,14 @@ def _base_spec(spec: str | dict[str, list[list]], layers: list[str] | None, keys
     if isinstance(spec, dict):
         known = set(keys)
         for group, members in spec.items():
-            for key, _axis in members:
+            if not members:
+                raise MergebenchError(f"permutation spec group '{group}': no [key, axis] members")
+            for key, axis in members:
                 if key not in known:
                     raise MergebenchError(f"permutation spec group '{group}': no tensor '{key}'")
+                if isinstance(axis, bool) or not isinstance(axis, int):
+                    raise MergebenchError(f"permutation spec group '{group}': axis {axis!r} of '{key}' is not an "
+                                          f"integer")
         return PermutationSpec({g: tuple((k, int(a)) for k, a in members) for g, members in spec.items()})
     found = transformer_ffn(keys) if spec in ("auto", "ffn") else None
     found = found or (sequential_chain(keys) if spec in ("auto", "mlp") else None)
