@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from mergebench.permutations import PermutationSpec, weight_matching
-from mergebench.transport import ground_cost, transport_map
+from mergebench.surgery.permutations import PermutationSpec, weight_matching
+from mergebench.surgery.transport import ground_cost, transport_map
 
 
 def main() -> None:

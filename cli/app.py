@@ -93,8 +93,8 @@ def run(
 ) -> None:
     """Run a recipe and write its outputs as Hugging Face checkpoints."""
     with _user_errors():
+        from mergebench.engine.runner import run_recipe
         from mergebench.recipe import load_recipe
-        from mergebench.runner import run_recipe
 
         # the imports' objects (hundreds of thousands, mostly torch's) live until exit: frozen, no
         # collection scans them, during the run or at exit (where that took half a second)
@@ -163,7 +163,7 @@ class _Progress:
             TransferSpeedColumn,
         )
 
-        from mergebench.executor import statistics_stages
+        from mergebench.engine.executor import statistics_stages
 
         passes = 1 + len(statistics_stages(graph))
         self._bar = Progress(TextColumn("[bold]merging"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
@@ -202,7 +202,7 @@ def sweep(
     With --executor ray each point (its merge, then its eval) is a Ray task with the resources given.
     """
     with _user_errors():
-        from mergebench.sweeps import parse_grid, run_sweep
+        from mergebench.analysis.sweeps import parse_grid, run_sweep
 
         parsed = dict(parse_grid(spec, max_points) for spec in grid)
         out_dir = out or Path(f"sweep-{recipe.stem}")
@@ -226,8 +226,8 @@ def sweep(
 def plan(recipe: RecipeArg, set_: SetOpt = None, allow_pickle: PickleOpt = False) -> None:
     """Check a recipe against its inputs and show what a run would do: nodes, bytes, peak memory."""
     with _user_errors():
-        from mergebench.executor import peak_memory_estimate, statistics_stages
-        from mergebench.graph import Graph
+        from mergebench.engine.executor import peak_memory_estimate, statistics_stages
+        from mergebench.engine.graph import Graph
         from mergebench.recipe import load_recipe
 
         loaded = load_recipe(recipe, _parse_sets(set_ or []))
@@ -325,9 +325,9 @@ def inspect(
 ) -> None:
     """List a checkpoint's tensors (dtype, shape, size, block), or describe a mask or sparse delta."""
     with _user_errors():
-        from mergebench.artifacts import ArtifactSource
-        from mergebench.checkpoint import open_checkpoint
-        from mergebench.layers import BlockIndex
+        from mergebench.io.artifacts import ArtifactSource
+        from mergebench.io.checkpoint import open_checkpoint
+        from mergebench.surgery.layers import BlockIndex
 
         ckpt = open_checkpoint(checkpoint, allow_pickle)
     if isinstance(ckpt, ArtifactSource):
@@ -350,7 +350,7 @@ def inspect(
 
 
 def _describe_artifact(source) -> None:
-    from mergebench.artifacts import describe
+    from mergebench.io.artifacts import describe
 
     table = Table(title=f"{source.label} ({source.value_type})", title_justify="left")
     for column in ("where", "stored", "of", "density"):
@@ -415,9 +415,9 @@ def diff(
 ) -> None:
     """Per-block delta norms, changed fraction, cosine similarity and sign agreement between fine-tunes."""
     with _user_errors():
-        from mergebench.checkpoint import open_checkpoint
-        from mergebench.diff import check_plot_path, json_ready, plot_diff, weight_diff
+        from mergebench.analysis.diff import check_plot_path, json_ready, plot_diff, weight_diff
         from mergebench.errors import MergebenchError
+        from mergebench.io.checkpoint import open_checkpoint
 
         if len(checkpoints) < 2:
             raise MergebenchError("diff needs a base and at least one other checkpoint")
@@ -455,8 +455,8 @@ def _short_names(paths: list[Path]) -> list[str]:
 def overlap(masks: Annotated[list[Path], typer.Argument(help="two or more mask files")]) -> None:
     """Jaccard overlap of task masks, per block and overall (near-disjoint masks compose with little interference)."""
     with _user_errors():
-        from mergebench.artifacts import ArtifactSource, mask_overlap
         from mergebench.errors import MergebenchError
+        from mergebench.io.artifacts import ArtifactSource, mask_overlap
 
         if len(masks) < 2:
             raise MergebenchError("overlap needs at least two masks")

@@ -14,14 +14,14 @@ from typing import Any
 
 import torch
 
-from mergebench.checkpoint import StateDictSource
+from mergebench.analysis.sweeps import MAX_GRID_POINTS, SweepPoint, run_sweep
+from mergebench.engine.executor import execute
+from mergebench.engine.graph import Graph
+from mergebench.engine.runner import RunResult, run_recipe
 from mergebench.errors import MergebenchError
-from mergebench.executor import execute
-from mergebench.graph import Graph
+from mergebench.io.checkpoint import StateDictSource
 from mergebench.operators.base import ARTIFACT_TYPES, CHECKPOINT, SEQUENCE, Operator, element_type, is_list_type
 from mergebench.recipe import MEMORY_PATH, build_recipe, load_recipe
-from mergebench.runner import RunResult, run_recipe
-from mergebench.sweeps import MAX_GRID_POINTS, SweepPoint, run_sweep
 
 COMMON_FIELDS = ("include", "exclude", "overrides", "seed")
 PYTHON_SOURCE = Path("<python>")

@@ -19,8 +19,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from mergebench.artifacts import artifact_type
 from mergebench.errors import MergebenchError, located
+from mergebench.io.artifacts import artifact_type
+from mergebench.io.sequences import is_glob, resolve_sequence
 from mergebench.operators import REGISTRY
 from mergebench.operators.base import (
     ARTIFACT_TYPES,
@@ -32,7 +33,6 @@ from mergebench.operators.base import (
     is_list_type,
     list_of,
 )
-from mergebench.sequences import is_glob, resolve_sequence
 
 MAX_YAML_NODES = 100_000
 # What yaml.safe_load resolves plain scalars, lists and mappings to. Anything else is an explicit tag
@@ -103,7 +103,7 @@ class SequenceSpec(_Strict):
 
 
 class TokenizerSpec(_Strict):
-    """How to merge models whose vocabularies differ (mergebench.vocab)."""
+    """How to merge models whose vocabularies differ (mergebench.surgery.vocab)."""
 
     source: str = Field(description="base, union, or a model's name: the output vocabulary")
     pad_to_multiple_of: int | None = Field(None, ge=1)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from mergebench.writer import CheckpointWriter, PlannedTensor
+from mergebench.io.writer import CheckpointWriter, PlannedTensor
 
 
 def llama_config(hidden: int = 64, intermediate: int = 128, layers: int = 2, heads: int = 4, kv_heads: int = 2,

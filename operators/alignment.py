@@ -15,9 +15,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from mergebench import permutations, transport
 from mergebench.errors import MergebenchError
-from mergebench.numerics import weighted_sum
 from mergebench.operators.base import (
     ACTIVATIONS,
     CHECKPOINT,
@@ -28,7 +26,9 @@ from mergebench.operators.base import (
     operator,
     signature,
 )
-from mergebench.permutations import PermutationSpec, build_spec, permute
+from mergebench.surgery import permutations, transport
+from mergebench.surgery.numerics import weighted_sum
+from mergebench.surgery.permutations import PermutationSpec, build_spec, permute
 
 REBASIN = "Ainsworth et al., Git Re-Basin, ICLR 2023 (arXiv:2209.04836)"
 

@@ -19,13 +19,13 @@ import numpy as np
 import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict
 
-from mergebench.numerics import draw_seed
+from mergebench.surgery.numerics import draw_seed
 
 # Value types flowing along the recipe's edges (OPERATORS.md §0.9).
 CHECKPOINT = "Checkpoint"
 DELTA = "Delta"
 SEQUENCE = "Sequence"  # ordered checkpoints of one training run, with their steps
-MASK = "Mask"  # per key, a boolean tensor (an artifact file: mergebench.artifacts)
+MASK = "Mask"  # per key, a boolean tensor (an artifact file: mergebench.io.artifacts)
 SPARSE_DELTA = "SparseDelta"  # per key, a delta stored as indices and values (an artifact file)
 ACTIVATIONS = "Activations"  # per layer, [samples, neurons] recorded on shared inputs (an artifact file)
 ARTIFACT_TYPES = (MASK, SPARSE_DELTA, ACTIVATIONS)

@@ -7,9 +7,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from mergebench.numerics import keep_count, masked
 from mergebench.operators.base import CHECKPOINT, DELTA, KeyContext, Params, list_of, operator, signature
 from mergebench.operators.task_vectors import check_weights, finish, task_vectors
+from mergebench.surgery.numerics import keep_count, masked
 
 
 class BreadcrumbsParams(Params):

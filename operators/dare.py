@@ -13,7 +13,6 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from mergebench.numerics import masked
 from mergebench.operators.base import (
     CHECKPOINT,
     DELTA,
@@ -30,6 +29,7 @@ from mergebench.operators.task_vectors import (
     task_arithmetic,
     task_vectors,
 )
+from mergebench.surgery.numerics import masked
 
 MASK_STREAM = "dare"
 DRAW_PIECE = 1 << 16  # draws per piece: 256 KiB of words, in cache

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from mergebench.numerics import weighted_sum
 from mergebench.operators.base import CHECKPOINT, Params, list_of, operator, signature
+from mergebench.surgery.numerics import weighted_sum
 
 
 class WiseFTParams(Params):

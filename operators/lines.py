@@ -14,7 +14,6 @@ import torch
 from pydantic import Field, field_validator
 
 from mergebench.errors import MergebenchError
-from mergebench.layers import BLOCK_REGEX, block_index_for
 from mergebench.operators.base import (
     CHECKPOINT,
     DELTA,
@@ -26,6 +25,7 @@ from mergebench.operators.base import (
     operator,
     signature,
 )
+from mergebench.surgery.layers import BLOCK_REGEX, block_index_for
 
 SINGLE_ALPHA = 0.1
 MULTI_BETA = 0.5

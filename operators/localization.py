@@ -3,7 +3,7 @@
 A graft keeps the fine-tuned values on a tiny region γ and the pretrained values elsewhere:
 θ = θ_pre + γ ⊙ (θ_ft − θ_pre). Without data, γ is the global top-k of |θ_ft − θ_pre| over the
 block parameters (the paper's "base patch"); a saved Mask can be given instead, such as one
-optimised against a task loss with ``mergebench.graft.optimize_mask``.
+optimised against a task loss with ``mergebench.surgery.graft.optimize_mask``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from mergebench.numerics import keep_count, threshold_for
 from mergebench.operators.base import (
     CHECKPOINT,
     MASK,
@@ -25,6 +24,7 @@ from mergebench.operators.base import (
     signature,
 )
 from mergebench.operators.topk import global_threshold, global_threshold_passes
+from mergebench.surgery.numerics import keep_count, threshold_for
 
 
 class GraftParams(Params):

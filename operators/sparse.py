@@ -1,7 +1,7 @@
 """Sparse fine-tuning diffs (LT-SFT, Ansell et al., 2022; OPERATORS.md §6): extract and compose.
 
 A SparseDelta keeps only some entries of θ_ft − θ_0 (the top-K by magnitude, or every entry that
-moved more than ``eps``) and is stored as indices and values (mergebench.artifacts). Sparse deltas of
+moved more than ``eps``) and is stored as indices and values (mergebench.io.artifacts). Sparse deltas of
 different tasks or languages compose by addition: θ = θ_0 + Σ_j φ_j.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from mergebench.numerics import masked, weighted_sum
 from mergebench.operators.base import (
     CHECKPOINT,
     SPARSE_DELTA,
@@ -22,6 +21,7 @@ from mergebench.operators.base import (
     signature,
 )
 from mergebench.operators.localization import MaskTopkParams, delta_topk_passes, topk_mask
+from mergebench.surgery.numerics import masked, weighted_sum
 
 
 class ExtractParams(MaskTopkParams):

@@ -7,8 +7,8 @@ from itertools import chain
 import torch
 from pydantic import Field
 
-from mergebench.numerics import weighted_sum
 from mergebench.operators.base import CHECKPOINT, DELTA, SPARSE_DELTA, Params, list_of, operator, signature
+from mergebench.surgery.numerics import weighted_sum
 
 
 @operator(

@@ -2,7 +2,7 @@
 
 With ``scope: global`` (the default, as the reference) each task's threshold is the k-th largest
 |τ| over every selected key of the model, and the sign that breaks ties is the majority over the
-whole model: exact, streamed, never concatenating the model (mergebench.numerics.ExactThreshold).
+whole model: exact, streamed, never concatenating the model (mergebench.surgery.numerics.ExactThreshold).
 ``dare_ties`` is the same merge on DARE-dropped task vectors.
 """
 
@@ -14,7 +14,6 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from mergebench.numerics import elect_sign, keep_count, keep_mask, masked, sum_of_signs, weighted_sum
 from mergebench.operators.base import (
     CHECKPOINT,
     DELTA,
@@ -28,6 +27,7 @@ from mergebench.operators.base import (
 from mergebench.operators.dare import DareParams, drop_and_rescale
 from mergebench.operators.task_vectors import finish, task_vectors
 from mergebench.operators.topk import VectorsFn, global_threshold_passes
+from mergebench.surgery.numerics import elect_sign, keep_count, keep_mask, masked, sum_of_signs, weighted_sum
 
 
 class TiesParams(Params):

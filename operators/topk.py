@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from mergebench.numerics import ExactThreshold
 from mergebench.operators.base import KeyContext, Params, StatisticsPass
+from mergebench.surgery.numerics import ExactThreshold
 
 VectorsFn = Callable[[dict[str, Any], Params, KeyContext], list[torch.Tensor]]
 KeepFn = Callable[[Params, int], int]  # (params, n) -> k

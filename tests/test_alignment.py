@@ -8,7 +8,7 @@ import torch
 
 from conftest import read_checkpoint, write_recipe
 from mergebench import operators as ops
-from mergebench.permutations import build_spec, permute, transformer_ffn, weight_matching
+from mergebench.surgery.permutations import build_spec, permute, transformer_ffn, weight_matching
 from mergebench.synthetic import save_checkpoint
 
 T = torch.tensor
@@ -174,7 +174,7 @@ def test_sinkhorn_plan_is_close_to_the_exact_one():
     import numpy as np
     import ot
 
-    from mergebench.transport import ground_cost, transport_map
+    from mergebench.surgery.transport import ground_cost, transport_map
 
     g = torch.Generator().manual_seed(0)
     cost = ground_cost(torch.randn(8, 5, generator=g), torch.randn(8, 5, generator=g), squared=False)
@@ -207,7 +207,7 @@ def test_ot_fusion_through_a_recipe(tmp_path, cli):
 
 
 def test_ot_fusion_into_a_narrower_anchor(tmp_path, cli):
-    from mergebench.transport import ground_cost, transport_map
+    from mergebench.surgery.transport import ground_cost, transport_map
 
     rows_a, rows_b = T([[1.0, 2], [3, 4], [5, 6]]), T([[1.0, 2], [5, 6]])
     t_hat = transport_map(ground_cost(rows_a, rows_b, squared=False), "emd", 0.01)
@@ -243,7 +243,7 @@ def test_align_by_ot_preserves_an_mlp():
 
 
 def test_independent_groups_are_solved_alone():
-    from mergebench.permutations import independent_groups
+    from mergebench.surgery.permutations import independent_groups
 
     ffn = transformer_ffn([f"model.layers.{i}.mlp.{n}.weight" for i in range(3) for n in ("gate_proj", "up_proj",
                                                                                          "down_proj")])
@@ -273,7 +273,7 @@ def test_weight_matching_across_conv_flatten_linear():
 
 def _mlp_and_permuted_copy(tmp_path):
     """An MLP, the same MLP with both hidden layers' units shuffled, and each one's recorded activations."""
-    from mergebench.activations import record_activations, save_activations
+    from mergebench.io.activations import record_activations, save_activations
 
     torch.manual_seed(0)
     mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 12), torch.nn.ReLU(),
@@ -322,7 +322,7 @@ def test_activation_cost_finds_the_shuffle(tmp_path, cli, op):
 
 def test_activations_must_match_the_layer_widths(tmp_path, cli):
     _mlp_and_permuted_copy(tmp_path)
-    from mergebench.activations import save_activations
+    from mergebench.io.activations import save_activations
 
     save_activations({"0": torch.randn(200, 16), "2": torch.randn(200, 11), "4": torch.randn(200, 3)},
                      tmp_path / "acts_bad.safetensors")
@@ -381,7 +381,7 @@ def test_aligning_attention_heads_undoes_a_head_shuffle(tmp_path, cli, kv_heads)
 
 
 def test_attention_head_groups_for_llama_and_bert():
-    from mergebench.permutations import attention_heads
+    from mergebench.surgery.permutations import attention_heads
 
     llama = attention_heads([f"model.layers.0.self_attn.{n}_proj.weight" for n in "qkvo"], heads=2)
     assert llama.groups == {"model.layers.0.heads": (("model.layers.0.self_attn.q_proj.weight", 0),

@@ -327,7 +327,7 @@ def test_companions_are_copied_by_allow_list_and_the_rest_reported(tmp_path, cli
 
 
 def test_an_interrupted_run_says_how_to_resume_and_resume_refuses_a_changed_input(tmp_path, cli, monkeypatch):
-    from mergebench import writer
+    from mergebench.io import writer
 
     _workspace(tmp_path)
     recipe = _recipe(tmp_path)
@@ -358,7 +358,7 @@ def test_an_interrupted_run_says_how_to_resume_and_resume_refuses_a_changed_inpu
 
 
 def test_resume_after_an_interrupt_with_unchanged_inputs_finishes(tmp_path, cli, monkeypatch):
-    from mergebench import writer
+    from mergebench.io import writer
 
     _workspace(tmp_path)
     recipe = _recipe(tmp_path)
@@ -459,8 +459,8 @@ def test_diff_json_is_strict_json(tmp_path, cli):
 
 
 def test_grid_size_counts_the_product_before_building():
+    from mergebench.analysis.sweeps import grid_size, parse_grid
     from mergebench.errors import MergebenchError
-    from mergebench.sweeps import grid_size, parse_grid
 
     assert parse_grid("w.alpha=0:1:0.1")[1] == pytest.approx([i / 10 for i in range(11)])
     assert len(parse_grid("w.alpha=0:1:0.002")[1]) == 501 and len(parse_grid("w.alpha=0:1:0.001", 2000)[1]) == 1001

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import read_checkpoint, write_recipe
-from mergebench.activations import record_activations, save_activations
-from mergebench.artifacts import load_artifact
+from mergebench.io.activations import record_activations, save_activations
+from mergebench.io.artifacts import load_artifact
 from mergebench.operators.base import REGISTRY
 from mergebench.synthetic import llama_config, llama_state_dict, save_checkpoint
 

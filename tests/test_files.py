@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mergebench.checkpoint import Checkpoint
 from mergebench.errors import MergebenchError
+from mergebench.io.checkpoint import Checkpoint
+from mergebench.io.writer import PlannedTensor, plan_shards
 from mergebench.recipe import parse_size
-from mergebench.writer import PlannedTensor, plan_shards
 
 
 def _raw_file(path, header: dict | bytes, data: bytes = b""):

@@ -10,11 +10,11 @@ from safetensors.torch import load_file, save_file
 
 from conftest import read_checkpoint, write_recipe
 from mergebench import operators as ops
-from mergebench.artifacts import ArtifactSource, ArtifactWriter, load_artifact, mask_overlap, save_artifact
-from mergebench.graft import optimize_mask, relax
+from mergebench.engine.runner import run_recipe
+from mergebench.io.artifacts import ArtifactSource, ArtifactWriter, load_artifact, mask_overlap, save_artifact
 from mergebench.operators.base import MASK, SPARSE_DELTA
 from mergebench.recipe import load_recipe
-from mergebench.runner import run_recipe
+from mergebench.surgery.graft import optimize_mask, relax
 
 T = torch.tensor
 LT_BASE, LT_FULL = torch.ones(6), T([1.5, 0.9, 3, 1, 0.2, 1.05])

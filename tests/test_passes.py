@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 
 from conftest import read_checkpoint, write_recipe
 from mergebench import operators as ops
-from mergebench.checkpoint import Checkpoint
+from mergebench.engine.runner import run_recipe
+from mergebench.io.checkpoint import Checkpoint
 from mergebench.operators.base import (
     CHECKPOINT,
     DELTA,
@@ -26,7 +27,6 @@ from mergebench.operators.base import (
     signature,
 )
 from mergebench.recipe import load_recipe
-from mergebench.runner import run_recipe
 
 
 def _accumulate_square(state, inputs, params, ctx):

@@ -9,9 +9,9 @@ import torch
 
 from conftest import read_checkpoint, write_recipe
 from mergebench import operators as ops
-from mergebench.checkpoint import Checkpoint
+from mergebench.engine.runner import run_recipe
+from mergebench.io.checkpoint import Checkpoint
 from mergebench.recipe import load_recipe
-from mergebench.runner import run_recipe
 from mergebench.synthetic import save_checkpoint
 
 

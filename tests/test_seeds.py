@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from mergebench.seeds import over_seeds
+from mergebench.analysis.seeds import over_seeds
 
 
 def test_summary_golden_values():

@@ -8,10 +8,10 @@ from safetensors.torch import save_file
 
 from conftest import read_checkpoint, write_recipe
 from mergebench import operators as ops
-from mergebench.checkpoint import Checkpoint
+from mergebench.engine.runner import run_recipe
+from mergebench.io.checkpoint import Checkpoint
+from mergebench.io.sequences import step_of
 from mergebench.recipe import load_recipe
-from mergebench.runner import run_recipe
-from mergebench.sequences import step_of
 
 T = torch.tensor
 BEMA_RUN = {0: T([0.0, 0, 0]), 1: T([4.0, 8, -4]), 2: T([10.0, 0, 5])}

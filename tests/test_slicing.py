@@ -7,11 +7,11 @@ import threading
 import pytest
 import torch
 
-import mergebench.executor as executor
+import mergebench.engine.executor as executor
 from conftest import read_checkpoint, write_recipe
-from mergebench.buffers import BufferPool
-from mergebench.checkpoint import Checkpoint
-from mergebench.writer import CheckpointWriter
+from mergebench.engine.buffers import BufferPool
+from mergebench.io.checkpoint import Checkpoint
+from mergebench.io.writer import CheckpointWriter
 
 NODES = {
     "linear": {"op": "linear", "inputs": {"models": ["base", "ft1", "ft2"]}, "params": {"weights": [0.2, 0.3, 0.5]}},

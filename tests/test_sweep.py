@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import read_checkpoint, write_recipe
+from mergebench.analysis.sweeps import parse_grid, run_sweep
 from mergebench.errors import MergebenchError
-from mergebench.sweeps import parse_grid, run_sweep
 
 
 def test_parse_grid_includes_the_stop_on_the_grid():

@@ -8,14 +8,14 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import read_checkpoint, write_recipe
-from mergebench import numerics
 from mergebench import operators as ops
-from mergebench.checkpoint import Checkpoint
-from mergebench.numerics import FEW, draw_seed, sum_of_signs, threshold_for, weighted_sum
+from mergebench.engine.runner import run_recipe
+from mergebench.io.checkpoint import Checkpoint
 from mergebench.operators.base import KeyContext
 from mergebench.operators.dare import keep_mask, rescale_kept
 from mergebench.recipe import load_recipe
-from mergebench.runner import run_recipe
+from mergebench.surgery import numerics
+from mergebench.surgery.numerics import FEW, draw_seed, sum_of_signs, threshold_for, weighted_sum
 
 T = torch.tensor
 TIES_TAUS = [T([4.0, -1, 0.5, -3, 2]), T([-2.0, 3, 0.2, -1, -5]), T([1.0, 2, -6, 0.1, 1.5])]
@@ -282,14 +282,14 @@ BLOCK_CASES = {
 
 @pytest.mark.parametrize("case", sorted(BLOCK_CASES))
 def test_block_assignment_across_architectures(case):
-    from mergebench.layers import BlockIndex
+    from mergebench.surgery.layers import BlockIndex
 
     keys, key, mode, expected = BLOCK_CASES[case]
     assert BlockIndex(keys, stack_mode=mode).position(key) == expected
 
 
 def test_block_regex_ignores_expert_numbers():
-    from mergebench.layers import block_index
+    from mergebench.surgery.layers import block_index
 
     assert block_index("model.layers.10.mlp.experts.3.w1.weight") == 10
     assert block_index("model.embed_tokens.weight") is None

@@ -21,13 +21,12 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 
-from mergebench.allocator import return_large_blocks_to_the_os
-from mergebench.buffers import BufferPool, typed
-from mergebench.checkpoint import Checkpoint
+from mergebench.engine.allocator import return_large_blocks_to_the_os
+from mergebench.engine.buffers import BufferPool, typed
+from mergebench.engine.graph import Graph, OutputPlan
+from mergebench.engine.staging import finish, start_compute_thread, to_device, to_host, uses_pinned_buffers
 from mergebench.errors import MergebenchError
-from mergebench.graph import Graph, OutputPlan
-from mergebench.layers import block_index_for
-from mergebench.numerics import compute_dtype
+from mergebench.io.checkpoint import Checkpoint
 from mergebench.operators.base import (
     ARTIFACT_TYPES,
     CHECKPOINT,
@@ -38,7 +37,8 @@ from mergebench.operators.base import (
     is_list_type,
 )
 from mergebench.recipe import Node
-from mergebench.staging import finish, start_compute_thread, to_device, to_host, uses_pinned_buffers
+from mergebench.surgery.layers import block_index_for
+from mergebench.surgery.numerics import compute_dtype
 
 PREFETCH_KEYS = 1  # keys read ahead of the one being computed: overlap without doubling memory twice
 SLICE_ELEMENTS = 1 << 16  # float32 slices of 256 KiB: in L2 cache, below the mmap threshold (reused); measured best

@@ -24,9 +24,9 @@ from typing import Any
 
 import yaml
 
+from mergebench.engine.runner import run_recipe
 from mergebench.errors import MergebenchError
 from mergebench.recipe import Recipe, build_recipe, read_yaml
-from mergebench.runner import run_recipe
 
 Evaluator = Callable[[Path], dict[str, float]]
 GRID_TOLERANCE = Decimal("1e-9")
@@ -224,7 +224,7 @@ def _point_task(point: SweepPoint, recipe: Recipe, evaluate: Evaluator | str | N
 
 def _run_points_on_ray(points: list[SweepPoint], recipes: list[Recipe], evaluate: Evaluator | str | None,
                        device: str, force: bool, address: str | None, resources: dict[str, float]) -> None:
-    from mergebench.ray_executor import connect
+    from mergebench.engine.ray_executor import connect
 
     ray = connect(address)
     task = ray.remote(**resources)(_point_task)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from mergebench.buffers import BufferPool, typed
+from mergebench.engine.buffers import BufferPool, typed
 
 
 def uses_pinned_buffers(device: torch.device) -> bool:

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from mergebench.errors import MergebenchError
-from mergebench.output_guard import MANIFEST_NAME, check_replaceable, check_scratch, write_manifest
-from mergebench.safetensors_format import encode_header
+from mergebench.io.output_guard import MANIFEST_NAME, check_replaceable, check_scratch, write_manifest
+from mergebench.io.safetensors_format import encode_header
 
 INDEX_NAME = "model.safetensors.index.json"
 JOURNAL_NAME = ".mergebench-journal"
@@ -227,7 +227,7 @@ class CheckpointWriter:
         rarely falls between two renames (each output still appears whole or not at all)."""
         try:
             write_manifest(self.partial, f"mergebench {self.metadata.get('mergebench_version', '')}".strip(),
-                           exclude={JOURNAL_NAME})
+                           self.identity, exclude={JOURNAL_NAME})
             _fsync_tree(self.partial)
         except OSError as exc:
             raise _output_error(self.partial, exc) from None

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mergebench.errors import MergebenchError
-from mergebench.numerics import draw_seed
+from mergebench.surgery.numerics import draw_seed
 
 ORDER_STREAM = "weight_matching_order"
 FFN_PATTERNS = {  # per block: (key suffix, axis of the FFN neurons)
@@ -39,9 +39,16 @@ class PermutationSpec:
     units: dict[str, int] = field(default_factory=dict)  # groups whose unit owns a block of each axis (heads)
 
     def size(self, group: str, tensors: dict[str, torch.Tensor]) -> int:
-        """How many units the group permutes: given, or the length of its first tensor's axis."""
+        """How many units the group permutes: given, or the length of its first tensor's axis. Every
+        member's axis must hold a whole number of units (a flattened axis holds several entries per unit)."""
         key, axis = self.groups[group][0]
-        return self.units.get(group) or tensors[key].shape[axis]
+        units = self.units.get(group) or tensors[key].shape[axis]
+        for member, member_axis in self.groups[group]:
+            length = tensors[member].shape[member_axis]
+            if units == 0 or length % units:
+                raise MergebenchError(f"permutation group '{group}': axis {member_axis} of '{member}' has {length} "
+                                      f"entries, not a multiple of the group's {units} units (axis {axis} of '{key}')")
+        return units
 
     def axes(self, key: str) -> list[tuple[str, int]]:
         return [(group, axis) for group, members in self.groups.items() for k, axis in members if k == key]
@@ -144,6 +151,9 @@ def _base_spec(spec: str | dict[str, list[list]], layers: list[str] | None, keys
         for group, members in spec.items():
             if not members:
                 raise MergebenchError(f"permutation spec group '{group}': no [key, axis] members")
+            if len({m[0] for m in members}) < len(members):
+                raise MergebenchError(f"permutation spec group '{group}': a tensor is listed twice (a group permutes "
+                                      f"one axis of each of its tensors)")
             for key, axis in members:
                 if key not in known:
                     raise MergebenchError(f"permutation spec group '{group}': no tensor '{key}'")

@@ -17,8 +17,8 @@ from typing import Protocol
 import torch
 
 from mergebench.errors import MergebenchError
-from mergebench.reading import read_json_object, require_regular_file
-from mergebench.safetensors_format import TensorInfo, read_header
+from mergebench.io.reading import read_json_object, require_regular_file
+from mergebench.io.safetensors_format import TensorInfo, read_header
 
 PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 MADV_POPULATE_READ = 22  # Linux 5.14+: map a range's cached pages now (not in the mmap module's constants)
@@ -346,7 +346,7 @@ class PickledCheckpoint(StateDictSource):
 def open_checkpoint(path: str | os.PathLike[str], allow_pickle: bool = False):
     """A source for ``path``: a mask or sparse-delta artifact, safetensors weights, or (only when allowed
     and nothing else is there) pickled weights."""
-    from mergebench.artifacts import ArtifactSource, artifact_type
+    from mergebench.io.artifacts import ArtifactSource, artifact_type
 
     path = Path(path)
     if artifact_type(path):

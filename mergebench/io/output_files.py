@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from mergebench.reading import read_json_object
+from mergebench.io.reading import read_json_object
 
 CONFIG_DTYPE_FIELDS = ("torch_dtype", "dtype")
 # The companion files a model folder may pass on to an output: configs, tokenizers, chat templates,

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from mergebench.errors import MergebenchError
-from mergebench.reading import require_regular_file
+from mergebench.io.reading import require_regular_file
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from mergebench.checkpoint import Source
 from mergebench.errors import MergebenchError
-from mergebench.layers import BlockIndex
-from mergebench.numerics import keep_count, threshold_for
+from mergebench.io.checkpoint import Source
+from mergebench.surgery.layers import BlockIndex
+from mergebench.surgery.numerics import keep_count, threshold_for
 
 OVERALL = "overall"
 

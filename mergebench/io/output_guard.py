@@ -18,18 +18,43 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from mergebench.errors import MergebenchError
-from mergebench.safetensors_format import read_header
+from mergebench.io.safetensors_format import read_header
 
 MANIFEST_NAME = ".mergebench-output.json"
 LEGACY_SHARD_METADATA = "mergebench_version"  # outputs written before the manifest existed
 
 
-def write_manifest(folder: Path, created_by: str, exclude: Iterable[str] = ()) -> None:
-    """Record every entry of a finished output folder (called just before it is renamed into place)."""
+def write_manifest(folder: Path, created_by: str, identity: str, exclude: Iterable[str] = ()) -> None:
+    """Record every entry of a finished output folder (called just before it is renamed into place), and
+    the identity of the run (recipe, inputs, layout) that made it."""
     skip = {MANIFEST_NAME, *exclude}
     entries = sorted(name for name in os.listdir(folder) if name not in skip)
-    doc = {"created_by": created_by, "entries": entries}
+    doc = {"created_by": created_by, "identity": identity, "entries": entries}
     (folder / MANIFEST_NAME).write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def committed_identity(out: Path) -> str | None:
+    """The run identity in a finished output folder's manifest, if it has a readable one."""
+    manifest = out / MANIFEST_NAME
+    if out.is_symlink() or manifest.is_symlink() or not manifest.is_file():
+        return None
+    try:
+        identity = json.loads(manifest.read_text()).get("identity")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None
+    return identity if isinstance(identity, str) else None
+
+
+def artifact_recipe(out: Path) -> tuple[str, str] | None:
+    """(recipe sha256, node) from a mergebench artifact's metadata, if it is one."""
+    if out.is_symlink() or not out.is_file():
+        return None
+    try:
+        metadata = read_header(out).metadata
+    except (MergebenchError, OSError):
+        return None
+    recipe, node = metadata.get("mergebench_recipe_sha256"), metadata.get("node")
+    return (recipe, node) if recipe and node else None
 
 
 def check_replaceable(out: Path, artifact: bool) -> None:

@@ -20,12 +20,12 @@ from typing import Any
 
 import torch
 
-from mergebench.artifacts import ArtifactWriter
+from mergebench.engine.executor import Statistics, Summary, compute_statistics, execute
+from mergebench.engine.graph import Graph
 from mergebench.errors import MergebenchError
-from mergebench.executor import Statistics, Summary, compute_statistics, execute
-from mergebench.graph import Graph
+from mergebench.io.artifacts import ArtifactWriter
+from mergebench.io.writer import CheckpointWriter
 from mergebench.recipe import Recipe
-from mergebench.writer import CheckpointWriter
 
 MISSING_RAY = "--executor ray needs Ray, an optional extra: pip install 'mergebench[ray]'"
 
@@ -130,7 +130,7 @@ def _statistics_task(recipe: Recipe, options: dict[str, Any]) -> Statistics:
 def _apply_task(recipe: Recipe, statistics: Statistics, index: int, keys: list[str],
                 options: dict[str, Any]) -> Summary:
     """Compute ``keys`` of output ``index`` and write them into the shards the driver laid out."""
-    from mergebench.runner import open_writer  # the runner imports this module
+    from mergebench.engine.runner import open_writer  # the runner imports this module
 
     graph = Graph(recipe, allow_pickle=options["allow_pickle"])
     writer = open_writer(graph, graph.outputs[index], resume=True)

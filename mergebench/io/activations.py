@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from mergebench.artifacts import save_artifact
+from mergebench.io.artifacts import save_artifact
 from mergebench.operators.base import ACTIVATIONS
 
 

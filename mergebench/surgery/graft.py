@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mergebench.layers import block_index
-from mergebench.numerics import draw_seed, keep_count
+from mergebench.surgery.layers import block_index
+from mergebench.surgery.numerics import draw_seed, keep_count
 
 GRAFT_INIT_STREAM = "graft_init"
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from mergebench.errors import MergebenchError
-from mergebench.reading import read_json_object, read_text
+from mergebench.io.reading import read_json_object, read_text
 
 TOKENIZER_FILE = "tokenizer.json"
 EMBEDDING_KEYS = r"(?:^|\.)(?:embed_tokens|word_embeddings|wte|lm_head|shared|embed_out)\.weight$"

@@ -10,7 +10,7 @@ In a recipe an artifact is a model like any other; its type (Mask or SparseDelta
 ``format`` in its header, and each key reads back as a dense bool mask or float32 delta.
 
 An *Activations* file holds, per layer of a chain, what that layer output on inputs shared by the
-models being aligned (``activations/LAYER``, float32 ``[samples, neurons]``; mergebench.activations
+models being aligned (``activations/LAYER``, float32 ``[samples, neurons]``; mergebench.io.activations
 records them). As a source it lists each under the layer's weight key (``LAYER.weight``), so the
 alignment planning pass sees a layer's activations beside its weights.
 """
@@ -28,15 +28,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mergebench.checkpoint import Checkpoint, file_states, sampled_fingerprint
 from mergebench.errors import MergebenchError
-from mergebench.layers import BlockIndex
+from mergebench.io.checkpoint import Checkpoint, file_states, sampled_fingerprint
+from mergebench.io.safetensors_format import TensorInfo, encode_header, read_header
+from mergebench.io.writer import check_may_replace
 from mergebench.operators.base import ACTIVATIONS, MASK, SPARSE_DELTA
-from mergebench.safetensors_format import TensorInfo, encode_header, read_header
-from mergebench.writer import check_may_replace
+from mergebench.surgery.layers import BlockIndex
 
 FORMATS = {MASK: "mergebench.mask/1", SPARSE_DELTA: "mergebench.sparse_delta/1",
-           ACTIVATIONS: "mergebench.activations/1"}
+           ACTIVATIONS: "mergebench.io.activations/1"}
 TYPES = {name: value_type for value_type, name in FORMATS.items()}
 
 

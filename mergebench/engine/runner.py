@@ -13,17 +13,18 @@ from pathlib import Path
 
 import torch
 
-from mergebench.artifacts import ArtifactWriter
-from mergebench.checkpoint import Source, reserve_descriptors
+from mergebench.engine.executor import Summary, execute
+from mergebench.engine.graph import Graph, OutputPlan
 from mergebench.errors import MergebenchError
-from mergebench.executor import Summary, execute
-from mergebench.graph import Graph, OutputPlan
+from mergebench.io.artifacts import ArtifactWriter
+from mergebench.io.checkpoint import Source, reserve_descriptors
+from mergebench.io.output_files import copy_model_files, model_card, update_config
+from mergebench.io.output_guard import artifact_recipe, committed_identity
+from mergebench.io.safetensors_format import DTYPE_NAMES
+from mergebench.io.writer import CheckpointWriter, OutputError, OutputLock, check_may_replace
 from mergebench.operators.base import ARTIFACT_TYPES
-from mergebench.output_files import copy_model_files, model_card, update_config
 from mergebench.recipe import MEMORY_PATH, Recipe
-from mergebench.safetensors_format import DTYPE_NAMES
-from mergebench.vocab import FALLBACK_RULE, write_tokenizer
-from mergebench.writer import CheckpointWriter, OutputError, OutputLock, check_may_replace
+from mergebench.surgery.vocab import FALLBACK_RULE, write_tokenizer
 
 DTYPE_CONFIG_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
                       torch.float64: "float64"}
@@ -77,12 +78,12 @@ def run_recipe(
     A wrong input removes the partial outputs (nothing half-written is left); a write error or an
     interrupt keeps them, and ``resume`` then continues where the journal says the run stopped.
     ``executor="ray"`` computes on a Ray cluster (``address``: ``auto``, ``HOST:PORT``, or None for
-    a local one) with the same bytes out (mergebench.ray_executor).
+    a local one) with the same bytes out (mergebench.engine.ray_executor).
     """
     if executor not in ("local", "ray"):
         raise MergebenchError(f"--executor {executor}: expected local or ray")
     if executor == "ray":
-        from mergebench.ray_executor import require_ray
+        from mergebench.engine.ray_executor import require_ray
 
         require_ray()
         if sources is not None:
@@ -94,7 +95,8 @@ def run_recipe(
         for plan in sorted(graph.outputs, key=lambda p: str(p.path)):
             locks.enter_context(OutputLock(plan.path))
         for plan in graph.outputs:
-            check_may_replace(plan.path, force, artifact=plan.output.kind in ARTIFACT_TYPES)
+            check_may_replace(plan.path, force or (resume and _finished_by_this_run(graph, plan)),
+                              artifact=plan.output.kind in ARTIFACT_TYPES)
         check_free_space(graph.outputs)
         writers: list[CheckpointWriter | ArtifactWriter] = []
         try:
@@ -102,7 +104,7 @@ def run_recipe(
                 writers.append(open_writer(graph, plan, resume))
             progress = progress_factory(graph) if progress_factory else None
             if executor == "ray":
-                from mergebench.ray_executor import run_on_ray
+                from mergebench.engine.ray_executor import run_on_ray
 
                 summary = run_on_ray(recipe, graph, writers, torch_device, address, progress,
                                      allow_non_finite=allow_non_finite, allow_pickle=allow_pickle)
@@ -118,8 +120,8 @@ def run_recipe(
                                 "files_not_copied": skipped})
             for writer in writers:
                 writer.prepare()
-            for writer in writers:
-                writer.commit(force)
+            for plan, writer in zip(graph.outputs, writers):
+                writer.commit(force or (resume and _finished_by_this_run(graph, plan)))
         except MergebenchError as exc:
             for writer in writers:
                 writer.close() if isinstance(exc, OutputError) else writer.abort()
@@ -129,6 +131,14 @@ def run_recipe(
                 writer.close()
             raise
     return RunResult(summary, results)
+
+
+def _finished_by_this_run(graph: Graph, plan: OutputPlan) -> bool:
+    """An output an interrupted run of the same recipe on the same inputs already renamed into place (a
+    run with several outputs renames them one after another): ``--resume`` may write it again."""
+    if plan.output.kind in ARTIFACT_TYPES:
+        return artifact_recipe(plan.path) == (graph.recipe.sha256, plan.output.node)
+    return committed_identity(plan.path) == _identity(graph, plan)
 
 
 def check_free_space(plans: list[OutputPlan]) -> None:

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import torch
 
-from mergebench.checkpoint import Source, open_checkpoint
 from mergebench.errors import MergebenchError
+from mergebench.io.checkpoint import Source, open_checkpoint
+from mergebench.io.safetensors_format import TensorInfo
+from mergebench.io.writer import PlannedTensor
 from mergebench.operators.base import ACTIVATIONS, ARTIFACT_TYPES, CHECKPOINT
 from mergebench.recipe import Node, Output, Recipe, primary_model
-from mergebench.safetensors_format import TensorInfo
-from mergebench.vocab import TOKENIZER_FILE, VocabPlan, first_difference, plan_vocab, read_vocab
-from mergebench.writer import PlannedTensor
+from mergebench.surgery.vocab import TOKENIZER_FILE, VocabPlan, first_difference, plan_vocab, read_vocab
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

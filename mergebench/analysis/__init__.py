@@ -1,0 +1,1 @@
+"""Looking at merges: weight diffs, mask overlap, parameter sweeps, claims over seeds."""
