@@ -93,7 +93,7 @@ def run(
 ) -> None:
     """Run a recipe and write its outputs as Hugging Face checkpoints."""
     with _user_errors():
-        from mergebench.engine.runner import run_recipe
+        from mergebench.engine.runner import RunOptions, run_recipe
         from mergebench.recipe import load_recipe
 
         # the imports' objects (hundreds of thousands, mostly torch's) live until exit: frozen, no
@@ -103,9 +103,9 @@ def run(
         show_progress = not (quiet or as_json)
         try:
             with _Progress(show_progress) as progress:
-                result = run_recipe(loaded, device=device, force=force, progress_factory=progress.factory,
-                                    resume=resume, allow_non_finite=allow_non_finite, allow_pickle=allow_pickle,
-                                    executor=executor, address=address)
+                options = RunOptions(device=device, force=force, resume=resume, allow_non_finite=allow_non_finite,
+                                     allow_pickle=allow_pickle, executor=executor, address=address)
+                result = run_recipe(loaded, options, progress_factory=progress.factory)
         except KeyboardInterrupt:
             kept = ", ".join(f"{o.path}.partial" for o in loaded.outputs)
             errors.print(f"interrupted: what was written is kept ({escape(kept)}); continue with: mergebench run "
@@ -278,7 +278,7 @@ def ops(name: Annotated[str | None, typer.Argument(help="an operator name")] = N
     """List the operators, or show one: input slots, result, parameters with defaults and docs."""
     with _user_errors():
         from mergebench.errors import MergebenchError
-        from mergebench.operators import REGISTRY
+        from mergebench.operators.base import REGISTRY
 
         if name is None:
             table = Table(title="operators", title_justify="left")
@@ -326,10 +326,10 @@ def inspect(
     """List a checkpoint's tensors (dtype, shape, size, block), or describe a mask or sparse delta."""
     with _user_errors():
         from mergebench.io.artifacts import ArtifactSource
-        from mergebench.io.checkpoint import open_checkpoint
+        from mergebench.io.sources import open_source
         from mergebench.surgery.layers import BlockIndex
 
-        ckpt = open_checkpoint(checkpoint, allow_pickle)
+        ckpt = open_source(checkpoint, allow_pickle)
     if isinstance(ckpt, ArtifactSource):
         _describe_artifact(ckpt)
         return
@@ -417,13 +417,13 @@ def diff(
     with _user_errors():
         from mergebench.analysis.diff import check_plot_path, json_ready, plot_diff, weight_diff
         from mergebench.errors import MergebenchError
-        from mergebench.io.checkpoint import open_checkpoint
+        from mergebench.io.sources import open_source
 
         if len(checkpoints) < 2:
             raise MergebenchError("diff needs a base and at least one other checkpoint")
         if plot:
             check_plot_path(plot)
-        sources = [open_checkpoint(path) for path in checkpoints]
+        sources = [open_source(path) for path in checkpoints]
         names = _short_names(checkpoints[1:])
         report = weight_diff(sources[0], sources[1:], names, masks)
         if plot:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from mergebench.operators import REGISTRY
+from mergebench.operators.base import REGISTRY
 
 TARGET = Path(__file__).parent / "operators.md"
 

@@ -17,7 +17,7 @@ import torch
 from mergebench.analysis.sweeps import MAX_GRID_POINTS, SweepPoint, run_sweep
 from mergebench.engine.executor import execute
 from mergebench.engine.graph import Graph
-from mergebench.engine.runner import RunResult, run_recipe
+from mergebench.engine.runner import RunOptions, RunResult, run_recipe
 from mergebench.errors import MergebenchError
 from mergebench.io.checkpoint import StateDictSource
 from mergebench.operators.base import ARTIFACT_TYPES, CHECKPOINT, SEQUENCE, Operator, element_type, is_list_type
@@ -64,7 +64,7 @@ class LazyNode:
         doc["outputs"] = [output]
         doc["seed"] = seed
         recipe = build_recipe(doc, PYTHON_SOURCE, {}, {}, base_dir=Path.cwd())
-        return run_recipe(recipe, device=device, force=force)
+        return run_recipe(recipe, RunOptions(device=device, force=force))
 
 
 def load(path: str | os.PathLike[str]) -> ModelRef:
@@ -81,8 +81,9 @@ def run(recipe_path: str | os.PathLike[str], set: Mapping[str, Any] | None = Non
     ``--executor`` (``"ray"``: on a Ray cluster) and ``--address``.
     """
     recipe = load_recipe(recipe_path, dict(set or {}))
-    return run_recipe(recipe, device=device, force=force, resume=resume, allow_non_finite=allow_non_finite,
-                      allow_pickle=allow_pickle, executor=executor, address=address)
+    options = RunOptions(device=device, force=force, resume=resume, allow_non_finite=allow_non_finite,
+                         allow_pickle=allow_pickle, executor=executor, address=address)
+    return run_recipe(recipe, options)
 
 
 def sweep(recipe_path: str | os.PathLike[str], grid: Mapping[str, list[Any]], out_dir: str | os.PathLike[str],

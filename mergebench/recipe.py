@@ -22,10 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mergebench.errors import MergebenchError, located
 from mergebench.io.artifacts import artifact_type
 from mergebench.io.sequences import is_glob, resolve_sequence
-from mergebench.operators import REGISTRY
 from mergebench.operators.base import (
     ARTIFACT_TYPES,
     CHECKPOINT,
+    REGISTRY,
     SEQUENCE,
     Operator,
     Params,

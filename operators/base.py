@@ -10,6 +10,7 @@ before the main pass and hands its result to the function as ``ctx.stats``.
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,27 +21,18 @@ import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict
 
 from mergebench.surgery.numerics import draw_seed
-
-# Value types flowing along the recipe's edges (OPERATORS.md §0.9).
-CHECKPOINT = "Checkpoint"
-DELTA = "Delta"
-SEQUENCE = "Sequence"  # ordered checkpoints of one training run, with their steps
-MASK = "Mask"  # per key, a boolean tensor (an artifact file: mergebench.io.artifacts)
-SPARSE_DELTA = "SparseDelta"  # per key, a delta stored as indices and values (an artifact file)
-ACTIVATIONS = "Activations"  # per layer, [samples, neurons] recorded on shared inputs (an artifact file)
-ARTIFACT_TYPES = (MASK, SPARSE_DELTA, ACTIVATIONS)
-
-
-def list_of(value_type: str) -> str:
-    return f"[{value_type}]"
-
-
-def is_list_type(value_type: str) -> bool:
-    return value_type.startswith("[")
-
-
-def element_type(value_type: str) -> str:
-    return value_type[1:-1] if is_list_type(value_type) else value_type
+from mergebench.value_types import (  # noqa: F401 - the contract's vocabulary, re-exported for operators
+    ACTIVATIONS,
+    ARTIFACT_TYPES,
+    CHECKPOINT,
+    DELTA,
+    MASK,
+    SEQUENCE,
+    SPARSE_DELTA,
+    element_type,
+    is_list_type,
+    list_of,
+)
 
 
 class TensorSequence:
@@ -199,14 +191,33 @@ class Operator:
                 return sig
         return None
 
-    def __call__(self, **kwargs: Any) -> Any:
-        """Eager on tensors or state dicts, lazy on ``mergebench.load`` checkpoints (see mergebench.api)."""
-        from mergebench.api import call_operator
-
-        return call_operator(self, kwargs)
 
 
 REGISTRY: dict[str, Operator] = {}
+
+
+def check_slots(name: str, fn: Callable[..., Any], signatures: list[Signature]) -> None:
+    """The function must take every slot of every signature, and need nothing a signature does not give.
+
+    A mismatch is the operator author's error: caught here, at import, rather than as a raw TypeError
+    in the middle of a user's run.
+    """
+    parameters = inspect.signature(fn).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    for given in ("p", "ctx"):
+        if given not in parameters:
+            raise TypeError(f"operator '{name}': {fn.__name__} must take '{given}'")
+    required = {n for n, p in parameters.items() if p.default is inspect.Parameter.empty
+                and p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)} - {"p", "ctx"}
+    for sig in signatures:
+        unknown = [slot for slot in sig.slots if slot not in parameters and not takes_any]
+        if unknown:
+            raise TypeError(f"operator '{name}': signature {sig.describe()} has slot '{unknown[0]}', which "
+                            f"{fn.__name__} does not take")
+        missing = sorted(required - set(sig.slots))
+        if missing:
+            raise TypeError(f"operator '{name}': {fn.__name__} needs '{missing[0]}', which signature "
+                            f"{sig.describe()} does not give")
 
 
 class NoParams(Params):
@@ -254,6 +265,7 @@ def operator(
     """
 
     def register(fn: Callable[..., Any]) -> Operator:
+        check_slots(name, fn, signatures)
         op = Operator(
             name=name,
             fn=fn,

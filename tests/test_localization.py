@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import read_checkpoint, write_recipe
 from mergebench import operators as ops
-from mergebench.engine.runner import run_recipe
+from mergebench.engine.runner import RunOptions, run_recipe
 from mergebench.io.artifacts import ArtifactSource, ArtifactWriter, load_artifact, mask_overlap, save_artifact
 from mergebench.operators.base import MASK, SPARSE_DELTA
 from mergebench.recipe import load_recipe
@@ -138,7 +138,7 @@ def test_streamed_global_mask_equals_brute_force_and_writes_an_artifact(tmp_path
                         "params": {"proportion": 0.05}, "exclude": ["lm_head"]}},
         "outputs": [{"from": "m", "path": "mask.safetensors"}],
     })
-    result = run_recipe(load_recipe(recipe), device="cpu")
+    result = run_recipe(load_recipe(recipe), RunOptions(device="cpu"))
     assert result.summary.passes == 3
     mask = ArtifactSource(tmp_path / "mask.safetensors")
     assert mask.value_type == MASK

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from conftest import read_checkpoint, write_recipe
 from mergebench import operators as ops
-from mergebench.engine.runner import run_recipe
+from mergebench.engine.runner import RunOptions, run_recipe
 from mergebench.io.checkpoint import Checkpoint
 from mergebench.operators.base import (
     CHECKPOINT,
@@ -91,7 +91,7 @@ def test_global_statistic_pass_matches_brute_force(tmp_path):
         },
         "outputs": [{"from": "out", "path": "out"}],
     })
-    result = run_recipe(load_recipe(recipe), device="cpu")
+    result = run_recipe(load_recipe(recipe), RunOptions(device="cpu"))
     assert result.summary.passes == 3  # two chained statistics stages, then the main pass
     delta = {k: states[1][k] - states[0][k] for k in states[0]}
     norm = torch.cat([d.flatten().double() for d in delta.values()]).norm()
@@ -114,7 +114,7 @@ def test_cross_tensor_pass_preserves_the_function(tmp_path):
         "outputs": [{"from": "sorted", "path": "out"}],
     })
     source = Checkpoint(tmp_path / "mlp.safetensors")
-    run_recipe(load_recipe(recipe), device="cpu", sources={"mlp": source})
+    run_recipe(load_recipe(recipe), RunOptions(device="cpu"), sources={"mlp": source})
     assert source.reads["fc1.weight"] == 2 and source.reads["fc2.weight"] == 1  # planning reads only what it needs
     out = read_checkpoint(tmp_path / "out")
     norms = out["fc1.weight"].norm(dim=1)
@@ -129,7 +129,7 @@ def test_cross_tensor_pass_preserves_the_function(tmp_path):
 
 def test_eager_api_runs_statistics_passes():
     delta = {"a": torch.tensor([3.0, 0.0]), "b": torch.tensor([4.0])}
-    out = ops.REGISTRY["unit_norm"](delta=delta)
+    out = ops.unit_norm(delta=delta)
     torch.testing.assert_close(out["a"], torch.tensor([0.6, 0.0]))
     torch.testing.assert_close(out["b"], torch.tensor([0.8]))
 

@@ -9,7 +9,7 @@ import torch
 
 from conftest import read_checkpoint, write_recipe
 from mergebench import operators as ops
-from mergebench.engine.runner import run_recipe
+from mergebench.engine.runner import RunOptions, run_recipe
 from mergebench.io.checkpoint import Checkpoint
 from mergebench.recipe import load_recipe
 from mergebench.synthetic import save_checkpoint
@@ -46,7 +46,7 @@ def test_streaming_equals_eager(tmp_path, llama_models):
                          "params": {"lambda": 0.7, "weights": [1.0, -0.5]}}},
         "outputs": [{"from": "ta", "path": "out"}],
     })
-    run_recipe(load_recipe(recipe), device="cpu")
+    run_recipe(load_recipe(recipe), RunOptions(device="cpu"))
     streamed = read_checkpoint(tmp_path / "out")
     eager = ops.task_arithmetic(base=states["base"], models=[states["ft1"], states["ft2"]], lambda_=0.7,
                                 weights=[1.0, -0.5])
@@ -103,7 +103,7 @@ def test_result_independent_of_key_order(tmp_path, llama_models):
             "nodes": {"wise": {"op": "wise_ft", "inputs": {"zero_shot": "zs", "fine_tuned": "ft"}}},
             "outputs": [{"from": "wise", "path": name}],
         })
-        run_recipe(load_recipe(recipe), device="cpu")
+        run_recipe(load_recipe(recipe), RunOptions(device="cpu"))
         outputs[name] = read_checkpoint(tmp_path / name)
     for key in outputs["ordered"]:
         assert torch.equal(outputs["ordered"][key], outputs["reversed"][key]), key
@@ -122,7 +122,7 @@ def test_two_outputs_read_each_input_tensor_once(tmp_path, llama_models):
         "outputs": [{"from": "merged", "path": "a"}, {"from": "wise", "path": "b", "dtype": "bfloat16"}],
     })
     sources = {name: Checkpoint(path) for name, path in folders.items()}
-    run_recipe(load_recipe(recipe), device="cpu", sources=sources)
+    run_recipe(load_recipe(recipe), RunOptions(device="cpu"), sources=sources)
     for name, source in sources.items():
         assert set(source.reads) == set(source.keys), name
         assert set(source.reads.values()) == {1}, name
@@ -137,7 +137,7 @@ def test_excluded_keys_are_not_read_from_other_models(tmp_path, llama_models):
         "outputs": [{"from": "wise", "path": "out"}],
     })
     sources = {"zs": Checkpoint(folders["base"]), "ft": Checkpoint(folders["ft1"])}
-    run_recipe(load_recipe(recipe), device="cpu", sources=sources)
+    run_recipe(load_recipe(recipe), RunOptions(device="cpu"), sources=sources)
     assert "model.embed_tokens.weight" not in sources["ft"].reads
     merged = read_checkpoint(tmp_path / "out")
     assert torch.equal(merged["model.embed_tokens.weight"], states["base"]["model.embed_tokens.weight"])

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import read_checkpoint, write_recipe
-from mergebench.engine.runner import run_recipe
+from mergebench.engine.runner import RunOptions, run_recipe
 from mergebench.errors import MergebenchError
 from mergebench.io import writer as writer_module
 from mergebench.io.writer import JOURNAL_NAME, OutputError, OutputLock
@@ -112,7 +112,7 @@ def _disk_full_midway(recipe: Path, monkeypatch) -> OutputError:
 
     monkeypatch.setattr(writer_module.os, "pwrite", failing_pwrite)
     with pytest.raises(OutputError) as info:
-        run_recipe(load_recipe(recipe), device="cpu")
+        run_recipe(load_recipe(recipe), RunOptions(device="cpu"))
     monkeypatch.setattr(writer_module.os, "pwrite", real_pwrite)
     return info.value
 
@@ -125,12 +125,12 @@ def test_resume_skips_what_the_journal_holds(three_models, monkeypatch):
     assert (folder / "out-ta.partial").exists() and not (folder / "out-ta").exists()
     assert {name: _digest(folder / name) for name in ("a", "b", "c")} == inputs_before
 
-    resumed = run_recipe(load_recipe(recipe), device="cpu", resume=True)
+    resumed = run_recipe(load_recipe(recipe), RunOptions(device="cpu", resume=True))
     assert 0 < resumed.summary.tensors < 2 * 49  # only what the journal did not confirm was computed again
     fresh = write_recipe(folder / "fresh.yaml", {**load_recipe_doc(recipe), "outputs": [
         {"from": "ta", "path": "fresh-ta", "shard_size": "3MB"},
         {"from": "ties", "path": "fresh-ties", "dtype": "bfloat16", "shard_size": "3MB"}]})
-    run_recipe(load_recipe(fresh), device="cpu")
+    run_recipe(load_recipe(fresh), RunOptions(device="cpu"))
     for name in ("ta", "ties"):
         a, b = read_checkpoint(folder / f"out-{name}"), read_checkpoint(folder / f"fresh-{name}")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -152,7 +152,7 @@ def test_an_fsync_failing_beside_the_writes_stops_the_run(three_models, monkeypa
 
     monkeypatch.setattr(writer_module.os, "fsync", failing_fsync)
     with pytest.raises(OutputError, match="out-t.*partial: cannot write \\(Input/output error\\)"):
-        run_recipe(load_recipe(recipe), device="cpu")
+        run_recipe(load_recipe(recipe), RunOptions(device="cpu"))
     monkeypatch.setattr(writer_module.os, "fsync", real_fsync)
     assert (folder / "out-ta.partial").exists() and not (folder / "out-ta").exists()
     assert not (folder / "out-ta.lock").exists()
@@ -266,5 +266,5 @@ def test_a_mergebench_error_removes_partial_outputs(three_models, monkeypatch):
 
     monkeypatch.setattr("mergebench.engine.runner.execute", bad_value)
     with pytest.raises(MergebenchError):
-        run_recipe(load_recipe(recipe), device="cpu")
+        run_recipe(load_recipe(recipe), RunOptions(device="cpu"))
     assert not (folder / "out-ta.partial").exists() and not (folder / "out-ties.partial").exists()

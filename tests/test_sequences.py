@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from conftest import read_checkpoint, write_recipe
 from mergebench import operators as ops
-from mergebench.engine.runner import run_recipe
+from mergebench.engine.runner import RunOptions, run_recipe
 from mergebench.io.checkpoint import Checkpoint
 from mergebench.io.sequences import step_of
 from mergebench.recipe import load_recipe
@@ -122,7 +122,7 @@ def test_each_checkpoint_tensor_is_read_once_per_fold(tmp_path):
     loaded = load_recipe(recipe)
     assert [step for step, _ in loaded.sequences["run"]] == [1, 2, 3]
     sources = {name: Checkpoint(path) for name, path in loaded.models.items()}
-    run_recipe(loaded, device="cpu", sources=sources)
+    run_recipe(loaded, RunOptions(device="cpu"), sources=sources)
     for source in sources.values():
         assert source.reads["model.layers.0.w"] == 1
 

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from conftest import read_checkpoint, write_recipe
 from mergebench import operators as ops
-from mergebench.engine.runner import run_recipe
+from mergebench.engine.runner import RunOptions, run_recipe
 from mergebench.io.checkpoint import Checkpoint
 from mergebench.operators.base import KeyContext
 from mergebench.operators.dare import keep_mask, rescale_kept
@@ -339,7 +339,7 @@ def test_global_ties_streamed_equals_brute_force_concatenation(tmp_path):
         "outputs": [{"from": "ties", "path": "out"}],
     })
     sources = {name: Checkpoint(tmp_path / f"{name}.safetensors") for name in ("base", "ft0", "ft1", "ft2")}
-    result = run_recipe(load_recipe(recipe), device="cpu", sources=sources)
+    result = run_recipe(load_recipe(recipe), RunOptions(device="cpu"), sources=sources)
     assert result.summary.passes == 4  # coarse histogram, fine histogram, majority sign, merge
     assert sources["ft0"].reads["lm_head.weight"] == 0  # excluded: never read from the fine-tunes
     merged = read_checkpoint(tmp_path / "out")
@@ -357,7 +357,7 @@ def test_per_tensor_ties_needs_one_pass(tmp_path):
                            "params": {"scope": "per_tensor"}}},
         "outputs": [{"from": "ties", "path": "out"}],
     })
-    assert run_recipe(load_recipe(recipe), device="cpu").summary.passes == 1
+    assert run_recipe(load_recipe(recipe), RunOptions(device="cpu")).summary.passes == 1
 
 
 def test_composition_delta_ties_lines_apply(tmp_path):
@@ -373,7 +373,7 @@ def test_composition_delta_ties_lines_apply(tmp_path):
         },
         "outputs": [{"from": "out", "path": "out"}],
     })
-    result = run_recipe(load_recipe(recipe), device="cpu")
+    result = run_recipe(load_recipe(recipe), RunOptions(device="cpu"))
     assert result.summary.passes == 5  # TIES: 3 statistics passes, then LiNeS' L1 pass, then the main pass
     ties_model = _brute_force_ties(base, models, 0.2, 1.0)
     tau_mtl = {k: ties_model[k] - base[k] for k in base}

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from mergebench.engine.runner import run_recipe
+from mergebench.engine.runner import RunOptions, run_recipe
 from mergebench.errors import MergebenchError
 from mergebench.recipe import Recipe, build_recipe, read_yaml
 
@@ -190,7 +190,8 @@ def run_sweep(
         raise MergebenchError(f"--executor {executor}: expected local or ray")
     else:
         try:
-            run_recipe(build_recipe(expanded, recipe_path, lines, {}, base_dir=base_dir), device=device, force=force)
+            run_recipe(build_recipe(expanded, recipe_path, lines, {}, base_dir=base_dir),
+                       RunOptions(device=device, force=force))
         except MergebenchError:  # find the failing points: run them one at a time
             for point in points:
                 point.error = _merge_point(single_point(point), device, force)
@@ -207,7 +208,7 @@ def run_sweep(
 def _merge_point(recipe: Recipe, device: str, force: bool) -> str | None:
     """Merge one point; the error to report, if any."""
     try:
-        run_recipe(recipe, device=device, force=force)
+        run_recipe(recipe, RunOptions(device=device, force=force))
     except MergebenchError as exc:
         return f"merge failed: {exc}"
     return None

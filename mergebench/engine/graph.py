@@ -14,12 +14,13 @@ from pathlib import Path
 import torch
 
 from mergebench.errors import MergebenchError
-from mergebench.io.checkpoint import Source, open_checkpoint
 from mergebench.io.safetensors_format import TensorInfo
+from mergebench.io.sources import Source, open_source
+from mergebench.io.tokenizers import TOKENIZER_FILE, read_vocab
 from mergebench.io.writer import PlannedTensor
 from mergebench.operators.base import ACTIVATIONS, ARTIFACT_TYPES, CHECKPOINT
 from mergebench.recipe import Node, Output, Recipe, primary_model
-from mergebench.surgery.vocab import TOKENIZER_FILE, VocabPlan, first_difference, plan_vocab, read_vocab
+from mergebench.surgery.vocab import VocabPlan, first_difference, plan_vocab
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -52,7 +53,7 @@ class Graph:
         self._models_of: dict[str, tuple[str, ...]] = {}
         for name, path in recipe.models.items():
             if name not in self.sources:
-                self.sources[name] = open_checkpoint(path, allow_pickle)
+                self.sources[name] = open_source(path, allow_pickle)
         self.vocab = self._plan_vocab()
         self.outputs = [plan for i, out in enumerate(recipe.outputs) for plan in self._plan_output(i, out)]
         self.keys = self._key_order()

@@ -22,6 +22,7 @@ import torch
 
 from mergebench.engine.executor import Statistics, Summary, compute_statistics, execute
 from mergebench.engine.graph import Graph
+from mergebench.engine.outputs import open_writer
 from mergebench.errors import MergebenchError
 from mergebench.io.artifacts import ArtifactWriter
 from mergebench.io.writer import CheckpointWriter
@@ -130,7 +131,6 @@ def _statistics_task(recipe: Recipe, options: dict[str, Any]) -> Statistics:
 def _apply_task(recipe: Recipe, statistics: Statistics, index: int, keys: list[str],
                 options: dict[str, Any]) -> Summary:
     """Compute ``keys`` of output ``index`` and write them into the shards the driver laid out."""
-    from mergebench.engine.runner import open_writer  # the runner imports this module
 
     graph = Graph(recipe, allow_pickle=options["allow_pickle"])
     writer = open_writer(graph, graph.outputs[index], resume=True)

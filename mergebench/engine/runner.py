@@ -1,33 +1,33 @@
-"""Run a validated recipe to checkpoints on disk: lock, plan, stream, write, commit."""
+"""Run a validated recipe to checkpoints on disk: lock, check, open writers, compute, write, commit.
+
+The computing is an executor's: the local one (threads over the streamed keys) or Ray's, picked from
+``EXECUTORS`` by name; everything else a run does is the same for both.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import shutil
-from collections import Counter
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from mergebench.engine.executor import Summary, execute
-from mergebench.engine.graph import Graph, OutputPlan
+from mergebench.engine.graph import Graph
+from mergebench.engine.outputs import (
+    check_free_space,
+    finished_by_this_run,
+    open_writer,
+    write_companions,
+    written_bytes,
+)
 from mergebench.errors import MergebenchError
 from mergebench.io.artifacts import ArtifactWriter
-from mergebench.io.checkpoint import Source, reserve_descriptors
-from mergebench.io.output_files import copy_model_files, model_card, update_config
-from mergebench.io.output_guard import artifact_recipe, committed_identity
-from mergebench.io.safetensors_format import DTYPE_NAMES
+from mergebench.io.checkpoint import reserve_descriptors
+from mergebench.io.sources import Source
 from mergebench.io.writer import CheckpointWriter, OutputError, OutputLock, check_may_replace
-from mergebench.operators.base import ARTIFACT_TYPES
-from mergebench.recipe import MEMORY_PATH, Recipe
-from mergebench.surgery.vocab import FALLBACK_RULE, write_tokenizer
-
-DTYPE_CONFIG_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
-                      torch.float64: "float64"}
+from mergebench.recipe import Recipe
+from mergebench.value_types import ARTIFACT_TYPES
 
 
 def resolve_device(name: str) -> torch.device:
@@ -48,80 +48,94 @@ def resolve_device(name: str) -> torch.device:
 @dataclass(frozen=True)
 class RunResult:
     summary: Summary
-    outputs: list[dict]  # per output: path, tensors, shards, bytes
+    outputs: list[dict]  # per output: path, tensors, shards, bytes, files_not_copied
 
 
-def version() -> str:
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as package_version
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run goes, as the CLI's flags say it (``mergebench run --help``)."""
 
-    try:
-        return package_version("mergebench")
-    except PackageNotFoundError:
-        return "0+unknown"
+    device: str = "auto"  # auto, cpu, cuda or cuda:N
+    force: bool = False  # replace an earlier mergebench output at an output path
+    resume: bool = False  # continue an interrupted run from its partial outputs
+    allow_non_finite: bool = False  # write NaN/Inf results instead of stopping
+    allow_pickle: bool = False  # read pickled weights through torch.load(weights_only=True)
+    executor: str = "local"  # a key of EXECUTORS
+    address: str | None = None  # the Ray cluster: auto, HOST:PORT, or None for a local one
 
 
-def run_recipe(
-    recipe: Recipe,
-    device: str = "auto",
-    force: bool = False,
-    sources: Mapping[str, Source] | None = None,
-    progress_factory: Callable[[Graph], Callable[[int], None] | None] | None = None,
-    resume: bool = False,
-    allow_non_finite: bool = False,
-    allow_pickle: bool = False,
-    executor: str = "local",
-    address: str | None = None,
-) -> RunResult:
+Progress = Callable[[int], None]
+Executor = Callable[[Recipe, Graph, list, torch.device, "Progress | None", RunOptions], Summary]
+
+
+def _local(recipe: Recipe, graph: Graph, writers: list, device: torch.device, progress: Progress | None,
+           options: RunOptions) -> Summary:
+    return execute(graph, writers, device, progress, done=[set(w.done) for w in writers],
+                   allow_non_finite=options.allow_non_finite, sinks_copy=True)
+
+
+def _ray(recipe: Recipe, graph: Graph, writers: list, device: torch.device, progress: Progress | None,
+         options: RunOptions) -> Summary:
+    from mergebench.engine.ray_executor import run_on_ray  # ray is an extra: imported only when asked for
+
+    return run_on_ray(recipe, graph, writers, device, options.address, progress,
+                      allow_non_finite=options.allow_non_finite, allow_pickle=options.allow_pickle)
+
+
+def _ray_ready(sources: Mapping[str, Source] | None) -> None:
+    from mergebench.engine.ray_executor import require_ray
+
+    require_ray()
+    if sources is not None:
+        raise MergebenchError("the Ray executor reads models from their files; in-memory sources run locally")
+
+
+EXECUTORS: dict[str, tuple[Executor, Callable[[Mapping[str, Source] | None], None]]] = {
+    "local": (_local, lambda sources: None),
+    "ray": (_ray, _ray_ready),
+}
+
+
+def run_recipe(recipe: Recipe, options: RunOptions = RunOptions(), sources: Mapping[str, Source] | None = None,
+               progress_factory: Callable[[Graph], Progress | None] | None = None) -> RunResult:
     """Write every output of ``recipe``.
 
     A wrong input removes the partial outputs (nothing half-written is left); a write error or an
-    interrupt keeps them, and ``resume`` then continues where the journal says the run stopped.
-    ``executor="ray"`` computes on a Ray cluster (``address``: ``auto``, ``HOST:PORT``, or None for
-    a local one) with the same bytes out (mergebench.engine.ray_executor).
+    interrupt keeps them, and ``options.resume`` then continues where the journal says the run stopped.
+    ``options.executor="ray"`` computes on a Ray cluster with the same bytes out.
     """
-    if executor not in ("local", "ray"):
-        raise MergebenchError(f"--executor {executor}: expected local or ray")
-    if executor == "ray":
-        from mergebench.engine.ray_executor import require_ray
-
-        require_ray()
-        if sources is not None:
-            raise MergebenchError("the Ray executor reads models from their files; in-memory sources run locally")
-    torch_device = resolve_device(device)
+    if options.executor not in EXECUTORS:
+        raise MergebenchError(f"--executor {options.executor}: expected {' or '.join(EXECUTORS)}")
+    compute, ready = EXECUTORS[options.executor]
+    ready(sources)
+    device = resolve_device(options.device)
+    force, resume = options.force, options.resume
     with ExitStack() as locks:
-        graph = Graph(recipe, sources, allow_pickle=allow_pickle)
+        graph = Graph(recipe, sources, allow_pickle=options.allow_pickle)
         reserve_descriptors(sum(len(s.file_states()) for s in graph.sources.values() if hasattr(s, "file_states")))
         for plan in sorted(graph.outputs, key=lambda p: str(p.path)):
             locks.enter_context(OutputLock(plan.path))
         for plan in graph.outputs:
-            check_may_replace(plan.path, force or (resume and _finished_by_this_run(graph, plan)),
+            check_may_replace(plan.path, force or (resume and finished_by_this_run(graph, plan)),
                               artifact=plan.output.kind in ARTIFACT_TYPES)
         check_free_space(graph.outputs)
         writers: list[CheckpointWriter | ArtifactWriter] = []
         try:
             for plan in graph.outputs:
                 writers.append(open_writer(graph, plan, resume))
-            progress = progress_factory(graph) if progress_factory else None
-            if executor == "ray":
-                from mergebench.engine.ray_executor import run_on_ray
-
-                summary = run_on_ray(recipe, graph, writers, torch_device, address, progress,
-                                     allow_non_finite=allow_non_finite, allow_pickle=allow_pickle)
-            else:
-                summary = execute(graph, writers, torch_device, progress, done=[set(w.done) for w in writers],
-                                  allow_non_finite=allow_non_finite, sinks_copy=True)
+            summary = compute(recipe, graph, writers, device, progress_factory(graph) if progress_factory else None,
+                              options)
             results = []
             for plan, writer in zip(graph.outputs, writers):
                 writer.finish_weights()
-                skipped = _write_companions(graph, plan, writer) if isinstance(writer, CheckpointWriter) else []
+                skipped = write_companions(graph, plan, writer) if isinstance(writer, CheckpointWriter) else []
                 results.append({"path": str(plan.path), "tensors": len(plan.tensors),
-                                "shards": len(writer.shards), "bytes": _written_bytes(plan, writer),
+                                "shards": len(writer.shards), "bytes": written_bytes(plan, writer),
                                 "files_not_copied": skipped})
             for writer in writers:
                 writer.prepare()
             for plan, writer in zip(graph.outputs, writers):
-                writer.commit(force or (resume and _finished_by_this_run(graph, plan)))
+                writer.commit(force or (resume and finished_by_this_run(graph, plan)))
         except MergebenchError as exc:
             for writer in writers:
                 writer.close() if isinstance(exc, OutputError) else writer.abort()
@@ -131,115 +145,3 @@ def run_recipe(
                 writer.close()
             raise
     return RunResult(summary, results)
-
-
-def _finished_by_this_run(graph: Graph, plan: OutputPlan) -> bool:
-    """An output an interrupted run of the same recipe on the same inputs already renamed into place (a
-    run with several outputs renames them one after another): ``--resume`` may write it again."""
-    if plan.output.kind in ARTIFACT_TYPES:
-        return artifact_recipe(plan.path) == (graph.recipe.sha256, plan.output.node)
-    return committed_identity(plan.path) == _identity(graph, plan)
-
-
-def check_free_space(plans: list[OutputPlan]) -> None:
-    """Refuse up front when a file system cannot hold the outputs planned on it (shards are preallocated
-    sparse, so without this a full disk shows only halfway through the run). Artifacts are left out:
-    their size (set bits, nonzero entries) is known only once they are computed."""
-    needed: dict[int, tuple[Path, int]] = {}
-    for plan in plans:
-        if plan.output.kind in ARTIFACT_TYPES or str(plan.path) == MEMORY_PATH:
-            continue
-        folder = plan.path.parent
-        while not folder.exists():
-            folder = folder.parent
-        device = folder.stat().st_dev
-        where, total = needed.get(device, (folder, 0))
-        needed[device] = (where, total + plan.nbytes)
-    for folder, total in needed.values():
-        free = shutil.disk_usage(folder).free
-        if total > free:
-            raise MergebenchError(f"{folder}: the outputs need {total / 1e9:.2f} GB and the file system has "
-                                  f"{free / 1e9:.2f} GB free")
-
-
-def open_writer(graph: Graph, plan: OutputPlan, resume: bool) -> CheckpointWriter | ArtifactWriter:
-    """One output's writer: preallocated shards in ``OUT.partial`` (reopened to resume), or an artifact file."""
-    if plan.output.kind in ARTIFACT_TYPES:
-        return ArtifactWriter(plan.path, plan.output.kind, _artifact_metadata(graph, plan),
-                              key_order=[t.key for t in plan.tensors])
-    metadata = {"format": "pt", "mergebench_version": version(), "mergebench_recipe_sha256": graph.recipe.sha256}
-    return CheckpointWriter(plan.path, list(plan.tensors), plan.output.shard_size, metadata,
-                            identity=_identity(graph, plan), resume=resume, inputs=_input_files(graph, plan))
-
-
-def _artifact_metadata(graph: Graph, plan: OutputPlan) -> dict[str, str]:
-    """Provenance of a mask or sparse delta: the recipe, the node and the models it came from."""
-    node = graph.nodes[plan.output.node]
-    return {"created_by": f"mergebench {version()}", "mergebench_recipe_sha256": graph.recipe.sha256,
-            "node": node.name, "operator": node.op.name,
-            "params": json.dumps(node.params.model_dump(by_alias=True), sort_keys=True),
-            "models": json.dumps({m: graph.sources[m].label for m in plan.models}, sort_keys=True),
-            "base_model": graph.sources[plan.primary].label}
-
-
-def _written_bytes(plan: OutputPlan, writer: CheckpointWriter | ArtifactWriter) -> int:
-    return plan.nbytes if isinstance(writer, CheckpointWriter) else writer.partial.stat().st_size
-
-
-def _identity(graph: Graph, plan: OutputPlan) -> str:
-    """What a partial output must have been made from to be resumed: recipe, inputs, layout."""
-    digest = hashlib.sha256(f"{graph.recipe.sha256}:{plan.index}:{plan.element}:".encode())
-    for name in plan.models:
-        source = graph.sources[name]
-        fingerprint = source.fingerprint() if hasattr(source, "fingerprint") else source.label
-        digest.update(f"{name}={fingerprint};".encode())
-    for t in plan.tensors:
-        digest.update(f"{t.key}:{t.dtype}:{t.shape};".encode())
-    return digest.hexdigest()
-
-
-def _input_files(graph: Graph, plan: OutputPlan) -> dict[str, list[int]]:
-    """The state of every file the output is computed from, journalled so that a resume can refuse
-    inputs that changed since (see ``file_states``)."""
-    states: dict[str, list[int]] = {}
-    for name in plan.models:
-        source = graph.sources[name]
-        if hasattr(source, "file_states"):
-            states.update(source.file_states())
-    return states
-
-
-def _write_companions(graph: Graph, plan: OutputPlan, writer: CheckpointWriter) -> list[str]:
-    """The model's companion files, tokenizer and model card; returns what was left behind, and why."""
-    recipe = graph.recipe
-    source_name = plan.output.copy_files_from
-    source = graph.sources.get(source_name) if source_name else None
-    folder = getattr(source, "folder", None)
-    skipped = []
-    if folder is not None:
-        report = copy_model_files(folder, writer.partial, _dominant_float_dtype(plan))
-        skipped = [f"{folder / name}: {reason}" for name, reason in report.skipped]
-    notes = []
-    if graph.vocab is not None:
-        folders = {name: graph.sources[name].folder for name in graph.vocab.rows}
-        write_tokenizer(graph.vocab, folders, writer.partial)
-        update_config(writer.partial, {"vocab_size": graph.vocab.size})
-        notes.append(f"Vocabulary: `{graph.vocab.source}` ({len(graph.vocab.tokens)} tokens, {graph.vocab.size} "
-                     f"embedding rows); {FALLBACK_RULE}.")
-    fingerprints = {name: src.fingerprint() for name, src in graph.sources.items()
-                    if name in plan.models and hasattr(src, "fingerprint")}
-    card = model_card(recipe.resolved, recipe.sha256, plan.index, fingerprints, version(), notes)
-    (writer.partial / "README.md").write_text(card)
-    return skipped
-
-
-def _dominant_float_dtype(plan: OutputPlan) -> str | None:
-    """The dtype config.json should announce: the one most of the output's float bytes are stored in."""
-    weights: Counter[torch.dtype] = Counter()
-    for t in plan.tensors:
-        if t.dtype.is_floating_point:
-            weights[t.dtype] += t.nbytes
-    if not weights:
-        return None
-    dtype = weights.most_common(1)[0][0]
-    return DTYPE_CONFIG_NAMES.get(dtype, DTYPE_NAMES[dtype].lower())

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from mergebench.io.artifacts import save_artifact
-from mergebench.operators.base import ACTIVATIONS
+from mergebench.value_types import ACTIVATIONS
 
 
 @torch.no_grad()

@@ -32,8 +32,8 @@ from mergebench.errors import MergebenchError
 from mergebench.io.checkpoint import Checkpoint, file_states, sampled_fingerprint
 from mergebench.io.safetensors_format import TensorInfo, encode_header, read_header
 from mergebench.io.writer import check_may_replace
-from mergebench.operators.base import ACTIVATIONS, MASK, SPARSE_DELTA
 from mergebench.surgery.layers import BlockIndex
+from mergebench.value_types import ACTIVATIONS, MASK, SPARSE_DELTA
 
 FORMATS = {MASK: "mergebench.mask/1", SPARSE_DELTA: "mergebench.sparse_delta/1",
            ACTIVATIONS: "mergebench.io.activations/1"}
@@ -155,8 +155,9 @@ def _stored_shape(path: Path, name: str, value: object) -> tuple[int, ...]:
             and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims)):
         raise MergebenchError(f"{path}: metadata {name} is not a shape (a list of non-negative integers): "
                               f"{str(value)[:80]!r}")
-    if math.prod(dims) > MAX_ARTIFACT_ELEMENTS:
-        raise MergebenchError(f"{path}: metadata {name} claims {math.prod(dims)} elements, more than any tensor")
+    extent = math.prod(d for d in dims if d)  # zeros aside: the strides must fit too
+    if extent > MAX_ARTIFACT_ELEMENTS:
+        raise MergebenchError(f"{path}: metadata {name} claims {extent} elements, more than any tensor")
     return tuple(dims)
 
 
@@ -300,7 +301,13 @@ def _block_order(label: str) -> tuple[int, int]:
 
 def save_artifact(values: dict[str, torch.Tensor], path: str | os.PathLike[str], value_type: str,
                   metadata: dict[str, str] | None = None, force: bool = False) -> Path:
-    """Write a dict of masks (bool) or dense deltas (zeros are not stored) as an artifact file."""
+    """Write a dict of masks (bool) or dense deltas (zeros are not stored) as an artifact file.
+
+    ``metadata`` values must be strings, as the safetensors format requires of its metadata."""
+    odd = [k for k, v in (metadata or {}).items() if not isinstance(k, str) or not isinstance(v, str)]
+    if odd:
+        raise MergebenchError(f"{path}: metadata '{odd[0]}' is not a string (safetensors metadata maps strings "
+                              f"to strings)")
     writer = ArtifactWriter(Path(path), value_type, {"created_by": "mergebench", **(metadata or {})})
     try:
         for key, value in values.items():

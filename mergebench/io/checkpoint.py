@@ -343,20 +343,5 @@ class PickledCheckpoint(StateDictSource):
         return sum(self.info(k).nbytes for k in self._tensors)
 
 
-def open_checkpoint(path: str | os.PathLike[str], allow_pickle: bool = False):
-    """A source for ``path``: a mask or sparse-delta artifact, safetensors weights, or (only when allowed
-    and nothing else is there) pickled weights."""
-    from mergebench.io.artifacts import ArtifactSource, artifact_type
-
-    path = Path(path)
-    if artifact_type(path):
-        return ArtifactSource(path)
-    if allow_pickle and path.exists():
-        has_safetensors = path.suffix == ".safetensors" or (path.is_dir() and any(path.glob("*.safetensors")))
-        if not has_safetensors and (path.is_file() or _pickled_files(path)):
-            return PickledCheckpoint(path)
-    return Checkpoint(path)
-
-
 def _ended_early(file: Path) -> MergebenchError:
     return MergebenchError(f"{file}: file ended early (truncated?)")

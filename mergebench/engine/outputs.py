@@ -1,0 +1,149 @@
+"""Opening and finishing one output of a run: its writer (fresh or resumed), what resume may trust,
+free space, companion files and the model card. Shared by the local runner and the Ray executor."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from mergebench.engine.graph import Graph, OutputPlan
+from mergebench.errors import MergebenchError
+from mergebench.io.artifacts import ArtifactWriter
+from mergebench.io.output_files import copy_model_files, model_card, update_config
+from mergebench.io.output_guard import artifact_recipe, committed_identity
+from mergebench.io.safetensors_format import DTYPE_NAMES
+from mergebench.io.tokenizers import write_tokenizer
+from mergebench.io.writer import CheckpointWriter
+from mergebench.recipe import MEMORY_PATH
+from mergebench.surgery.vocab import FALLBACK_RULE
+from mergebench.value_types import ARTIFACT_TYPES
+
+DTYPE_CONFIG_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+                      torch.float64: "float64"}
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    try:
+        return package_version("mergebench")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def finished_by_this_run(graph: Graph, plan: OutputPlan) -> bool:
+    """An output an interrupted run of the same recipe on the same inputs already renamed into place (a
+    run with several outputs renames them one after another): ``--resume`` may write it again."""
+    if plan.output.kind in ARTIFACT_TYPES:
+        return artifact_recipe(plan.path) == (graph.recipe.sha256, plan.output.node)
+    return committed_identity(plan.path) == _identity(graph, plan)
+
+
+def check_free_space(plans: list[OutputPlan]) -> None:
+    """Refuse up front when a file system cannot hold the outputs planned on it (shards are preallocated
+    sparse, so without this a full disk shows only halfway through the run). Artifacts are left out:
+    their size (set bits, nonzero entries) is known only once they are computed."""
+    needed: dict[int, tuple[Path, int]] = {}
+    for plan in plans:
+        if plan.output.kind in ARTIFACT_TYPES or str(plan.path) == MEMORY_PATH:
+            continue
+        folder = plan.path.parent
+        while not folder.exists():
+            folder = folder.parent
+        device = folder.stat().st_dev
+        where, total = needed.get(device, (folder, 0))
+        needed[device] = (where, total + plan.nbytes)
+    for folder, total in needed.values():
+        free = shutil.disk_usage(folder).free
+        if total > free:
+            raise MergebenchError(f"{folder}: the outputs need {total / 1e9:.2f} GB and the file system has "
+                                  f"{free / 1e9:.2f} GB free")
+
+
+def open_writer(graph: Graph, plan: OutputPlan, resume: bool) -> CheckpointWriter | ArtifactWriter:
+    """One output's writer: preallocated shards in ``OUT.partial`` (reopened to resume), or an artifact file."""
+    if plan.output.kind in ARTIFACT_TYPES:
+        return ArtifactWriter(plan.path, plan.output.kind, _artifact_metadata(graph, plan),
+                              key_order=[t.key for t in plan.tensors])
+    metadata = {"format": "pt", "mergebench_version": version(), "mergebench_recipe_sha256": graph.recipe.sha256}
+    return CheckpointWriter(plan.path, list(plan.tensors), plan.output.shard_size, metadata,
+                            identity=_identity(graph, plan), resume=resume, inputs=_input_files(graph, plan))
+
+
+def _artifact_metadata(graph: Graph, plan: OutputPlan) -> dict[str, str]:
+    """Provenance of a mask or sparse delta: the recipe, the node and the models it came from."""
+    node = graph.nodes[plan.output.node]
+    return {"created_by": f"mergebench {version()}", "mergebench_recipe_sha256": graph.recipe.sha256,
+            "node": node.name, "operator": node.op.name,
+            "params": json.dumps(node.params.model_dump(by_alias=True), sort_keys=True),
+            "models": json.dumps({m: graph.sources[m].label for m in plan.models}, sort_keys=True),
+            "base_model": graph.sources[plan.primary].label}
+
+
+def written_bytes(plan: OutputPlan, writer: CheckpointWriter | ArtifactWriter) -> int:
+    return plan.nbytes if isinstance(writer, CheckpointWriter) else writer.partial.stat().st_size
+
+
+def _identity(graph: Graph, plan: OutputPlan) -> str:
+    """What a partial output must have been made from to be resumed: recipe, inputs, layout."""
+    digest = hashlib.sha256(f"{graph.recipe.sha256}:{plan.index}:{plan.element}:".encode())
+    for name in plan.models:
+        source = graph.sources[name]
+        fingerprint = source.fingerprint() if hasattr(source, "fingerprint") else source.label
+        digest.update(f"{name}={fingerprint};".encode())
+    for t in plan.tensors:
+        digest.update(f"{t.key}:{t.dtype}:{t.shape};".encode())
+    return digest.hexdigest()
+
+
+def _input_files(graph: Graph, plan: OutputPlan) -> dict[str, list[int]]:
+    """The state of every file the output is computed from, journalled so that a resume can refuse
+    inputs that changed since (see ``file_states``)."""
+    states: dict[str, list[int]] = {}
+    for name in plan.models:
+        source = graph.sources[name]
+        if hasattr(source, "file_states"):
+            states.update(source.file_states())
+    return states
+
+
+def write_companions(graph: Graph, plan: OutputPlan, writer: CheckpointWriter) -> list[str]:
+    """The model's companion files, tokenizer and model card; returns what was left behind, and why."""
+    recipe = graph.recipe
+    source_name = plan.output.copy_files_from
+    source = graph.sources.get(source_name) if source_name else None
+    folder = getattr(source, "folder", None)
+    skipped = []
+    if folder is not None:
+        report = copy_model_files(folder, writer.partial, _dominant_float_dtype(plan))
+        skipped = [f"{folder / name}: {reason}" for name, reason in report.skipped]
+    notes = []
+    if graph.vocab is not None:
+        folders = {name: graph.sources[name].folder for name in graph.vocab.rows}
+        write_tokenizer(graph.vocab, folders, writer.partial)
+        update_config(writer.partial, {"vocab_size": graph.vocab.size})
+        notes.append(f"Vocabulary: `{graph.vocab.source}` ({len(graph.vocab.tokens)} tokens, {graph.vocab.size} "
+                     f"embedding rows); {FALLBACK_RULE}.")
+    fingerprints = {name: src.fingerprint() for name, src in graph.sources.items()
+                    if name in plan.models and hasattr(src, "fingerprint")}
+    card = model_card(recipe.resolved, recipe.sha256, plan.index, fingerprints, version(), notes)
+    (writer.partial / "README.md").write_text(card)
+    return skipped
+
+
+def _dominant_float_dtype(plan: OutputPlan) -> str | None:
+    """The dtype config.json should announce: the one most of the output's float bytes are stored in."""
+    weights: Counter[torch.dtype] = Counter()
+    for t in plan.tensors:
+        if t.dtype.is_floating_point:
+            weights[t.dtype] += t.nbytes
+    if not weights:
+        return None
+    dtype = weights.most_common(1)[0][0]
+    return DTYPE_CONFIG_NAMES.get(dtype, DTYPE_NAMES[dtype].lower())

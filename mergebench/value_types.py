@@ -1,0 +1,24 @@
+"""The value types that flow along a recipe's edges, shared by the operators' contract, the recipe's
+validation and the sources and writers that hold them on disk (a Mask is an artifact file)."""
+
+from __future__ import annotations
+
+CHECKPOINT = "Checkpoint"
+DELTA = "Delta"
+SEQUENCE = "Sequence"  # ordered checkpoints of one training run, with their steps
+MASK = "Mask"  # per key, a boolean tensor (an artifact file: mergebench.io.artifacts)
+SPARSE_DELTA = "SparseDelta"  # per key, a delta stored as indices and values (an artifact file)
+ACTIVATIONS = "Activations"  # per layer, [samples, neurons] recorded on shared inputs (an artifact file)
+ARTIFACT_TYPES = (MASK, SPARSE_DELTA, ACTIVATIONS)
+
+
+def list_of(value_type: str) -> str:
+    return f"[{value_type}]"
+
+
+def is_list_type(value_type: str) -> bool:
+    return value_type.startswith("[")
+
+
+def element_type(value_type: str) -> str:
+    return value_type[1:-1] if is_list_type(value_type) else value_type
