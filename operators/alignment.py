@@ -84,7 +84,7 @@ def _planning(pair: Callable[[dict[str, Any]], tuple[torch.Tensor, torch.Tensor]
             if not -reference.dim() <= axis < reference.dim():
                 raise MergebenchError(f"permutation spec group '{group}': axis {axis} of '{ctx.key}', which has "
                                       f"{reference.dim()} axes (shape {list(reference.shape)})")
-        state["a"][ctx.key], state["b"][ctx.key] = reference.float().cpu(), model.float().cpu()
+        state["a"][ctx.key], state["b"][ctx.key] = reference.float(), model.float()
         for group, _ in spec.axes(ctx.key):
             members = [key for key, _ in spec.groups[group]]
             if group in state["independent"] and all(key in state["a"] for key in members):
@@ -102,7 +102,7 @@ def _planning(pair: Callable[[dict[str, Any]], tuple[torch.Tensor, torch.Tensor]
             perms.update(permutations.weight_matching(coupled, state["a"], state["b"], p.max_iter, state["seed"]))
         return {"spec": spec, "perms": perms}
 
-    return (StatisticsPass(lambda p, stats: {"a": {}, "b": {}, "perms": {}}, accumulate, finalize),)
+    return (StatisticsPass(lambda p, stats: {"a": {}, "b": {}, "perms": {}}, accumulate, finalize, host=True),)
 
 
 ALIGN_MATCHING = _planning(lambda inputs: (inputs["reference"], inputs["model"]))
@@ -178,9 +178,9 @@ def _ot_planning(models_of: Callable[[dict[str, Any]], list[torch.Tensor]],
     def accumulate(state: dict[str, Any], inputs: dict[str, Any], p: Params, ctx: KeyContext) -> None:
         where = _chain_key(ctx.key, p.layers or [])
         if where is not None:
-            state[where] = [t.double().cpu() for t in models_of(inputs)]
+            state[where] = [t.double() for t in models_of(inputs)]
             if "activations" in inputs and where[1] == "weight":
-                state[where[0], "activations"] = [a.double().cpu() for a in inputs["activations"]]
+                state[where[0], "activations"] = [a.double() for a in inputs["activations"]]
 
     def finalize(state: dict[str, Any], p: Params, stats: Any) -> dict[str, Any]:
         missing = [layer for i, layer in enumerate(p.layers or []) if (i, "weight") not in state]
@@ -202,7 +202,7 @@ def _ot_planning(models_of: Callable[[dict[str, Any]], list[torch.Tensor]],
                 p.solver, p.reg, p.squared, p.last_layer, activations)
         return {"maps": maps, "anchor": anchor}
 
-    return (StatisticsPass(lambda p, stats: {}, accumulate, finalize),)
+    return (StatisticsPass(lambda p, stats: {}, accumulate, finalize, host=True),)
 
 
 def _activations(state: dict[str, Any], layers: list[str], weights: list[list[torch.Tensor]], model: int,
@@ -265,13 +265,13 @@ def transported(tensor: torch.Tensor, model: int, layers: list[str], ctx: KeyCon
     if where is None:
         return tensor
     index, kind = where
-    maps = ctx.stats["maps"][model]  # planned on the CPU
+    maps = ctx.stats["maps"][model]
     value = tensor.double()
     if kind == "weight" and index > 0:
         value = transport.incoming_aligned(value, maps[index - 1])
     outgoing = maps[index] if index < len(maps) else None
     if outgoing is not None:
-        value = torch.einsum("o...,oj->j...", value, outgoing.to(value.device))
+        value = torch.einsum("o...,oj->j...", value, outgoing)
     return value.to(tensor.dtype)
 
 

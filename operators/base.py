@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -97,8 +97,23 @@ class KeyContext:
     keys: tuple[str, ...]  # every key of the primary model, for operators with their own block rules
     seed: int
     stats: Any = None  # what the operator's statistics passes found, if it has any
-    generators: dict[tuple[str, ...], Any] | None = None  # shared by the slices of one sweep
-    memo: dict[Any, Any] | None = None  # kept for this key (or slice of it) across its passes and the merge
+    # Where the engine keeps per-key state: ``shared`` across the slices of one sweep (random streams),
+    # ``kept`` for this key (or slice of it) across its passes and its merge. Operators use
+    # ``generator``, ``words`` and ``cached``; how and where the values are stored is the engine's.
+    shared: MutableMapping[Any, Any] | None = None
+    kept: MutableMapping[Any, Any] | None = None
+
+    def cached(self, name: Hashable, make: Callable[[], Any]) -> Any:
+        """``make()`` once per key: later calls (another pass over the key, the merge) get the same value.
+
+        The engine decides where the value lives meanwhile (a boolean mask on the CPU is kept as bits).
+        """
+        if self.kept is None:
+            return make()
+        if name in self.kept:
+            return self.kept[name]
+        made = self.kept[name] = make()
+        return made
 
     def generator(self, stream: str, input_index: int) -> torch.Generator:
         """A CPU generator for this key, so random draws do not depend on device, order or sharding.
@@ -121,11 +136,11 @@ class KeyContext:
     def _shared(self, kind: str, stream: str, input_index: int, make: Callable[[int], Any]) -> Any:
         """The ``kind`` of generator for (stream, input) at this key, made once per sweep from its seed."""
         name = (kind, stream, input_index)
-        if self.generators is not None and name in self.generators:
-            return self.generators[name]
+        if self.shared is not None and name in self.shared:
+            return self.shared[name]
         made = make(draw_seed(self.seed, stream, input_index, self.key))
-        if self.generators is not None:
-            self.generators[name] = made
+        if self.shared is not None:
+            self.shared[name] = made
         return made
 
 
@@ -160,6 +175,7 @@ class StatisticsPass:
     order: Callable[[list[str]], list[str]] | None = None
     sliceable: bool = False
     combine: Callable[[Any, Any], Any] | None = None
+    host: bool = False  # accumulate sees the inputs on the CPU; the engine moves the finished stats to the device
 
 
 Passes = Callable[[Params, frozenset[str]], "tuple[StatisticsPass, ...]"]

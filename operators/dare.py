@@ -41,21 +41,14 @@ def keep_mask(shape: torch.Size, drop: float, ctx: KeyContext, index: int,
               device: torch.device = CPU) -> torch.Tensor:
     """m ~ Bernoulli(1 − p) per entry, on ``device``: keep iff a float32 uniform draw u ≥ p, drawn on the CPU.
 
-    Drawn once per key: the statistics passes of DARE-TIES and its merge see the mask the first drew,
-    kept meanwhile as one bit per entry on the CPU (a key's masks would otherwise hold a byte per
-    entry per model), on a GPU as the mask itself (no unpacking on the host for the next sweep).
+    Drawn once per key: the statistics passes of DARE-TIES and its merge see the mask the first drew.
     """
-    memo_key = (MASK_STREAM, index, drop, tuple(shape))
-    kept = ctx.memo.get(memo_key) if ctx.memo is not None else None
-    if isinstance(kept, torch.Tensor):
-        return kept
-    if kept is not None:
-        return torch.from_numpy(np.unpackbits(kept, count=math.prod(shape)).view(bool)).reshape(shape)
-    bits = _drawn_mask(math.prod(shape), drop, ctx.words(MASK_STREAM, index))
-    mask = torch.from_numpy(bits).reshape(shape).to(device)
-    if ctx.memo is not None:
-        ctx.memo[memo_key] = np.packbits(bits) if device.type == "cpu" else mask
-    return mask
+
+    def draw() -> torch.Tensor:
+        bits = _drawn_mask(math.prod(shape), drop, ctx.words(MASK_STREAM, index))
+        return torch.from_numpy(bits).reshape(shape).to(device)
+
+    return ctx.cached((MASK_STREAM, index, drop, tuple(shape)), draw)
 
 
 def _drawn_mask(numel: int, drop: float, words: np.random.RandomState) -> np.ndarray:

@@ -53,7 +53,6 @@ def ties_merge(taus: list[torch.Tensor], p: TiesParams, ctx: KeyContext) -> torc
     # found by the passes: over the model (global scope) or over this key (per tensor, as key passes)
     thresholds, majority = ctx.stats["thresholds"], ctx.stats["majority"]
     trimmed = _trimmed(taus, thresholds)
-    taus.clear()  # the untrimmed vectors are no longer needed (the caller's list is ours)
     gamma = elect_sign(_summed(trimmed), majority)
     merged = torch.zeros_like(gamma)
     counts = torch.zeros_like(gamma)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,3 +28,13 @@ def test_docs_site_builds_without_warnings(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "site" / "operators" / "index.html").exists()
+
+
+def test_the_readme_operator_table_lists_every_operator():
+    from mergebench.operators.base import REGISTRY
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Operators"):readme.index("## Benchmarks")]
+    named = {name for row in table.splitlines() if row.startswith("| `")
+             for name in re.findall(r"`(\w+)`", row.split("|")[1])}
+    assert named == {name for name, op in REGISTRY.items() if op.fn.__module__.startswith("mergebench.")}

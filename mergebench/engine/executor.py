@@ -24,6 +24,7 @@ import torch
 from mergebench.engine.allocator import return_large_blocks_to_the_os
 from mergebench.engine.buffers import BufferPool, typed
 from mergebench.engine.graph import Graph, OutputPlan
+from mergebench.engine.key_state import KeyState
 from mergebench.engine.staging import finish, start_compute_thread, to_device, to_host, uses_pinned_buffers
 from mergebench.errors import MergebenchError
 from mergebench.io.checkpoint import Checkpoint
@@ -40,6 +41,7 @@ from mergebench.recipe import Node
 from mergebench.surgery.layers import block_index_for
 from mergebench.surgery.numerics import compute_dtype
 
+CPU = torch.device("cpu")
 PREFETCH_KEYS = 1  # keys read ahead of the one being computed: overlap without doubling memory twice
 SLICE_ELEMENTS = 1 << 16  # float32 slices of 256 KiB: in L2 cache, below the mmap threshold (reused); measured best
 WRITES_IN_FLIGHT = 2  # finished tensors waiting for the writer thread: with one, handing over a key often waited
@@ -316,7 +318,9 @@ def _statistics_pass(graph: Graph, stage: Stage, device: torch.device, stats: di
             lazy_bytes = 0
             for env in _environments(graph, key, raw, device, key_stats, sliced, memos):
                 for node, stat_pass, state in active:
-                    stat_pass.accumulate(state, env.inputs(node), node.params_for(key), env.context(node))
+                    inputs = env.inputs(node)
+                    stat_pass.accumulate(state, moved(inputs, CPU) if stat_pass.host else inputs,
+                                         node.params_for(key), env.context(node))
                 lazy_bytes += env.lazy_bytes
             finish(device)  # the next key may accumulate into these states on another thread's stream
         finally:
@@ -332,8 +336,20 @@ def _statistics_pass(graph: Graph, stage: Stage, device: torch.device, stats: di
     per_worker = [free.get() for _ in range(workers)]
     for i, (node, stat_pass) in enumerate(entries):
         state = functools.reduce(stat_pass.combine, [states[i] for states in per_worker])  # one: no combine
-        stats[node.name] = stat_pass.finalize(state, node.params, stats.get(node.name))
+        found = stat_pass.finalize(state, node.params, stats.get(node.name))
+        stats[node.name] = moved(found, device) if stat_pass.host else found  # once, not per key
     return bytes_read
+
+
+def moved(value: Any, device: torch.device) -> Any:
+    """``value`` with every tensor in it (through dicts, lists and tuples) on ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: moved(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(moved(v, device) for v in value)
+    return value
 
 
 def _output_value(graph: Graph, plan: OutputPlan, env: _KeyValues, allow_non_finite: bool = False,
@@ -564,9 +580,9 @@ class _KeyValues:
         blocks = block_index_for(keys)
         position = blocks.position(self.key)
         block, num_blocks = position if position else (None, max(blocks.stacks.values(), default=0))
-        generators = None if self.generators is None else self.generators.setdefault(node.name, {})
-        memo = None if self.memo is None else self.memo.setdefault(node.name, {})
-        return KeyContext(self.key, block, num_blocks, keys, node.seed, self.stats.get(node.name), generators, memo)
+        shared = None if self.generators is None else self.generators.setdefault(node.name, {})
+        kept = None if self.memo is None else self.memo.setdefault(node.name, KeyState())
+        return KeyContext(self.key, block, num_blocks, keys, node.seed, self.stats.get(node.name), shared, kept)
 
     def _unchanged(self, node: Node) -> Value:
         """An unselected key: a Checkpoint keeps its primary input's value, a Delta is zero."""
