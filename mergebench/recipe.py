@@ -151,7 +151,7 @@ class Node:
         return [r for ref in self.inputs.values() for r in ([ref] if isinstance(ref, str) else ref)]
 
     def selects(self, key: str) -> bool:
-        """OPERATORS.md §0.2: include (if any) must match, no exclude may match (re.search)."""
+        """semantics §0.2: include (if any) must match, no exclude may match (re.search)."""
         if self.include and not any(p.search(key) for p in self.include):
             return False
         return not any(p.search(key) for p in self.exclude)

@@ -1,4 +1,4 @@
-"""Alignment by permutation (Git Re-Basin weight matching, OPERATORS.md §4): reorder one model's hidden
+"""Alignment by permutation (Git Re-Basin weight matching, semantics §4): reorder one model's hidden
 units onto another's so that averaging them averages matching features.
 
 The planning pass visits only the tensors of the permutation spec, keeps them for the search (the

@@ -92,7 +92,7 @@ class KeyContext:
     """What an operator may know about the key it is computing, beyond the tensors themselves."""
 
     key: str
-    block: int | None  # 0-based block index (OPERATORS.md §0.6, default regex, stacks separate)
+    block: int | None  # 0-based block index (semantics §0.6, default regex, stacks separate)
     num_blocks: int  # L of the key's stack (of the model's largest stack for keys outside blocks)
     keys: tuple[str, ...]  # every key of the primary model, for operators with their own block rules
     seed: int

@@ -1,4 +1,4 @@
-"""BitDelta (Liu et al., 2024; OPERATORS.md §9.5): a fine-tune's delta as one sign bit per weight and one scale."""
+"""BitDelta (Liu et al., 2024; semantics §9.5): a fine-tune's delta as one sign bit per weight and one scale."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Model Breadcrumbs (Davari & Belilovsky, 2024; OPERATORS.md §9.7): drop the outliers and the small entries."""
+"""Model Breadcrumbs (Davari & Belilovsky, 2024; semantics §9.7): drop the outliers and the small entries."""
 
 from __future__ import annotations
 

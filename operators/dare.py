@@ -2,7 +2,7 @@
 
 Masks are drawn on the CPU from a generator seeded by (seed, "dare", input position, key), so the
 same mask comes out on any device, shard layout or key order, and ``darex_q`` with q = 1 − p is
-``dare`` bit for bit (OPERATORS.md §0.5, §9.3, §9.4).
+``dare`` bit for bit (semantics §0.5, §9.3, §9.4).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Interpolation between whole checkpoints: WiSE-FT (OPERATORS.md §1) and the weighted average (§9.0)."""
+"""Interpolation between whole checkpoints: WiSE-FT (semantics §1) and the weighted average (§9.0)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LiNeS (Wang et al., 2025; OPERATORS.md §2): scale a delta by a factor that grows linearly with depth.
+"""LiNeS (Wang et al., 2025; semantics §2): scale a delta by a factor that grows linearly with depth.
 
 Shallow blocks stay near the pretrained weights, deep blocks keep the task update:
 λ(ℓ) = α + β·ℓ/(L − 1) for block ℓ of L. Single-task edits default to α = 0.1, β = 1 − α; a

@@ -1,4 +1,4 @@
-"""Skill localization: grafting (Panigrahi et al., 2023; OPERATORS.md §5) and masks as values.
+"""Skill localization: grafting (Panigrahi et al., 2023; semantics §5) and masks as values.
 
 A graft keeps the fine-tuned values on a tiny region γ and the pretrained values elsewhere:
 θ = θ_pre + γ ⊙ (θ_ft − θ_pre). Without data, γ is the global top-k of |θ_ft − θ_pre| over the

@@ -1,4 +1,4 @@
-"""Folds over the checkpoints of one training run (OPERATORS.md §7, §8): momentum interpolation, EMA, BEMA.
+"""Folds over the checkpoints of one training run (semantics §7, §8): momentum interpolation, EMA, BEMA.
 
 Each key is folded over the sequence one checkpoint at a time, so memory holds a few tensors of one
 key whatever the length of the run. With ``every: k`` a fold also emits its running value at every

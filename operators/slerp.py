@@ -1,4 +1,4 @@
-"""SLERP between two checkpoints (Shoemake 1985, as merging tools use it; OPERATORS.md §9.6)."""
+"""SLERP between two checkpoints (Shoemake 1985, as merging tools use it; semantics §9.6)."""
 
 from __future__ import annotations
 

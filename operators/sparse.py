@@ -1,4 +1,4 @@
-"""Sparse fine-tuning diffs (LT-SFT, Ansell et al., 2022; OPERATORS.md §6): extract and compose.
+"""Sparse fine-tuning diffs (LT-SFT, Ansell et al., 2022; semantics §6): extract and compose.
 
 A SparseDelta keeps only some entries of θ_ft − θ_0 (the top-K by magnitude, or every entry that
 moved more than ``eps``) and is stored as indices and values (mergebench.io.artifacts). Sparse deltas of

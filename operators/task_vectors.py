@@ -1,4 +1,4 @@
-"""Task vectors: deltas from a base, applying them, and Task Arithmetic (OPERATORS.md §0.9, §9.1)."""
+"""Task vectors: deltas from a base, applying them, and Task Arithmetic (semantics §0.9, §9.1)."""
 
 from __future__ import annotations
 

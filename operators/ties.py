@@ -1,4 +1,4 @@
-"""TIES-merging (Yadav et al., 2023; OPERATORS.md §9.2): trim, elect sign, disjoint merge.
+"""TIES-merging (Yadav et al., 2023; semantics §9.2): trim, elect sign, disjoint merge.
 
 With ``scope: global`` (the default, as the reference) each task's threshold is the k-th largest
 |τ| over every selected key of the model, and the sign that breaks ties is the majority over the

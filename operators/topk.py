@@ -2,7 +2,7 @@
 
 Each selected key contributes the magnitudes of one or more vectors (TIES: one per task); the passes
 leave ``{"thresholds": [t_1, ...]}`` with t_i the exact k_i-th largest magnitude of vector i over the
-whole model (OPERATORS.md §0.4), computed with 65 536-bin histograms, never concatenating the model.
+whole model (semantics §0.4), computed with 65 536-bin histograms, never concatenating the model.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The golden examples of OPERATORS.md (§1, §9.0, §9.1), through the eager API and through a YAML recipe."""
+"""The golden examples of semantics (§1, §9.0, §9.1), through the eager API and through a YAML recipe."""
 
 from __future__ import annotations
 

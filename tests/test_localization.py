@@ -1,4 +1,4 @@
-"""Grafting, masks and sparse deltas (OPERATORS.md §5, §6): goldens, artifacts on disk, round trips."""
+"""Grafting, masks and sparse deltas (semantics §5, §6): goldens, artifacts on disk, round trips."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def test_graft_golden():
 
 def test_graft_relaxation_at_init():
     gamma = relax(T([False, True, False, True, False]), torch.zeros(5), 10.0)
-    close(gamma, [4.54e-5, 0.99995, 4.54e-5, 0.99995, 4.54e-5], tol=1e-5)  # OPERATORS.md's rounded values
+    close(gamma, [4.54e-5, 0.99995, 4.54e-5, 0.99995, 4.54e-5], tol=1e-5)  # the specification's rounded values
     s = torch.sigmoid(torch.tensor(-10.0))
     close(gamma, [s, 1 - s, s, 1 - s, s], tol=1e-7)
     assert torch.equal(gamma.round().bool(), T([False, True, False, True, False]))

@@ -1,4 +1,4 @@
-"""Checkpoint sequences: momentum interpolation, EMA and BEMA over a training run (OPERATORS.md §7, §8)."""
+"""Checkpoint sequences: momentum interpolation, EMA and BEMA over a training run (semantics §7, §8)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TIES, DARE, DAREx-q, Breadcrumbs, BitDelta, SLERP and LiNeS: the golden examples of OPERATORS.md and
+"""TIES, DARE, DAREx-q, Breadcrumbs, BitDelta, SLERP and LiNeS: the golden examples of the specification (docs/semantics.md) and
 the properties that make them trustworthy at model scale."""
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def test_dare_mask_does_not_depend_on_key_order_or_neighbours():
 
 
 def test_dare_mask_is_the_seeded_draw_of_the_whole_key():
-    """OPERATORS.md §0.5: keep iff torch.rand(shape, generator seeded by (seed, "dare", position, key)) >= p,
+    """semantics §0.5: keep iff torch.rand(shape, generator seeded by (seed, "dare", position, key)) >= p,
     also for a key larger than the pieces the draws are made in."""
     shape = (3, 65_536 + 7)
     dropped = ops.dare(deltas=[{"w": torch.ones(shape)}], p=0.3, seed=5)[0]["w"]

@@ -508,7 +508,7 @@ def _all_finite(tensor: torch.Tensor) -> bool:
 
 
 def _buffer(primary: str, models: Iterable[str], env: _KeyValues) -> torch.Tensor:
-    """OPERATORS.md §0.2: integer and bool tensors are copied from the primary model, never combined."""
+    """semantics §0.2: integer and bool tensors are copied from the primary model, never combined."""
     reference = env.raw[primary]
     for model in models:
         if model not in env.raw:  # an artifact (mask, activations) holds no buffers

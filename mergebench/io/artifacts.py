@@ -1,4 +1,4 @@
-"""Masks and sparse deltas as files: small, typed, safetensors underneath (OPERATORS.md §6.5).
+"""Masks and sparse deltas as files: small, typed, safetensors underneath (semantics §6.5).
 
 A *Mask* file holds, per key, the row-major flattened boolean mask packed 8 to a byte
 (``mask/K``, uint8, ``numpy.packbits`` big-endian bit order). A *SparseDelta* file holds, per key,

@@ -1,4 +1,4 @@
-"""Grafting masks optimised against a task loss (OPERATORS.md §5), for small models in memory.
+"""Grafting masks optimised against a task loss (semantics §5), for small models in memory.
 
 The weight-only ``graft`` operator takes the top-k of |θ_ft − θ_pre| (the paper's base patch). This
 refines it: the binary mask is relaxed to γ(S) = γ_base + (1 − 2γ_base)·σ(S − b) with logits S

@@ -1,4 +1,4 @@
-"""Which block (transformer layer) a tensor belongs to, from its name (OPERATORS.md §0.6)."""
+"""Which block (transformer layer) a tensor belongs to, from its name (semantics §0.6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Numeric steps shared by several operators, written once (OPERATORS.md §0.3)."""
+"""Numeric steps shared by several operators, written once (semantics §0.3)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 
 
 def draw_seed(seed: int, stream: str, input_index: int, key: str) -> int:
-    """OPERATORS.md §0.5: one seed per (node seed, kind of draw, input position, key)."""
+    """semantics §0.5: one seed per (node seed, kind of draw, input position, key)."""
     digest = hashlib.blake2b(f"{seed}|{stream}|{input_index}|{key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
@@ -55,7 +55,7 @@ def weighted_sum(tensors: Iterable[torch.Tensor], weights: Iterable[float]) -> t
 
 
 def keep_count(density: float, n: int) -> int:
-    """k = floor(ρ·n) computed on the decimal string of ρ (0.29·100 is 29, not 28; OPERATORS.md §0.4)."""
+    """k = floor(ρ·n) computed on the decimal string of ρ (0.29·100 is 29, not 28; semantics §0.4)."""
     return math.floor(Decimal(str(density)) * n)
 
 
@@ -92,7 +92,7 @@ class ExactThreshold:
 
     For non-negative float32 the IEEE-754 bit pattern read as an integer is monotone in the value.
     Pass 1 histograms the high 16 bits of every magnitude and finds the bin holding the k-th
-    largest; pass 2 histograms the low 16 bits of the magnitudes in that bin (OPERATORS.md §0.4).
+    largest; pass 2 histograms the low 16 bits of the magnitudes in that bin (semantics §0.4).
     """
 
     def __init__(self) -> None:

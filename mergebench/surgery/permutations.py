@@ -1,4 +1,4 @@
-"""Permutation symmetries of networks, and weight matching (Git Re-Basin; OPERATORS.md §4).
+"""Permutation symmetries of networks, and weight matching (Git Re-Basin; semantics §4).
 
 Hidden units can be reordered without changing what a network computes, provided every tensor that
 reads or writes them is permuted alike. A *spec* lists, for each group of hidden units, the

@@ -1,4 +1,4 @@
-"""Optimal-transport maps between two layers' neurons (OTFusion, Singh & Jaggi 2020; OPERATORS.md §3).
+"""Optimal-transport maps between two layers' neurons (OTFusion, Singh & Jaggi 2020; semantics §3).
 
 For each layer in forward order, A's rows (already aligned on their inputs by the previous map) are
 matched to B's rows by an exact (``ot.emd``) or entropic (log-domain Sinkhorn) transport plan with
