@@ -226,12 +226,10 @@ def sweep(
 def plan(recipe: RecipeArg, set_: SetOpt = None, allow_pickle: PickleOpt = False) -> None:
     """Check a recipe against its inputs and show what a run would do: nodes, bytes, peak memory."""
     with _user_errors():
-        from mergebench.engine.executor import peak_memory_estimate, statistics_stages
-        from mergebench.engine.graph import Graph
-        from mergebench.recipe import load_recipe
+        import mergebench as mb
 
-        loaded = load_recipe(recipe, _parse_sets(set_ or []))
-        graph = Graph(loaded, allow_pickle=allow_pickle)
+        planned = mb.plan(recipe, _parse_sets(set_ or []), allow_pickle=allow_pickle)
+    graph = planned.graph
     models = Table(title="models", title_justify="left")
     for column in ("name", "path", "tensors", "size"):
         models.add_column(column)
@@ -254,10 +252,9 @@ def plan(recipe: RecipeArg, set_: SetOpt = None, allow_pickle: PickleOpt = False
         outputs.add_row(out.output.node, str(out.path), out.output.dtype or "as inputs",
                         str(len(out.tensors)), _size(out.nbytes), _size(out.output.shard_size))
     console.print(outputs)
-    passes = 1 + len(statistics_stages(graph))
-    console.print(f"{len(graph.keys)} keys, {passes} pass(es); read {_size(graph.bytes_to_read)} per pass, "
-                  f"write {_size(sum(o.nbytes for o in graph.outputs))}; "
-                  f"peak memory ≈ {_size(peak_memory_estimate(graph))} beyond the interpreter")
+    console.print(f"{len(graph.keys)} keys, {planned.passes} pass(es); read {_size(planned.bytes_per_pass)} per "
+                  f"pass, write {_size(planned.bytes_written)}; peak memory ≈ {_size(planned.peak_memory)} beyond "
+                  f"the interpreter")
 
 
 def _selection(node) -> str:
@@ -387,19 +384,9 @@ def extract(
     """Turn a fine-tune into a SparseDelta (or, with --mask, a Mask) artifact in one streamed pass."""
     with _user_errors():
         import mergebench as mb
-        from mergebench import operators as ops
 
-        params: dict = {"scope": scope, "include": include or [], "exclude": exclude or []}
-        if k is not None:
-            params["k"] = k
-        if mask:
-            params["proportion"] = proportion if proportion is not None else 0.01
-            node = ops.mask_topk(base=mb.load(base), fine_tuned=mb.load(fine_tuned), **params)
-        else:
-            if proportion is not None:
-                params["proportion"] = proportion
-            node = ops.sft_extract(base=mb.load(base), fine_tuned=mb.load(fine_tuned), eps=eps, **params)
-        result = node.save(out, device=device, force=force)
+        result = mb.extract(base, fine_tuned, out, mask=mask, proportion=proportion, k=k, scope=scope, eps=eps,
+                            include=include, exclude=exclude, device=device, force=force)
     written = result.outputs[0]
     console.print(f"wrote {written['path']} ({_size(written['bytes'])}) in {result.summary.seconds:.2f} s",
                   highlight=False)

@@ -15,12 +15,20 @@ from typing import Any
 import torch
 
 from mergebench.analysis.sweeps import MAX_GRID_POINTS, SweepPoint, run_sweep
-from mergebench.engine.executor import execute
+from mergebench.engine.executor import execute, peak_memory_estimate, statistics_stages
 from mergebench.engine.graph import Graph
 from mergebench.engine.runner import RunOptions, RunResult, run_recipe
 from mergebench.errors import MergebenchError
 from mergebench.io.checkpoint import StateDictSource
-from mergebench.operators.base import ARTIFACT_TYPES, CHECKPOINT, SEQUENCE, Operator, element_type, is_list_type
+from mergebench.operators.base import (
+    ARTIFACT_TYPES,
+    CHECKPOINT,
+    REGISTRY,
+    SEQUENCE,
+    Operator,
+    element_type,
+    is_list_type,
+)
 from mergebench.recipe import MEMORY_PATH, build_recipe, load_recipe
 
 COMMON_FIELDS = ("include", "exclude", "overrides", "seed")
@@ -97,6 +105,48 @@ def sweep(recipe_path: str | os.PathLike[str], grid: Mapping[str, list[Any]], ou
     ({"num_gpus": 1} for a GPU evaluation)."""
     return run_sweep(recipe_path, dict(grid), out_dir, evaluate, device=device, force=force, executor=executor,
                      address=address, resources=dict(resources or {}), max_points=max_points)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a run of a recipe would do, without reading a weight: the planned graph (models, nodes in
+    evaluation order, outputs), the passes over the inputs, bytes read per pass and written, and the
+    estimated peak memory beyond the interpreter."""
+
+    graph: Graph
+    passes: int
+    bytes_per_pass: int
+    bytes_written: int
+    peak_memory: int
+
+
+def plan(recipe_path: str | os.PathLike[str], set: Mapping[str, Any] | None = None,
+         allow_pickle: bool = False) -> RunPlan:
+    """Check a recipe against its inputs' headers and plan it (``mergebench plan``); writes nothing."""
+    graph = Graph(load_recipe(recipe_path, dict(set or {})), allow_pickle=allow_pickle)
+    return RunPlan(graph, 1 + len(statistics_stages(graph)), graph.bytes_to_read,
+                   sum(o.nbytes for o in graph.outputs), peak_memory_estimate(graph))
+
+
+def extract(base: str | os.PathLike[str], fine_tuned: str | os.PathLike[str], out: str | os.PathLike[str], *,
+            mask: bool = False, proportion: float | None = None, k: int | None = None, scope: str = "global",
+            eps: float = 1e-7, include: list[str] | None = None, exclude: list[str] | None = None,
+            device: str = "auto", force: bool = False) -> RunResult:
+    """A fine-tune as an artifact in one streamed pass (``mergebench extract``): its SparseDelta (top-K by
+    |Δ| with ``proportion`` or ``k``, else every |Δ| > ``eps``), or with ``mask`` the Mask of its top
+    ``proportion`` (default 0.01) entries."""
+    call: dict[str, Any] = {"base": load(base), "fine_tuned": load(fine_tuned), "scope": scope,
+                            "include": list(include or []), "exclude": list(exclude or [])}
+    if k is not None:
+        call["k"] = k
+    if mask:
+        call["proportion"] = proportion if proportion is not None else 0.01
+    else:
+        call["eps"] = eps
+        if proportion is not None:
+            call["proportion"] = proportion
+    node = call_operator(REGISTRY["mask_topk" if mask else "sft_extract"], call)
+    return node.save(out, device=device, force=force)
 
 
 def call_operator(op: Operator, kwargs: dict[str, Any]) -> Any:

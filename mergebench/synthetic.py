@@ -81,7 +81,7 @@ def save_checkpoint(state: dict[str, torch.Tensor], folder: Path, shard_size: in
         if config is not None:
             (writer.partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             (writer.partial / "generation_config.json").write_text(json.dumps({"do_sample": False}) + "\n")
-        writer.commit(force=True)
+        writer.commit(replace=True)
     except BaseException:
         writer.abort()
         raise

@@ -239,7 +239,7 @@ def test_an_artifact_has_the_same_bytes_whatever_order_its_keys_come_in(tmp_path
             for key in arrival:
                 writer.write(key, values[key])
             writer.finish_weights()
-            writer.commit(force=False)
+            writer.commit(replace=False)
             files[name, value_type] = path.read_bytes()
     for value_type in (SPARSE_DELTA, MASK):
         assert files["planned", value_type] == files["reversed", value_type]

@@ -1,4 +1,4 @@
-"""TIES, DARE, DAREx-q, Breadcrumbs, BitDelta, SLERP and LiNeS: the golden examples of the specification (docs/semantics.md) and
+"""TIES, DARE, DAREx-q, Breadcrumbs, BitDelta, SLERP and LiNeS: the golden examples of docs/semantics.md and
 the properties that make them trustworthy at model scale."""
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ class Graph:
 
     def _plan_vocab(self) -> VocabPlan | None:
         """The output vocabulary when the recipe asks for one; an error when vocabularies differ and it does not."""
-        folders = {name: getattr(src, "folder", None) for name, src in self.sources.items()
+        folders = {name: src.folder for name, src in self.sources.items()
                    if not self.is_artifact(name)}
         vocabs = {name: read_vocab(folder) for name, folder in folders.items()
                   if folder is not None and (folder / TOKENIZER_FILE).exists()}
@@ -165,8 +165,9 @@ class Graph:
         return self.needed(plan.output.node, key)
 
     def _value_type(self, name: str) -> str | None:
-        """Mask, SparseDelta or Activations for an artifact source; None for weights."""
-        return getattr(self.sources.get(name), "value_type", None)
+        """Checkpoint, Mask, SparseDelta or Activations for a source; None for a node."""
+        source = self.sources.get(name)
+        return source.value_type if source is not None else None
 
     def is_activations(self, name: str) -> bool:
         return self._value_type(name) == ACTIVATIONS

@@ -95,7 +95,7 @@ def _identity(graph: Graph, plan: OutputPlan) -> str:
     digest = hashlib.sha256(f"{graph.recipe.sha256}:{plan.index}:{plan.element}:".encode())
     for name in plan.models:
         source = graph.sources[name]
-        fingerprint = source.fingerprint() if hasattr(source, "fingerprint") else source.label
+        fingerprint = source.fingerprint() or source.label
         digest.update(f"{name}={fingerprint};".encode())
     for t in plan.tensors:
         digest.update(f"{t.key}:{t.dtype}:{t.shape};".encode())
@@ -108,8 +108,7 @@ def _input_files(graph: Graph, plan: OutputPlan) -> dict[str, list[int]]:
     states: dict[str, list[int]] = {}
     for name in plan.models:
         source = graph.sources[name]
-        if hasattr(source, "file_states"):
-            states.update(source.file_states())
+        states.update(source.file_states())
     return states
 
 
@@ -118,7 +117,7 @@ def write_companions(graph: Graph, plan: OutputPlan, writer: CheckpointWriter) -
     recipe = graph.recipe
     source_name = plan.output.copy_files_from
     source = graph.sources.get(source_name) if source_name else None
-    folder = getattr(source, "folder", None)
+    folder = source.folder if source is not None else None
     skipped = []
     if folder is not None:
         report = copy_model_files(folder, writer.partial, _dominant_float_dtype(plan))
@@ -131,7 +130,7 @@ def write_companions(graph: Graph, plan: OutputPlan, writer: CheckpointWriter) -
         notes.append(f"Vocabulary: `{graph.vocab.source}` ({len(graph.vocab.tokens)} tokens, {graph.vocab.size} "
                      f"embedding rows); {FALLBACK_RULE}.")
     fingerprints = {name: src.fingerprint() for name, src in graph.sources.items()
-                    if name in plan.models and hasattr(src, "fingerprint")}
+                    if name in plan.models and src.fingerprint() is not None}
     card = model_card(recipe.resolved, recipe.sha256, plan.index, fingerprints, version(), notes)
     (writer.partial / "README.md").write_text(card)
     return skipped

@@ -22,10 +22,9 @@ from mergebench.engine.outputs import (
     written_bytes,
 )
 from mergebench.errors import MergebenchError
-from mergebench.io.artifacts import ArtifactWriter
 from mergebench.io.checkpoint import reserve_descriptors
 from mergebench.io.sources import Source
-from mergebench.io.writer import CheckpointWriter, OutputError, OutputLock, check_may_replace
+from mergebench.io.writer import CheckpointWriter, OutputError, OutputLock, Writer, check_may_replace
 from mergebench.recipe import Recipe
 from mergebench.value_types import ARTIFACT_TYPES
 
@@ -112,14 +111,14 @@ def run_recipe(recipe: Recipe, options: RunOptions = RunOptions(), sources: Mapp
     force, resume = options.force, options.resume
     with ExitStack() as locks:
         graph = Graph(recipe, sources, allow_pickle=options.allow_pickle)
-        reserve_descriptors(sum(len(s.file_states()) for s in graph.sources.values() if hasattr(s, "file_states")))
+        reserve_descriptors(sum(len(source.file_states()) for source in graph.sources.values()))
         for plan in sorted(graph.outputs, key=lambda p: str(p.path)):
             locks.enter_context(OutputLock(plan.path))
         for plan in graph.outputs:
             check_may_replace(plan.path, force or (resume and finished_by_this_run(graph, plan)),
                               artifact=plan.output.kind in ARTIFACT_TYPES)
         check_free_space(graph.outputs)
-        writers: list[CheckpointWriter | ArtifactWriter] = []
+        writers: list[Writer] = []
         try:
             for plan in graph.outputs:
                 writers.append(open_writer(graph, plan, resume))

@@ -238,8 +238,8 @@ class ArtifactWriter:
     def prepare(self) -> None:
         """Nothing left to make durable: ``finish_weights`` wrote and fsynced the whole file."""
 
-    def commit(self, force: bool) -> None:
-        check_may_replace(self.path, force, artifact=True)
+    def commit(self, replace: bool) -> None:
+        check_may_replace(self.path, replace, artifact=True)
         os.replace(self.partial, self.path)
 
     def abort(self) -> None:

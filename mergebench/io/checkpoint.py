@@ -19,6 +19,7 @@ import torch
 from mergebench.errors import MergebenchError
 from mergebench.io.reading import read_json_object, require_regular_file
 from mergebench.io.safetensors_format import TensorInfo, read_header
+from mergebench.value_types import CHECKPOINT
 
 PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 MADV_POPULATE_READ = 22  # Linux 5.14+: map a range's cached pages now (not in the mmap module's constants)
@@ -28,7 +29,17 @@ FINGERPRINT_HEAD_BYTES = 65536
 
 
 class Source(Protocol):
+    """What the engine, the CLI and the analyses know of an input, whatever its kind.
+
+    ``label`` names it in messages; ``folder`` is the model folder its companion files and tokenizer
+    come from (None for a single file or memory); ``value_type`` is ``Checkpoint`` or an artifact's
+    type; ``fingerprint()`` identifies its content cheaply (None in memory) and ``file_states()`` the
+    files it reads (for descriptors and for what a resume may trust).
+    """
+
     label: str
+    folder: Path | None
+    value_type: str
 
     @property
     def keys(self) -> list[str]: ...
@@ -36,6 +47,10 @@ class Source(Protocol):
     def info(self, key: str) -> TensorInfo: ...
 
     def read(self, key: str) -> torch.Tensor: ...
+
+    def fingerprint(self) -> str | None: ...
+
+    def file_states(self) -> dict[str, list[int]]: ...
 
 
 class Checkpoint:
@@ -52,6 +67,7 @@ class Checkpoint:
         self.path = Path(path)
         self.label = str(path)
         self.folder = self.path if self.path.is_dir() else None
+        self.value_type = CHECKPOINT
         self._files = _weight_files(self.path)
         self._infos: dict[str, TensorInfo] = {}
         for file, expected_keys in self._files:
@@ -268,6 +284,9 @@ def _indexed_files(index: Path) -> list[tuple[Path, set[str] | None]]:
 class StateDictSource:
     """A state dict in memory seen as a source, so the eager API runs through the same executor."""
 
+    folder: Path | None = None
+    value_type = CHECKPOINT
+
     def __init__(self, tensors: Mapping[str, torch.Tensor], label: str):
         self.label = label
         self._tensors = dict(tensors)
@@ -285,6 +304,12 @@ class StateDictSource:
 
     def read(self, key: str) -> torch.Tensor:
         return self._tensors[key]
+
+    def fingerprint(self) -> str | None:
+        return None  # in memory: nothing on disk to identify
+
+    def file_states(self) -> dict[str, list[int]]:
+        return {}
 
 
 def _load_pickle(file: Path) -> dict[str, torch.Tensor]:

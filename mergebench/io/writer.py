@@ -23,6 +23,7 @@ import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -38,6 +39,33 @@ JOURNAL_EVERY_BYTES = int(os.environ.get("MERGEBENCH_SYNC_BYTES", 256 * 2**20))
 
 class OutputError(MergebenchError):
     """The output could not be written (disk full, permissions); the partial output is kept for --resume."""
+
+
+class Writer(Protocol):
+    """An output being written: a checkpoint folder (``CheckpointWriter``) or an artifact file
+    (``ArtifactWriter``); the Ray executor's tasks write through the same classes.
+
+    ``write`` puts one finished tensor; ``finish_weights`` makes the weights complete on disk;
+    ``prepare`` does everything a commit does short of making the output visible, ``commit(replace)``
+    makes it visible in one rename (replacing an earlier mergebench output only when ``replace``).
+    Stopping early: ``close`` keeps whatever a ``--resume`` can use (a checkpoint's journalled shards;
+    an artifact has nothing to resume, so its scratch file goes), ``abort`` removes everything the run
+    wrote. ``done`` holds the keys already on disk from an interrupted run.
+    """
+
+    done: set[str] | frozenset[str]
+
+    def write(self, key: str, tensor: torch.Tensor) -> int: ...
+
+    def finish_weights(self) -> None: ...
+
+    def prepare(self) -> None: ...
+
+    def commit(self, replace: bool) -> None: ...
+
+    def close(self) -> None: ...
+
+    def abort(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -233,14 +261,14 @@ class CheckpointWriter:
             raise _output_error(self.partial, exc) from None
         self._prepared = True
 
-    def commit(self, force: bool) -> None:
-        """Make the output visible in one rename; an older ``OUT`` is replaced only with ``force``."""
+    def commit(self, replace: bool) -> None:
+        """Make the output visible in one rename; an older ``OUT`` is replaced only with ``replace``."""
         if not self._prepared:
             self.prepare()
         try:
             (self.partial / JOURNAL_NAME).unlink(missing_ok=True)
             if os.path.lexists(self.out):
-                check_may_replace(self.out, force, artifact=False)
+                check_may_replace(self.out, replace, artifact=False)
                 old = _unused_name(self.out, ".old")
                 os.replace(self.out, old)
                 shutil.rmtree(old)
