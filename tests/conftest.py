@@ -29,6 +29,22 @@ def write_recipe(path: Path, doc: dict) -> Path:
     return path
 
 
+def run_merge(cli, folder: Path, doc: dict, *flags: str, recipe: str = "merge.yaml") -> dict[str, dict]:
+    """The one way a test merges through the CLI: write ``doc`` as a recipe in ``folder``, run it (exit 0
+    asserted, with the output shown if not), and read every output back by its path in the recipe: a
+    checkpoint folder as its tensors, an artifact file (``.safetensors``) through ``load_artifact``."""
+    from mergebench.io.artifacts import load_artifact
+
+    path = write_recipe(folder / recipe, doc)
+    result = cli("run", path, "--quiet", *flags)
+    assert result.exit_code == 0, result.output
+    outputs = {}
+    for output in doc["outputs"]:
+        where = Path(output["path"]) if Path(output["path"]).is_absolute() else folder / output["path"]
+        outputs[output["path"]] = load_artifact(where) if where.suffix == ".safetensors" else read_checkpoint(where)
+    return outputs
+
+
 def read_checkpoint(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of an output folder, through the safetensors library (an independent reader)."""
     tensors: dict[str, torch.Tensor] = {}

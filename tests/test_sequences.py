@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import read_checkpoint, write_recipe
+from conftest import read_checkpoint, run_merge, write_recipe
 from mergebench import operators as ops
 from mergebench.engine.runner import RunOptions, run_recipe
 from mergebench.io.checkpoint import Checkpoint
@@ -94,14 +94,12 @@ def _save_run(folder, steps, keys=("model.layers.0.w", "model.layers.1.w", "ids"
 
 def test_streaming_fold_equals_eager_fold_bit_for_bit(tmp_path, cli):
     states = _save_run(tmp_path / "run", [200, 400, 600, 800, 1000, 1200])  # 1000 sorts before 200 as text
-    recipe = write_recipe(tmp_path / "r.yaml", {
+    run_merge(cli, tmp_path, {
         "models": {"run": "run/checkpoint-*"},
         "nodes": {"bema": {"op": "bema", "inputs": {"sequence": "run"}, "params": {"lag": 5, "multiplier": 0.1}},
                   "ema": {"op": "ema", "inputs": {"sequence": "run"}, "params": {"decay": 0.8}}},
         "outputs": [{"from": "bema", "path": "out-bema"}, {"from": "ema", "path": "out-ema"}],
-    })
-    result = cli("run", recipe, "--quiet")
-    assert result.exit_code == 0, result.output
+    }, recipe="r.yaml")
     eager_bema = ops.bema(sequence=states, lag=5, multiplier=0.1)
     eager_ema = ops.ema(sequence=states, decay=0.8)
     for name, eager in (("out-bema", eager_bema), ("out-ema", eager_ema)):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mergebench.engine.executor as executor
-from conftest import read_checkpoint, write_recipe
+from conftest import read_checkpoint, run_merge
 from mergebench.engine.buffers import BufferPool
 from mergebench.io.checkpoint import Checkpoint
 from mergebench.io.writer import CheckpointWriter
@@ -32,14 +32,9 @@ NODES = {
 
 
 def _run(tmp_path, cli, folders, node: dict, name: str, extra_nodes: dict | None = None):
-    recipe = write_recipe(tmp_path / f"{name}.yaml", {
-        "models": {k: str(v) for k, v in folders.items()},
-        "nodes": {"merge": node, **(extra_nodes or {})},
-        "outputs": [{"from": "merge", "path": name}],
-    })
-    result = cli("run", recipe, "--quiet", "--device", "cpu")
-    assert result.exit_code == 0, result.output
-    return read_checkpoint(tmp_path / name)
+    doc = {"models": {k: str(v) for k, v in folders.items()}, "nodes": {"merge": node, **(extra_nodes or {})},
+           "outputs": [{"from": "merge", "path": name}]}
+    return run_merge(cli, tmp_path, doc, "--device", "cpu", recipe=f"{name}.yaml")[name]
 
 
 def _assert_same_bytes(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
@@ -73,7 +68,7 @@ def test_slices_give_the_same_bytes_as_whole_tensors(tmp_path, cli, llama_models
 def test_a_delta_chain_and_two_outputs_are_sliced_together(tmp_path, cli, llama_models, monkeypatch):
     folders, states, _ = llama_models(torch.bfloat16)
     monkeypatch.setattr(executor, "SLICE_ELEMENTS", 999)
-    recipe = write_recipe(tmp_path / "chain.yaml", {
+    run_merge(cli, tmp_path, {
         "models": {k: str(v) for k, v in folders.items()},
         "nodes": {"deltas": {"op": "delta", "inputs": {"base": "base", "models": ["ft1", "ft2"]}},
                   "merged": {"op": "apply", "inputs": {"base": "base", "delta": "deltas"}, "params": {"scale": 0.5},
@@ -81,9 +76,7 @@ def test_a_delta_chain_and_two_outputs_are_sliced_together(tmp_path, cli, llama_
                   "wise": {"op": "wise_ft", "inputs": {"zero_shot": "base", "fine_tuned": "ft2"},
                            "params": {"alpha": 0.25}}},
         "outputs": [{"from": "merged", "path": "merged"}, {"from": "wise", "path": "wise"}],
-    })
-    result = cli("run", recipe, "--quiet", "--device", "cpu")
-    assert result.exit_code == 0, result.output
+    }, "--device", "cpu", recipe="chain.yaml")
     merged, wise = read_checkpoint(tmp_path / "merged"), read_checkpoint(tmp_path / "wise")
     for key, base in states["base"].items():
         b, f1, f2 = (states[m][key].float() for m in ("base", "ft1", "ft2"))
