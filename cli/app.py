@@ -163,7 +163,7 @@ class _Progress:
             TransferSpeedColumn,
         )
 
-        from mergebench.engine.executor import statistics_stages
+        from mergebench.engine.stages import statistics_stages
 
         passes = 1 + len(statistics_stages(graph))
         self._bar = Progress(TextColumn("[bold]merging"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),

@@ -15,9 +15,11 @@ from typing import Any
 import torch
 
 from mergebench.analysis.sweeps import MAX_GRID_POINTS, SweepPoint, run_sweep
-from mergebench.engine.executor import execute, peak_memory_estimate, statistics_stages
+from mergebench.engine.executor import execute
 from mergebench.engine.graph import Graph
+from mergebench.engine.memory import peak_memory_estimate
 from mergebench.engine.runner import RunOptions, RunResult, run_recipe
+from mergebench.engine.stages import statistics_stages
 from mergebench.errors import MergebenchError
 from mergebench.io.checkpoint import StateDictSource
 from mergebench.operators.base import (

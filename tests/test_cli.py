@@ -91,8 +91,8 @@ def test_device_cuda_without_gpu_is_a_clear_error(tmp_path, cli):
 def test_plan_estimates_two_keys_side_by_side_one_read_ahead_two_waiting_for_the_writer(tmp_path):
     from safetensors.torch import save_file
 
-    from mergebench.engine.executor import peak_memory_estimate
     from mergebench.engine.graph import Graph
+    from mergebench.engine.memory import peak_memory_estimate
     from mergebench.recipe import load_recipe
 
     for name in ("m0", "m1"):  # float32, stored in key order a, b, c, d, e

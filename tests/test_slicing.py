@@ -7,8 +7,8 @@ import threading
 import pytest
 import torch
 
-import mergebench.engine.executor as executor
 from conftest import read_checkpoint, run_merge
+from mergebench.engine import pipeline, slicing
 from mergebench.engine.buffers import BufferPool
 from mergebench.io.checkpoint import Checkpoint
 from mergebench.io.writer import CheckpointWriter
@@ -49,14 +49,14 @@ def test_slices_give_the_same_bytes_as_whole_tensors(tmp_path, cli, llama_models
     folders, _, _ = llama_models(dtype)
     whole = _run(tmp_path, cli, folders, NODES[merge], "whole")
     sliced_keys = []
-    slices = executor._slices
+    slices = slicing.slices
 
     def counted(raw):
         sliced_keys.append(next(iter(raw.values())).numel())
         return slices(raw)
 
-    monkeypatch.setattr(executor, "SLICE_ELEMENTS", 1000)  # uneven: most tensors end in a partial slice
-    monkeypatch.setattr(executor, "_slices", counted)
+    monkeypatch.setattr(slicing, "SLICE_ELEMENTS", 1000)  # uneven: most tensors end in a partial slice
+    monkeypatch.setattr(slicing, "slices", counted)
     sliced = _run(tmp_path, cli, folders, NODES[merge], "sliced")
     _assert_same_bytes(sliced, whole)
     if merge == "slerp":  # the angle between whole tensors is not elementwise: never sliced
@@ -67,7 +67,7 @@ def test_slices_give_the_same_bytes_as_whole_tensors(tmp_path, cli, llama_models
 
 def test_a_delta_chain_and_two_outputs_are_sliced_together(tmp_path, cli, llama_models, monkeypatch):
     folders, states, _ = llama_models(torch.bfloat16)
-    monkeypatch.setattr(executor, "SLICE_ELEMENTS", 999)
+    monkeypatch.setattr(slicing, "SLICE_ELEMENTS", 999)
     run_merge(cli, tmp_path, {
         "models": {k: str(v) for k, v in folders.items()},
         "nodes": {"deltas": {"op": "delta", "inputs": {"base": "base", "models": ["ft1", "ft2"]}},
@@ -114,7 +114,7 @@ def test_a_free_thread_takes_the_next_key_while_an_older_one_computes():
         return True
 
     items = ((key, {}) for key in ("large", "small", "next"))
-    done = list(executor._side_by_side(items, work, torch.device("cpu"), workers=2))
+    done = list(pipeline.side_by_side(items, work, torch.device("cpu"), workers=2))
     assert done == [("small", True), ("next", True), ("large", True)]
 
 
@@ -122,7 +122,7 @@ def test_a_free_thread_takes_the_next_key_while_an_older_one_computes():
                                    "dare_ties_global"])  # the last two: statistics passes side by side
 def test_keys_computed_side_by_side_give_the_same_bytes(tmp_path, cli, llama_models, monkeypatch, merge):
     folders, _, _ = llama_models(torch.bfloat16)
-    monkeypatch.setattr(executor, "_compute_threads", lambda device: 1)
+    monkeypatch.setattr(pipeline, "compute_threads", lambda device: 1)
     alone = _run(tmp_path, cli, folders, NODES[merge], "alone")
     written = []
     write = CheckpointWriter.write
@@ -132,7 +132,7 @@ def test_keys_computed_side_by_side_give_the_same_bytes(tmp_path, cli, llama_mod
         return write(self, key, tensor)
 
     monkeypatch.setattr(CheckpointWriter, "write", recorded)
-    monkeypatch.setattr(executor, "_compute_threads", lambda device: 3)
+    monkeypatch.setattr(pipeline, "compute_threads", lambda device: 3)
     side_by_side = _run(tmp_path, cli, folders, NODES[merge], "side_by_side")
     _assert_same_bytes(side_by_side, alone)
     # every key written once, in whichever order the keys finished

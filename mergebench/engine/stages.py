@@ -1,0 +1,34 @@
+"""Which statistics passes a run needs, in which order, and which of them share a read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mergebench.engine.graph import Graph
+from mergebench.operators.base import StatisticsPass
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One streamed read of the inputs, during which each (node, pass) listed accumulates."""
+
+    passes: tuple[tuple[str, StatisticsPass], ...]
+
+
+def statistics_stages(graph: Graph) -> list[Stage]:
+    """The statistics passes of every node, scheduled into as few reads as their dependencies allow.
+
+    A node's passes run in sequence after every pass of the nodes upstream of it; passes of
+    different nodes at the same step share one read. A pass that visits keys in an order of its
+    own (alignment planning) gets a read to itself.
+    """
+    last: dict[str, int] = {}  # the last stage used by a node or anything upstream of it
+    scheduled: dict[tuple[int, str], list[tuple[str, StatisticsPass]]] = {}
+    for name, node in graph.nodes.items():  # topological order
+        upstream = max((last[r] for r in node.refs() if r in last), default=-1)
+        passes = node.op.passes(node.params, frozenset(node.inputs))
+        for i, stat_pass in enumerate(passes):
+            slot = (upstream + 1 + i, name if stat_pass.order else "")
+            scheduled.setdefault(slot, []).append((name, stat_pass))
+        last[name] = upstream + len(passes)
+    return [Stage(tuple(scheduled[k])) for k in sorted(scheduled)]
