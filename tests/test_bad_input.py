@@ -467,3 +467,25 @@ def test_grid_size_counts_the_product_before_building():
     assert grid_size({"a.x": [1] * 30, "b.y": [2] * 30}) == 900
     with pytest.raises(MergebenchError, match="1200 points, more than the limit of 1000"):
         grid_size({"a.x": [1] * 40, "b.y": [2] * 30})
+
+
+def test_resume_after_a_kill_between_the_journal_and_the_shards(tmp_path, cli, monkeypatch):
+    from mergebench.io import writer
+
+    _workspace(tmp_path)
+    recipe = _recipe(tmp_path)
+    real = writer.CheckpointWriter._open_shards
+
+    def killed(self, metadata, fresh):
+        if fresh:
+            raise KeyboardInterrupt  # the journal is written, no shard exists yet
+        return real(self, metadata, fresh)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(writer.CheckpointWriter, "_open_shards", killed)
+        assert cli("run", recipe, "-q").exit_code == 130
+    assert sorted(p.name for p in (tmp_path / "out.partial").iterdir()) == [".mergebench-journal"]
+    assert cli("run", recipe, "-q", "--resume").exit_code == 0
+    resumed = snapshot(tmp_path / "out")
+    assert cli("run", recipe, "-q", "--force").exit_code == 0
+    assert snapshot(tmp_path / "out") == resumed  # the bytes of a run that never stopped

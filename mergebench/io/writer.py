@@ -133,24 +133,42 @@ class CheckpointWriter:
         self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergebench-fsync")
         self._syncing: Future[None] | None = None  # the fsync of earlier writes, while later ones go on
         try:
+            reopened = False
             if resume and (self.partial / JOURNAL_NAME).exists():
                 self.done = self._read_journal()
-                self._open_shards(metadata, fresh=False)
-            else:
+                reopened = self._reopen_shards(metadata)
+            if not reopened:
                 if self.partial.exists():
                     shutil.rmtree(self.partial)
                 self.partial.mkdir(parents=True)
-                self._open_shards(metadata, fresh=True)
+                # the journal first: a partial folder of ours always holds it (check_scratch relies on that)
                 self._append_journal({"identity": identity, "inputs": self.inputs})
+                self._open_shards(metadata, fresh=True)
         except OSError as exc:
             raise _output_error(self.partial, exc) from None
+
+    def _reopen_shards(self, metadata: dict[str, str]) -> bool:
+        """Open the shards of an interrupted run; False when none was written yet and they are not all there
+        (a kill may come between the journal and the shards): the run then starts afresh."""
+        try:
+            self._open_shards(metadata, fresh=False)
+        except MergebenchError:
+            if self.done:
+                raise
+            for fd in self._fds:
+                os.close(fd)
+            self._fds.clear()
+            self._where.clear()
+            return False
+        return True
 
     def _open_shards(self, metadata: dict[str, str], fresh: bool) -> None:
         for shard in self.shards:
             header = encode_header([(t.key, t.dtype, t.shape) for t in shard.tensors], metadata)
             path = self.partial / shard.name
-            flags = os.O_RDWR | os.O_CREAT | (os.O_TRUNC if fresh else 0)
-            fd = os.open(path, flags, 0o644)
+            if not fresh and not path.exists():
+                raise MergebenchError(f"{path}: missing from the partial output; rerun without --resume")
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC if fresh else os.O_RDWR, 0o644)
             self._fds.append(fd)
             if fresh:
                 os.pwrite(fd, header, 0)

@@ -2,24 +2,20 @@
 
 Every error names the recipe file and the line of the offending value: unknown operator or
 parameter, a bad value, an input naming nothing, a cycle, a type mismatch along an edge, an
-output written inside an input.
+output written inside an input, over the recipe or over another output.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
-from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ValidationError
 
-from mergebench.errors import MergebenchError, located
+from mergebench.errors import MergebenchError
 from mergebench.io.artifacts import artifact_type
 from mergebench.io.sequences import is_glob, resolve_sequence
 from mergebench.operators.base import (
@@ -29,167 +25,21 @@ from mergebench.operators.base import (
     SEQUENCE,
     Operator,
     Params,
-    Signature,
     is_list_type,
     list_of,
 )
-
-MAX_YAML_NODES = 100_000
-# What yaml.safe_load resolves plain scalars, lists and mappings to. Anything else is an explicit tag
-# (!!binary, !!set, !!python/...): refused with its line rather than constructed or silently dropped.
-PLAIN_YAML_TAGS = frozenset(f"tag:yaml.org,2002:{name}" for name in
-                            ("str", "int", "float", "bool", "null", "map", "seq", "timestamp"))
-MEMORY_PATH = "<memory>"  # an output kept in memory (the eager API): any value type, no files
-OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(value: int | str) -> int:
-    """Bytes from an int or a string with a unit (``500MB``, ``5GB``, ``1GiB``)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value <= 0:
-            raise ValueError("must be positive")
-        return value
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(value))
-    if not match or match.group(2).upper() not in _UNITS:
-        raise ValueError(f"{value!r} is not a size such as 500MB, 5GB or 1GiB")
-    try:
-        size = int(Decimal(match.group(1)) * _UNITS[match.group(2).upper()])
-    except InvalidOperation:
-        raise ValueError(f"{value!r} is not a size such as 500MB, 5GB or 1GiB") from None
-    if size <= 0:
-        raise ValueError("must be positive")
-    return size
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-
-class OverrideSpec(_Strict):
-    match: str
-    params: dict[str, Any]
-
-
-class NodeSpec(_Strict):
-    op: str
-    inputs: dict[str, str | list[str]]
-    params: dict[str, Any] = Field(default_factory=dict)
-    overrides: list[OverrideSpec] = Field(default_factory=list)
-    include: list[str] = Field(default_factory=list)
-    exclude: list[str] = Field(default_factory=list)
-    seed: int | None = None
-
-
-class OutputSpec(_Strict):
-    from_: str = Field(alias="from")
-    path: str
-    dtype: Literal["float32", "float16", "bfloat16"] | None = None
-    shard_size: int | str = "5GB"
-    copy_files_from: str | None = None
-
-    @field_validator("shard_size")
-    @classmethod
-    def _valid_size(cls, value: int | str) -> int | str:
-        parse_size(value)
-        return value
-
-
-class SequenceSpec(_Strict):
-    paths: str | list[str]
-    steps: list[int] | None = None
-    allow_gaps: bool = False
-
-
-class TokenizerSpec(_Strict):
-    """How to merge models whose vocabularies differ (mergebench.surgery.vocab)."""
-
-    source: str = Field(description="base, union, or a model's name: the output vocabulary")
-    pad_to_multiple_of: int | None = Field(None, ge=1)
-    embeddings: str | None = Field(None, description="regex of embedding-like keys (default: the usual names)")
-
-
-class RecipeSpec(_Strict):
-    models: dict[str, str | list[str] | SequenceSpec]
-    nodes: dict[str, NodeSpec]
-    outputs: list[OutputSpec] = Field(min_length=1)
-    seed: int = 0
-    tokenizer: TokenizerSpec | None = None
-
-
-@dataclass(frozen=True)
-class Node:
-    """A node after validation: its operator, the signature its inputs chose, typed parameters."""
-
-    name: str
-    op: Operator
-    signature: Signature
-    inputs: dict[str, str | list[str]]
-    params: Params
-    overrides: tuple[tuple[re.Pattern[str], Params], ...]
-    include: tuple[re.Pattern[str], ...]
-    exclude: tuple[re.Pattern[str], ...]
-    seed: int
-    list_length: int | None  # how many values a list-valued node yields
-    series_steps: tuple[int, ...] | None = None  # a sequence node emitting a series: its steps
-
-    @property
-    def result(self) -> str:
-        return list_of(CHECKPOINT) if self.series_steps else self.signature.result
-
-    @property
-    def primary(self) -> str:
-        """The input an unselected key passes through from (the first slot; the first element of a list,
-        or the element the operator's ``anchor`` picks)."""
-        ref = self.inputs[next(iter(self.signature.slots))]
-        if isinstance(ref, str):
-            return ref
-        return ref[self.op.anchor(self.params, len(ref))] if self.op.anchor else ref[0]
-
-    def refs(self) -> list[str]:
-        return [r for ref in self.inputs.values() for r in ([ref] if isinstance(ref, str) else ref)]
-
-    def selects(self, key: str) -> bool:
-        """semantics §0.2: include (if any) must match, no exclude may match (re.search)."""
-        if self.include and not any(p.search(key) for p in self.include):
-            return False
-        return not any(p.search(key) for p in self.exclude)
-
-    def params_for(self, key: str) -> Params:
-        for pattern, params in self.overrides:
-            if pattern.search(key):
-                return params
-        return self.params
-
-
-@dataclass(frozen=True)
-class Output:
-    node: str
-    path: Path
-    dtype: str | None
-    shard_size: int
-    copy_files_from: str | None
-    kind: str = CHECKPOINT  # or Mask / SparseDelta: an artifact file rather than a checkpoint folder
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """A recipe that passed every check that needs no weights; models are absolute paths."""
-
-    file: Path
-    models: dict[str, str]
-    sequences: dict[str, tuple[tuple[int, str], ...]]  # name -> (step, member model) in step order
-    nodes: dict[str, Node]  # in topological order
-    outputs: tuple[Output, ...]
-    seed: int
-    resolved: dict[str, Any]  # the recipe as run (after --set, paths absolute), for provenance
-    tokenizer: TokenizerSpec | None = None
-
-    @property
-    def sha256(self) -> str:
-        canonical = json.dumps(self.resolved, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()
+from mergebench.recipe.schema import (
+    MEMORY_PATH,
+    Node,
+    NodeSpec,
+    Output,
+    OutputSpec,
+    Recipe,
+    RecipeSpec,
+    SequenceSpec,
+    parse_size,
+)
+from mergebench.recipe.yaml_lines import Locator, read_yaml
 
 
 def load_recipe(path: str | Path, sets: dict[str, str] | None = None) -> Recipe:
@@ -197,15 +47,6 @@ def load_recipe(path: str | Path, sets: dict[str, str] | None = None) -> Recipe:
     file = Path(path)
     data, lines = read_yaml(file)
     return build_recipe(data, file, lines, sets or {}, base_dir=file.resolve().parent)
-
-
-def read_yaml(file: Path) -> tuple[Any, dict[tuple[Any, ...], int]]:
-    """A recipe file's data and the line of every value in it, before any validation."""
-    try:
-        text = file.read_text()
-    except OSError as exc:
-        raise MergebenchError(f"{file}: cannot read recipe ({exc.strerror})") from None
-    return _parse_yaml(text, file)
 
 
 def build_recipe(
@@ -223,7 +64,7 @@ def build_recipe(
     Models in ``in_memory`` are not paths; ``model_types`` lets an in-memory model be a Delta;
     ``memory_sequences`` are sequences of in-memory models (step, model name).
     """
-    where = _Locator(file, lines)
+    where = Locator(file, lines)
     if not isinstance(data, dict):
         raise where.error((), "a recipe is a mapping with 'models', 'nodes' and 'outputs'")
     _apply_sets(data, sets, where)
@@ -270,7 +111,7 @@ def build_recipe(
 
 
 def _resolve_sequence(name: str, entry: str | list[str] | SequenceSpec, base_dir: Path,
-                      where: _Locator) -> list[tuple[int, str]]:
+                      where: Locator) -> list[tuple[int, str]]:
     line = where.line(("models", name))
     location = f"{where.file}:{line}: sequence '{name}'" if line else f"{where.file}: sequence '{name}'"
     if isinstance(entry, SequenceSpec):
@@ -278,7 +119,7 @@ def _resolve_sequence(name: str, entry: str | list[str] | SequenceSpec, base_dir
     return resolve_sequence(entry, None, False, base_dir, location)
 
 
-def _check_nodes(spec: RecipeSpec, where: _Locator, model_types: dict[str, str],
+def _check_nodes(spec: RecipeSpec, where: Locator, model_types: dict[str, str],
                  sequences: dict[str, tuple[tuple[int, str], ...]]) -> dict[str, Node]:
     for name in spec.nodes:
         if name in spec.models or name in sequences:
@@ -291,7 +132,7 @@ def _check_nodes(spec: RecipeSpec, where: _Locator, model_types: dict[str, str],
     return nodes
 
 
-def _check_node(name: str, spec: NodeSpec, recipe: RecipeSpec, done: dict[str, Node], where: _Locator,
+def _check_node(name: str, spec: NodeSpec, recipe: RecipeSpec, done: dict[str, Node], where: Locator,
                 model_types: dict[str, str], sequences: dict[str, tuple[tuple[int, str], ...]]) -> Node:
     loc = ("nodes", name)
     op = REGISTRY.get(spec.op)
@@ -347,7 +188,7 @@ def _series_steps(op: Operator, params: Params, spec: NodeSpec,
 
 
 def _ref_type(ref: str | list[str], recipe: RecipeSpec, done: dict[str, Node], model_types: dict[str, str],
-              where: _Locator, loc: tuple[Any, ...]) -> str:
+              where: Locator, loc: tuple[Any, ...]) -> str:
     if isinstance(ref, list):
         if not ref:
             raise where.error(loc, "an input list must not be empty")
@@ -364,7 +205,7 @@ def _ref_type(ref: str | list[str], recipe: RecipeSpec, done: dict[str, Node], m
     raise where.error(loc, f"node '{loc[1]}': input '{ref}' names no model or node")
 
 
-def _validate_params(op: Operator, values: dict[str, Any], where: _Locator, loc: tuple[Any, ...],
+def _validate_params(op: Operator, values: dict[str, Any], where: Locator, loc: tuple[Any, ...],
                      node: str) -> Params:
     try:
         return op.params.model_validate(values)
@@ -372,14 +213,14 @@ def _validate_params(op: Operator, values: dict[str, Any], where: _Locator, loc:
         raise where.pydantic(exc, loc, prefix=f"node '{node}' ({op.name}): ") from None
 
 
-def _compile(pattern: str, where: _Locator, loc: tuple[Any, ...]) -> re.Pattern[str]:
+def _compile(pattern: str, where: Locator, loc: tuple[Any, ...]) -> re.Pattern[str]:
     try:
         return re.compile(pattern)
     except re.error as exc:
         raise where.error(loc, f"invalid regular expression {pattern!r}: {exc}") from None
 
 
-def _topological_order(spec: RecipeSpec, where: _Locator) -> list[str]:
+def _topological_order(spec: RecipeSpec, where: Locator) -> list[str]:
     order: list[str] = []
     state: dict[str, str] = {}
 
@@ -403,7 +244,7 @@ def _topological_order(spec: RecipeSpec, where: _Locator) -> list[str]:
 
 
 def _check_output(i: int, out: OutputSpec, nodes: dict[str, Node], models: dict[str, str],
-                  sequences: dict[str, tuple[tuple[int, str], ...]], base_dir: Path, where: _Locator,
+                  sequences: dict[str, tuple[tuple[int, str], ...]], base_dir: Path, where: Locator,
                   in_memory: frozenset[str]) -> Output:
     loc = ("outputs", i)
     if out.from_ in nodes:
@@ -450,7 +291,7 @@ def _output_path(base_dir: Path, given: str) -> Path:
     return path.parent.resolve() / path.name
 
 
-def _check_output_paths(outputs: tuple[Output, ...], recipe_file: Path, where: _Locator) -> None:
+def _check_output_paths(outputs: tuple[Output, ...], recipe_file: Path, where: Locator) -> None:
     """No two outputs at one path or one inside another; none at the recipe's folder or above it."""
     on_disk = {i: out.path for i, out in enumerate(outputs) if str(out.path) != MEMORY_PATH}
     recipe = Path(recipe_file).resolve() if Path(recipe_file).is_file() else None
@@ -482,7 +323,7 @@ def primary_model(recipe: Recipe, ref: str) -> str:
     return _primary_model(ref, recipe.nodes, recipe.sequences)
 
 
-def _apply_sets(data: dict[str, Any], sets: dict[str, Any], where: _Locator) -> None:
+def _apply_sets(data: dict[str, Any], sets: dict[str, Any], where: Locator) -> None:
     for target, value in sets.items():
         node, _, param = target.partition(".")
         nodes = data.get("nodes")
@@ -498,76 +339,3 @@ def _apply_sets(data: dict[str, Any], sets: dict[str, Any], where: _Locator) -> 
                 problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
                 raise MergebenchError(f"--set {target}={value}: not a valid YAML value ({problem})") from None
         nodes[node]["params"][param] = value
-
-
-class _Locator:
-    """Turns a path inside the recipe document into ``file:line: message``."""
-
-    def __init__(self, file: Path, lines: dict[tuple[Any, ...], int]):
-        self.file = file
-        self.lines = lines
-
-    def line(self, loc: tuple[Any, ...]) -> int | None:
-        for end in range(len(loc), -1, -1):
-            if loc[:end] in self.lines:
-                return self.lines[loc[:end]]
-        return None
-
-    def error(self, loc: tuple[Any, ...], message: str) -> MergebenchError:
-        return located(self.file, self.line(loc), message)
-
-    def pydantic(self, exc: ValidationError, loc: tuple[Any, ...], prefix: str = "") -> MergebenchError:
-        first = exc.errors()[0]
-        field_loc = tuple("from" if part == "from_" else part for part in first["loc"])
-        full = (*loc, *field_loc)
-        name = ".".join(str(p) for p in full) or "recipe"
-        message = first["msg"]
-        if first["type"] == "extra_forbidden":
-            message = "unknown name"
-        elif first["type"] == "missing":
-            message = "required but missing"
-        return self.error(full, f"{prefix}{name}: {message}")
-
-
-def _parse_yaml(text: str, file: Path) -> tuple[Any, dict[tuple[Any, ...], int]]:
-    """yaml.safe_load, plus the line of every mapping value and list item, with a node budget."""
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark else None
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise located(file, line, f"YAML syntax error: {problem}") from None
-    lines: dict[tuple[Any, ...], int] = {}
-    budget = [MAX_YAML_NODES]
-    constructor = yaml.SafeLoader("")
-
-    def convert(node: yaml.Node, path: tuple[Any, ...]) -> Any:
-        budget[0] -= 1
-        if budget[0] < 0:
-            raise located(file, node.start_mark.line + 1, "recipe too large (more than "
-                          f"{MAX_YAML_NODES} YAML values; an alias bomb?)")
-        if node.tag not in PLAIN_YAML_TAGS:
-            raise located(file, node.start_mark.line + 1, f"YAML tag {node.tag!r} is not allowed in a recipe "
-                                                          f"(only plain values, lists and mappings)")
-        lines.setdefault(path, node.start_mark.line + 1)
-        if isinstance(node, yaml.MappingNode):
-            result = {}
-            for key_node, value_node in node.value:
-                key = convert(key_node, (*path, "<key>"))
-                if not isinstance(key, (str, int, float, bool)):
-                    raise located(file, key_node.start_mark.line + 1, "mapping keys must be plain values")
-                if key in result:
-                    raise located(file, key_node.start_mark.line + 1,
-                                  f"duplicate key {key!r} (first on line {lines[(*path, key)]})")
-                lines[(*path, key)] = key_node.start_mark.line + 1
-                result[key] = convert(value_node, (*path, key))
-            return result
-        if isinstance(node, yaml.SequenceNode):
-            return [convert(item, (*path, i)) for i, item in enumerate(node.value)]
-        return constructor.construct_object(node, deep=True)
-
-    if root is None:
-        raise located(file, None, "the recipe is empty")
-    return convert(root, ()), lines
-

@@ -1,0 +1,167 @@
+"""What a recipe may say (the pydantic schema of the YAML) and what a validated one is (Recipe, Node, Output)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from mergebench.operators.base import CHECKPOINT, Operator, Params, Signature, list_of
+
+MEMORY_PATH = "<memory>"  # an output kept in memory (the eager API): any value type, no files
+OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from an int or a string with a unit (``500MB``, ``5GB``, ``1GiB``)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value <= 0:
+            raise ValueError("must be positive")
+        return value
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(value))
+    if not match or match.group(2).upper() not in _UNITS:
+        raise ValueError(f"{value!r} is not a size such as 500MB, 5GB or 1GiB")
+    try:
+        size = int(Decimal(match.group(1)) * _UNITS[match.group(2).upper()])
+    except InvalidOperation:
+        raise ValueError(f"{value!r} is not a size such as 500MB, 5GB or 1GiB") from None
+    if size <= 0:
+        raise ValueError("must be positive")
+    return size
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class OverrideSpec(_Strict):
+    match: str
+    params: dict[str, Any]
+
+
+class NodeSpec(_Strict):
+    op: str
+    inputs: dict[str, str | list[str]]
+    params: dict[str, Any] = Field(default_factory=dict)
+    overrides: list[OverrideSpec] = Field(default_factory=list)
+    include: list[str] = Field(default_factory=list)
+    exclude: list[str] = Field(default_factory=list)
+    seed: int | None = None
+
+
+class OutputSpec(_Strict):
+    from_: str = Field(alias="from")
+    path: str
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    shard_size: int | str = "5GB"
+    copy_files_from: str | None = None
+
+    @field_validator("shard_size")
+    @classmethod
+    def _valid_size(cls, value: int | str) -> int | str:
+        parse_size(value)
+        return value
+
+
+class SequenceSpec(_Strict):
+    paths: str | list[str]
+    steps: list[int] | None = None
+    allow_gaps: bool = False
+
+
+class TokenizerSpec(_Strict):
+    """How to merge models whose vocabularies differ (mergebench.surgery.vocab)."""
+
+    source: str = Field(description="base, union, or a model's name: the output vocabulary")
+    pad_to_multiple_of: int | None = Field(None, ge=1)
+    embeddings: str | None = Field(None, description="regex of embedding-like keys (default: the usual names)")
+
+
+class RecipeSpec(_Strict):
+    models: dict[str, str | list[str] | SequenceSpec]
+    nodes: dict[str, NodeSpec]
+    outputs: list[OutputSpec] = Field(min_length=1)
+    seed: int = 0
+    tokenizer: TokenizerSpec | None = None
+
+
+@dataclass(frozen=True)
+class Node:
+    """A node after validation: its operator, the signature its inputs chose, typed parameters."""
+
+    name: str
+    op: Operator
+    signature: Signature
+    inputs: dict[str, str | list[str]]
+    params: Params
+    overrides: tuple[tuple[re.Pattern[str], Params], ...]
+    include: tuple[re.Pattern[str], ...]
+    exclude: tuple[re.Pattern[str], ...]
+    seed: int
+    list_length: int | None  # how many values a list-valued node yields
+    series_steps: tuple[int, ...] | None = None  # a sequence node emitting a series: its steps
+
+    @property
+    def result(self) -> str:
+        return list_of(CHECKPOINT) if self.series_steps else self.signature.result
+
+    @property
+    def primary(self) -> str:
+        """The input an unselected key passes through from (the first slot; the first element of a list,
+        or the element the operator's ``anchor`` picks)."""
+        ref = self.inputs[next(iter(self.signature.slots))]
+        if isinstance(ref, str):
+            return ref
+        return ref[self.op.anchor(self.params, len(ref))] if self.op.anchor else ref[0]
+
+    def refs(self) -> list[str]:
+        return [r for ref in self.inputs.values() for r in ([ref] if isinstance(ref, str) else ref)]
+
+    def selects(self, key: str) -> bool:
+        """semantics §0.2: include (if any) must match, no exclude may match (re.search)."""
+        if self.include and not any(p.search(key) for p in self.include):
+            return False
+        return not any(p.search(key) for p in self.exclude)
+
+    def params_for(self, key: str) -> Params:
+        for pattern, params in self.overrides:
+            if pattern.search(key):
+                return params
+        return self.params
+
+
+@dataclass(frozen=True)
+class Output:
+    node: str
+    path: Path
+    dtype: str | None
+    shard_size: int
+    copy_files_from: str | None
+    kind: str = CHECKPOINT  # or Mask / SparseDelta: an artifact file rather than a checkpoint folder
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A recipe that passed every check that needs no weights; models are absolute paths."""
+
+    file: Path
+    models: dict[str, str]
+    sequences: dict[str, tuple[tuple[int, str], ...]]  # name -> (step, member model) in step order
+    nodes: dict[str, Node]  # in topological order
+    outputs: tuple[Output, ...]
+    seed: int
+    resolved: dict[str, Any]  # the recipe as run (after --set, paths absolute), for provenance
+    tokenizer: TokenizerSpec | None = None
+
+    @property
+    def sha256(self) -> str:
+        canonical = json.dumps(self.resolved, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
