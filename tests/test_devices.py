@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_merge
+from conftest import run_merge, write_recipe
 from mergebench.io.activations import record_activations, save_activations
-from mergebench.operators.base import REGISTRY
+from mergebench.operators.base import CHECKPOINT, REGISTRY, list_of
 from mergebench.synthetic import llama_config, llama_state_dict, save_checkpoint
 
 TINY = ["base", "ft1", "ft2"]
@@ -26,7 +26,7 @@ TASKS = {"base": "base", "models": ["ft1", "ft2"]}
 MLP_LAYERS = ["0", "2", "4"]
 
 # operator -> (nodes, the node written as a checkpoint, or as an artifact file when it ends in .safetensors)
-CASES: dict[str, tuple[dict, str]] = {
+SPECIAL: dict[str, tuple[dict, str]] = {
     "wise_ft": ({"x": {"op": "wise_ft", "inputs": {"zero_shot": "base", "fine_tuned": "ft1"},
                        "params": {"alpha": 0.3}}}, "x"),
     "linear": ({"x": {"op": "linear", "inputs": {"models": TINY}, "params": {"weights": [1, 2, 3]}}}, "x"),
@@ -48,10 +48,7 @@ CASES: dict[str, tuple[dict, str]] = {
                "x": {"op": "apply", "inputs": {"base": "base", "delta": "t"}}}, "x"),
     "apply": ({"d": {"op": "delta", "inputs": TASKS},
                "x": {"op": "apply", "inputs": {"base": "base", "delta": "d"}, "params": {"scale": 0.5}}}, "x"),
-    "breadcrumbs": ({"x": {"op": "breadcrumbs", "inputs": TASKS}}, "x"),
-    "bitdelta": ({"x": {"op": "bitdelta", "inputs": {"fine_tuned": "ft1", "base": "base"}}}, "x"),
     "slerp": ({"x": {"op": "slerp", "inputs": {"a": "ft1", "b": "ft2"}, "params": {"t": 0.3}}}, "x"),
-    "lines": ({"x": {"op": "lines", "inputs": {"base": "base", "fine_tuned": "ft1"}}}, "x"),
     "mask_topk": (MASKS, "m1.safetensors"),
     "mask_union": ({**MASKS, "u": {"op": "mask_union", "inputs": {"masks": ["m1", "m2"]}}}, "u.safetensors"),
     "mask_intersection": ({**MASKS, "i": {"op": "mask_intersection", "inputs": {"masks": ["m1", "m2"]}}},
@@ -81,9 +78,40 @@ CASES: dict[str, tuple[dict, str]] = {
 }
 
 
+def _derived(op) -> tuple[dict, str] | None:
+    """A case for an operator whose every slot takes Checkpoints and that gives a Checkpoint: its first
+    signature wired to the tiny Llamas (single slots to base, ft1, ft2 in turn; list slots to all three)."""
+    signature = op.signatures[0]
+    if signature.result != CHECKPOINT or any(types not in ((CHECKPOINT,), (list_of(CHECKPOINT),))
+                                             for types in signature.slots.values()):
+        return None
+    singles = iter(TINY)
+    inputs = {slot: TINY if types == (list_of(CHECKPOINT),) else next(singles)
+              for slot, types in signature.slots.items()}
+    return {"x": {"op": op.name, "inputs": inputs}}, "x"
+
+
+SHIPPED = {name: op for name, op in REGISTRY.items() if op.fn.__module__.startswith("mergebench.")}  # not tests'
+# operator -> (nodes, the node written as a checkpoint, or as an artifact file when it ends in .safetensors):
+# derived for plain Checkpoint operators, written by hand where parameters or other inputs matter
+CASES: dict[str, tuple[dict, str]] = {
+    **{name: case for name, op in SHIPPED.items() if (case := _derived(op)) is not None}, **SPECIAL}
+
+
 def test_every_operator_has_a_device_case():
-    shipped = {name for name, op in REGISTRY.items() if op.fn.__module__.startswith("mergebench.")}  # not tests'
-    assert set(CASES) == shipped
+    assert set(CASES) == set(SHIPPED)
+    assert {"bitdelta", "breadcrumbs", "lines"} <= set(CASES) - set(SPECIAL)  # derived, not written
+
+
+@pytest.mark.parametrize("op", sorted(CASES))
+def test_every_device_case_is_a_valid_recipe(tmp_path, inputs, op):
+    """Checked here, on the CPU, so that the CUDA comparison never fails on a case that was wrong."""
+    import mergebench as mb
+
+    nodes, written = CASES[op]
+    recipe = write_recipe(tmp_path / "case.yaml", _case_doc(inputs, tmp_path / "out", nodes, written))
+    planned = mb.plan(recipe)
+    assert {Path(o.path).name for o in planned.graph.outputs} == set(written.split())
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +135,7 @@ def inputs(tmp_path_factory) -> Path:
     return folder
 
 
-def _run(cli, inputs: Path, out: Path, op: str, device: str) -> dict[str, dict[str, torch.Tensor]]:
-    nodes, written = CASES[op]
+def _case_doc(inputs: Path, out: Path, nodes: dict, written: str) -> dict:
     models = {name: str(inputs / name) for name in ("base", "ft1", "ft2", "mlp_a", "mlp_b")}
     models.update({"run": str(inputs / "run" / "checkpoint-*"), "acts_a": str(inputs / "acts_a.safetensors"),
                    "acts_b": str(inputs / "acts_b.safetensors")})
@@ -116,7 +143,12 @@ def _run(cli, inputs: Path, out: Path, op: str, device: str) -> dict[str, dict[s
             for ref in ([refs] if isinstance(refs, str) else refs)}
     outputs = [{"from": name.removesuffix(".safetensors"), "path": str(out / name),
                 **({} if name.endswith(".safetensors") else {"dtype": "float32"})} for name in written.split()]
-    doc = {"models": {m: p for m, p in models.items() if m in used}, "nodes": nodes, "outputs": outputs}
+    return {"models": {m: p for m, p in models.items() if m in used}, "nodes": nodes, "outputs": outputs}
+
+
+def _run(cli, inputs: Path, out: Path, op: str, device: str) -> dict[str, dict[str, torch.Tensor]]:
+    nodes, written = CASES[op]
+    doc = _case_doc(inputs, out, nodes, written)
     written_back = run_merge(cli, out.parent, doc, "--device", device, recipe=out.with_suffix(".yaml").name)
     return {name: written_back[str(out / name)] for name in written.split()}
 
