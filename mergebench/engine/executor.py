@@ -25,13 +25,13 @@ from mergebench.engine.graph import Graph, OutputPlan
 from mergebench.engine.key_values import (
     KeyValues,
     environments,
-    key_statistics,
     output_value,
     sliced_output_values,
+    start_key,
     tensors_of,
 )
 from mergebench.engine.pipeline import Sink, Value, give_back, prefetch
-from mergebench.engine.slicing import in_slices, sliceable_output
+from mergebench.engine.slicing import sliceable_output
 from mergebench.engine.stages import Stage, statistics_stages
 from mergebench.engine.staging import finish, uses_pinned_buffers
 from mergebench.recipe import Node
@@ -116,15 +116,14 @@ def _compute_key(graph: Graph, key: str, raw: dict[str, torch.Tensor], plans: li
                  pool: BufferPool | None) -> _KeyResult:
     """Every pending output's value at ``key``: its key passes, then the values, in slices when it can."""
     refs = [plan.output.node for plan in plans]
-    sliced = in_slices(graph, key, refs, raw, device) and all(sliceable_output(graph, plan, key) for plan in plans)
-    memos: dict[int, dict] = {}  # per slice: what a key's sweeps share (DARE's drop masks)
-    key_stats = key_statistics(graph, key, refs, raw, device, stats, sliced, memos)
+    begun = start_key(graph, key, refs, raw, device, stats, all(sliceable_output(graph, plan, key) for plan in plans))
     read = sum(t.nbytes for t in raw.values())
-    if sliced:
-        values = sliced_output_values(graph, key, plans, raw, device, key_stats, allow_non_finite, pool, memos)
+    if begun.sliced:
+        values = sliced_output_values(graph, key, plans, raw, device, begun.stats, allow_non_finite, pool,
+                                      begun.memos)
         give_back(pool, raw.values())  # nothing computed in slices refers to the inputs
         return _KeyResult(values, list(values), read)
-    env = KeyValues(graph, key, raw, device, key_stats, memo=memos.setdefault(0, {}))
+    env = KeyValues(graph, key, raw, device, begun.stats, memo=begun.memos.setdefault(0, {}))
     values = [output_value(graph, plan, env, allow_non_finite, pool) for plan in plans]
     finish(device)  # the outputs' copies to the host are complete, the inputs' copies to the device too
     # an output may be an input's buffer: the inputs are reused once the outputs are written
@@ -182,12 +181,10 @@ def _statistics_pass(graph: Graph, stage: Stage, device: torch.device, stats: di
             active = [(node, stat_pass, state) for (node, stat_pass), state in zip(entries, states)
                       if counts(node, key) and graph.is_floating(node.name, key)]
             refs = [r for node, _, _ in active for r in node.refs()]
-            sliced = (all(stat_pass.sliceable for _, stat_pass, _ in active)
-                      and in_slices(graph, key, refs, raw, device))
-            memos: dict[int, dict] = {}
-            key_stats = key_statistics(graph, key, refs, raw, device, stats, sliced, memos)
+            begun = start_key(graph, key, refs, raw, device, stats,
+                              all(stat_pass.sliceable for _, stat_pass, _ in active))
             lazy_bytes = 0
-            for env in environments(graph, key, raw, device, key_stats, sliced, memos):
+            for env in environments(graph, key, raw, device, begun.stats, begun.sliced, begun.memos):
                 for node, stat_pass, state in active:
                     inputs = env.inputs(node)
                     stat_pass.accumulate(state, moved(inputs, CPU) if stat_pass.host else inputs,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,6 +28,23 @@ from mergebench.operators.base import (
 from mergebench.recipe import Node
 from mergebench.surgery.layers import block_index_for
 from mergebench.surgery.numerics import compute_dtype
+
+
+@dataclass(frozen=True)
+class KeyStart:
+    """What every pass does first at a key: decide whether it goes in slices, and run its key passes."""
+
+    sliced: bool
+    stats: dict[str, Any]  # the run's statistics with this key's own (key passes) added
+    memos: dict[int, dict]  # per slice: what the key's sweeps keep (``KeyContext.cached``)
+
+
+def start_key(graph: Graph, key: str, refs: list[str], raw: dict[str, torch.Tensor], device: torch.device,
+              stats: dict[str, Any], may_slice: bool) -> KeyStart:
+    """Slices when the nodes ``refs`` reach allow them (``may_slice``) and the key is large; then the key passes."""
+    sliced = may_slice and slicing.in_slices(graph, key, refs, raw, device)
+    memos: dict[int, dict] = {}
+    return KeyStart(sliced, key_statistics(graph, key, refs, raw, device, stats, sliced, memos), memos)
 
 
 def output_value(graph: Graph, plan: OutputPlan, env: KeyValues, allow_non_finite: bool = False,
