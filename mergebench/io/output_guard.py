@@ -45,14 +45,19 @@ def committed_identity(out: Path) -> str | None:
     return identity if isinstance(identity, str) else None
 
 
+def _metadata(path: Path) -> dict[str, str]:
+    """A regular safetensors file's metadata; empty for anything else (a link, a folder, not safetensors)."""
+    if path.is_symlink() or not path.is_file():
+        return {}
+    try:
+        return read_header(path).metadata
+    except (MergebenchError, OSError):
+        return {}
+
+
 def artifact_recipe(out: Path) -> tuple[str, str] | None:
     """(recipe sha256, node) from a mergebench artifact's metadata, if it is one."""
-    if out.is_symlink() or not out.is_file():
-        return None
-    try:
-        metadata = read_header(out).metadata
-    except (MergebenchError, OSError):
-        return None
+    metadata = _metadata(out)
     recipe, node = metadata.get("mergebench_recipe_sha256"), metadata.get("node")
     return (recipe, node) if recipe and node else None
 
@@ -101,13 +106,7 @@ def _check_folder(out: Path, refuse: str) -> None:
 
 
 def _written_by_mergebench(path: Path, field: str) -> bool:
-    if path.is_symlink() or not path.is_file():
-        return False
-    try:
-        metadata = read_header(path).metadata
-    except (MergebenchError, OSError):
-        return False
-    value = metadata.get(field)
+    value = _metadata(path).get(field)
     return isinstance(value, str) and (field != "created_by" or value.startswith("mergebench"))
 
 
