@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 
 import pytest
 import torch
@@ -125,3 +126,22 @@ def test_transformers_llama_saved_merged_and_reloaded(tmp_path, cli):
     with torch.no_grad():
         logits = merged(torch.tensor([[1, 5, 7, 9]])).logits
     assert logits.shape == (1, 4, 100) and torch.isfinite(logits).all()
+
+
+def test_plan_and_extract_from_python(tmp_path, llama_models):
+    import mergebench as mb
+    from mergebench.io.artifacts import load_artifact
+
+    folders, states, _ = llama_models()
+    recipe = write_recipe(tmp_path / "ties.yaml", {
+        "models": {k: str(v) for k, v in folders.items()},
+        "nodes": {"t": {"op": "ties", "inputs": {"base": "base", "models": ["ft1", "ft2"]}}},
+        "outputs": [{"from": "t", "path": "out"}]})
+    planned = mb.plan(recipe)
+    assert planned.passes == 4 and planned.bytes_written == sum(v.nbytes for v in states["base"].values())
+    assert not (tmp_path / "out").exists()  # a plan writes nothing
+    mb.extract(folders["base"], folders["ft1"], tmp_path / "ft1.safetensors", proportion=0.1)
+    sparse = load_artifact(tmp_path / "ft1.safetensors")
+    delta = {k: states["ft1"][k].float() - states["base"][k].float() for k in states["base"]}
+    kept = sum(int((v != 0).sum()) for v in sparse.values())
+    assert kept == int(Decimal("0.1") * sum(v.numel() for v in delta.values()))  # global top-k; random deltas tie not
