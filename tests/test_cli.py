@@ -110,3 +110,13 @@ def test_plan_estimates_two_keys_side_by_side_one_read_ahead_two_waiting_for_the
     assert estimate({"op": "linear", "inputs": {"models": ["m0", "m1"]}}) == 40000 + 20000 + 40 + 40
     # SLERP is not elementwise: whole float32 values too, (2 models + 1 node + 1) per element
     assert estimate({"op": "slerp", "inputs": {"a": "m0", "b": "m1"}}) == 40000 + 20000 + 80000 + 40 + 40
+
+
+def test_importing_the_cli_does_not_import_torch():
+    """``mergebench --help`` answers at once: the CLI module leaves torch to the commands that need it."""
+    import subprocess
+    import sys
+
+    probe = "import sys, mergebench.cli.app; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
