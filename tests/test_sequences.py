@@ -218,3 +218,23 @@ def test_a_series_from_one_pass(tmp_path, cli):
     expected = ops.momentum_interp(init=states[200], sequence=prefix, tau=0.9)
     out = read_checkpoint(tmp_path / "slow-series" / "step-800")
     assert all(torch.equal(out[k], expected[k]) for k in expected)
+
+
+def test_a_list_of_model_names_is_a_sequence_in_that_order(tmp_path, cli):
+    run = {100: T([0.0, 1, 2]), 200: T([4.0, 8, -4]), 300: T([10.0, 0, 5])}
+    for step, value in run.items():
+        save_file({"w": value}, tmp_path / f"checkpoint-{step}.safetensors")
+        save_file({"w": value}, tmp_path / f"plain-{step // 100}.safetensors")  # no step in the name
+    named = {f"c{i}": f"checkpoint-{step}.safetensors" for i, step in enumerate(run)}
+    plain = {f"p{i}": f"plain-{i + 1}.safetensors" for i in range(3)}
+    params = {"lag": 7, "multiplier": 9}
+    outputs = run_merge(cli, tmp_path, {
+        "models": {**named, **plain, "run": "checkpoint-*.safetensors"},
+        "nodes": {"listed": {"op": "bema", "inputs": {"sequence": list(named)}, "params": params},
+                  "globbed": {"op": "bema", "inputs": {"sequence": "run"}, "params": params},
+                  "unnumbered": {"op": "bema", "inputs": {"sequence": list(plain)}, "params": params}},
+        "outputs": [{"from": n, "path": n} for n in ("listed", "globbed", "unnumbered")]})
+    assert torch.equal(outputs["listed"]["w"], outputs["globbed"]["w"])  # steps 100, 200, 300 from the names
+    expected = ops.bema(sequence={0: run[100], 1: run[200], 2: run[300]}, **params)  # steps 0, 1, 2
+    assert torch.equal(outputs["unnumbered"]["w"], expected)
+    assert not torch.equal(outputs["unnumbered"]["w"], outputs["listed"]["w"])  # the steps matter to BEMA

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from mergebench.errors import MergebenchError
 from mergebench.io.artifacts import artifact_type
-from mergebench.io.sequences import is_glob, resolve_sequence
+from mergebench.io.sequences import is_glob, resolve_sequence, step_of
 from mergebench.operators.base import (
     ARTIFACT_TYPES,
     CHECKPOINT,
@@ -89,6 +89,7 @@ def build_recipe(
             models.update({f"{name}@{step}": path for step, path in members})
     for name, members in (memory_sequences or {}).items():
         sequences[name] = tuple(members)
+    sequences.update(_listed_sequences(spec, models, set(sequences) | set(artifact_types), in_memory))
     types = {**(model_types or {}), **artifact_types, **dict.fromkeys(sequences, SEQUENCE)}
     nodes = _check_nodes(spec, where, types, sequences)
     outputs = tuple(_check_output(i, out, nodes, models, sequences, base_dir, where, in_memory)
@@ -108,6 +109,34 @@ def build_recipe(
     if spec.tokenizer and spec.tokenizer.embeddings:
         _compile(spec.tokenizer.embeddings, where, ("tokenizer", "embeddings"))
     return Recipe(file, models, sequences, nodes, outputs, spec.seed, resolved, spec.tokenizer)
+
+
+def _listed_sequences(spec: RecipeSpec, models: dict[str, str], not_checkpoints: set[str],
+                      in_memory: frozenset[str]) -> dict[str, tuple[tuple[int, str], ...]]:
+    """A Sequence slot given a list of model names is the sequence of those models, in that order.
+
+    Its steps come from the models' paths (``checkpoint-500``) when every path has one and they rise in
+    the order given, else they are 0..n-1. The node's input is rewired to the sequence, named
+    ``NODE.SLOT``; the list itself stays a list wherever a slot takes one.
+    """
+    listed: dict[str, tuple[tuple[int, str], ...]] = {}
+    for node_name, node in spec.nodes.items():
+        op = REGISTRY.get(node.op)
+        if op is None:
+            continue  # reported by the node's own check
+        for slot, ref in list(node.inputs.items()):
+            takes = {t for sig in op.signatures for t in sig.slots.get(slot, ())}
+            if not isinstance(ref, list) or SEQUENCE not in takes or list_of(CHECKPOINT) in takes or not ref:
+                continue
+            if not all(r in models and r not in not_checkpoints for r in ref):
+                continue
+            steps = [None if r in in_memory else step_of(models[r]) for r in ref]
+            if None in steps or any(b <= a for a, b in zip(steps, steps[1:])):
+                steps = list(range(len(ref)))
+            name = f"{node_name}.{slot}"
+            listed[name] = tuple(zip(steps, ref))
+            node.inputs[slot] = name
+    return listed
 
 
 def _resolve_sequence(name: str, entry: str | list[str] | SequenceSpec, base_dir: Path,
