@@ -123,6 +123,7 @@ CASES = {
     "FIFO as a weight file": (lambda r: ["run", _recipe(r, models={"base": "base",
                                                                    "ft": str(_fifo(r / "w.safetensors"))})],
                               "expected a safetensors file, found a FIFO"),
+    "FIFO as the recipe": (lambda r: ["run", _fifo(r / "fifo.yaml")], "fifo.yaml: expected a recipe, found a FIFO"),
     "FIFO as the tokenizer": (lambda r: ["run", _recipe(r)] if _fifo(r / "ft" / "tokenizer.json") else [],
                               "tokenizer.json: expected a tokenizer file, found a FIFO"),
     "index that is not JSON": (lambda r: ["run", _recipe(r, models={"base": "base", "ft": str(_index(r))})],

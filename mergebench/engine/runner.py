@@ -23,8 +23,9 @@ from mergebench.engine.outputs import (
 )
 from mergebench.errors import MergebenchError
 from mergebench.io.checkpoint import reserve_descriptors
+from mergebench.io.output_guard import check_may_replace
 from mergebench.io.sources import Source
-from mergebench.io.writer import CheckpointWriter, OutputError, OutputLock, Writer, check_may_replace
+from mergebench.io.writer import CheckpointWriter, OutputError, OutputLock, Writer
 from mergebench.recipe import Recipe
 from mergebench.value_types import ARTIFACT_TYPES
 
@@ -114,9 +115,9 @@ def run_recipe(recipe: Recipe, options: RunOptions = RunOptions(), sources: Mapp
         reserve_descriptors(sum(len(source.file_states()) for source in graph.sources.values()))
         for plan in sorted(graph.outputs, key=lambda p: str(p.path)):
             locks.enter_context(OutputLock(plan.path))
-        for plan in graph.outputs:
-            check_may_replace(plan.path, force or (resume and finished_by_this_run(graph, plan)),
-                              artifact=plan.output.kind in ARTIFACT_TYPES)
+        replace = [force or (resume and finished_by_this_run(graph, plan)) for plan in graph.outputs]
+        for plan, may in zip(graph.outputs, replace):
+            check_may_replace(plan.path, may, artifact=plan.output.kind in ARTIFACT_TYPES)
         check_free_space(graph.outputs)
         writers: list[Writer] = []
         try:
@@ -133,8 +134,8 @@ def run_recipe(recipe: Recipe, options: RunOptions = RunOptions(), sources: Mapp
                                 "files_not_copied": skipped})
             for writer in writers:
                 writer.prepare()
-            for plan, writer in zip(graph.outputs, writers):
-                writer.commit(force or (resume and finished_by_this_run(graph, plan)))
+            for writer, may in zip(writers, replace):
+                writer.commit(may)
         except MergebenchError as exc:
             for writer in writers:
                 writer.close() if isinstance(exc, OutputError) else writer.abort()

@@ -30,8 +30,8 @@ import torch
 
 from mergebench.errors import MergebenchError
 from mergebench.io.checkpoint import Checkpoint, file_states, sampled_fingerprint
+from mergebench.io.output_guard import check_may_replace
 from mergebench.io.safetensors_format import TensorInfo, encode_header, read_header
-from mergebench.io.writer import check_may_replace
 from mergebench.surgery.layers import BlockIndex
 from mergebench.value_types import ACTIVATIONS, MASK, SPARSE_DELTA
 

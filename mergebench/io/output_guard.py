@@ -62,6 +62,15 @@ def artifact_recipe(out: Path) -> tuple[str, str] | None:
     return (recipe, node) if recipe and node else None
 
 
+def check_may_replace(out: Path, force: bool, artifact: bool) -> None:
+    """An existing output is an error without ``force``; with it, only an earlier mergebench output goes."""
+    if not os.path.lexists(out):
+        return
+    if not force:
+        raise MergebenchError(f"{out}: already exists (use --force to replace it)")
+    check_replaceable(out, artifact)
+
+
 def check_replaceable(out: Path, artifact: bool) -> None:
     """Raise unless ``out`` is absent or an earlier mergebench output of the same kind (folder or file)."""
     try:

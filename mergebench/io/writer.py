@@ -28,7 +28,7 @@ from typing import Protocol
 import torch
 
 from mergebench.errors import MergebenchError
-from mergebench.io.output_guard import MANIFEST_NAME, check_replaceable, check_scratch, write_manifest
+from mergebench.io.output_guard import MANIFEST_NAME, check_may_replace, check_scratch, write_manifest
 from mergebench.io.safetensors_format import encode_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -155,9 +155,7 @@ class CheckpointWriter:
         except MergebenchError:
             if self.done:
                 raise
-            for fd in self._fds:
-                os.close(fd)
-            self._fds.clear()
+            self._close_files()
             self._where.clear()
             return False
         return True
@@ -299,6 +297,9 @@ class CheckpointWriter:
         with contextlib.suppress(OutputError):  # raised already, or the run is stopping for another reason
             self._wait_for_sync()  # its file descriptors must stay open until it is done
         self._syncer.shutdown()
+        self._close_files()
+
+    def _close_files(self) -> None:
         for fd in self._fds:
             os.close(fd)
         self._fds.clear()
@@ -317,15 +318,6 @@ def _what_changed(before: list[int], now: list[int]) -> str:
     fields = ("device", "inode (the file was replaced)", "size", "modification time", "change time (it was "
               "written to)")
     return "changed: its " + ", ".join(name for name, a, b in zip(fields, before, now) if a != b)
-
-
-def check_may_replace(out: Path, force: bool, artifact: bool) -> None:
-    """An existing output is an error without ``force``; with it, only an earlier mergebench output goes."""
-    if not os.path.lexists(out):
-        return
-    if not force:
-        raise MergebenchError(f"{out}: already exists (use --force to replace it)")
-    check_replaceable(out, artifact)
 
 
 def _unused_name(path: Path, suffix: str) -> Path:

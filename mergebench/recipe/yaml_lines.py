@@ -13,6 +13,7 @@ import yaml
 from pydantic import ValidationError
 
 from mergebench.errors import MergebenchError, located
+from mergebench.io.reading import read_text
 
 MAX_YAML_NODES = 100_000
 # What yaml.safe_load resolves plain scalars, lists and mappings to. Anything else is an explicit tag
@@ -23,11 +24,7 @@ PLAIN_YAML_TAGS = frozenset(f"tag:yaml.org,2002:{name}" for name in
 
 def read_yaml(file: Path) -> tuple[Any, dict[tuple[Any, ...], int]]:
     """A recipe file's data and the line of every value in it, before any validation."""
-    try:
-        text = file.read_text()
-    except OSError as exc:
-        raise MergebenchError(f"{file}: cannot read recipe ({exc.strerror})") from None
-    return parse_yaml(text, file)
+    return parse_yaml(read_text(file, "recipe"), file)
 
 
 class Locator:
