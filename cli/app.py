@@ -38,6 +38,8 @@ RecipeArg = Annotated[Path, typer.Argument(help="the recipe YAML file")]
 SetOpt = Annotated[list[str], typer.Option("--set", help="override a parameter: NODE.PARAM=VALUE (repeatable)")]
 PickleOpt = Annotated[bool, _flag("--allow-pickle", help="read pickled .bin/.pt weights, through "
                                                                 "torch.load(weights_only=True)")]
+OutOpt = Annotated[Path | None, typer.Option("--out", help="the output folder of a mergekit config (which names "
+                                                            "none), or of a recipe with one output")]
 ExecutorOpt = Annotated[str, typer.Option(help="local, or ray: tasks on a Ray cluster (pip install "
                                                "'mergebench[ray]'); paths must be visible to every node")]
 AddressOpt = Annotated[str | None, typer.Option(help="the Ray cluster: auto or HOST:PORT (default: start a local "
@@ -90,8 +92,9 @@ def run(
     as_json: Annotated[bool, _flag("--json", help="print the summary as JSON")] = False,
     executor: ExecutorOpt = "local",
     address: AddressOpt = None,
+    out: OutOpt = None,
 ) -> None:
-    """Run a recipe and write its outputs as Hugging Face checkpoints."""
+    """Run a recipe (or a mergekit config) and write its outputs as Hugging Face checkpoints."""
     with _user_errors():
         from mergebench.engine.runner import RunOptions, run_recipe
         from mergebench.recipe import load_recipe
@@ -99,7 +102,7 @@ def run(
         # the imports' objects (hundreds of thousands, mostly torch's) live until exit: frozen, no
         # collection scans them, during the run or at exit (where that took half a second)
         gc.freeze()
-        loaded = load_recipe(recipe, _parse_sets(set_ or []))
+        loaded = load_recipe(recipe, _parse_sets(set_ or []), out)
         show_progress = not (quiet or as_json)
         try:
             with _Progress(show_progress) as progress:
@@ -223,12 +226,32 @@ def sweep(
 
 
 @app.command()
-def plan(recipe: RecipeArg, set_: SetOpt = None, allow_pickle: PickleOpt = False) -> None:
+def convert(
+    config: Annotated[Path, typer.Argument(help="a mergekit config (YAML)")],
+    out: Annotated[Path, typer.Option("--out", help="the output path the recipe names")] = Path("merged"),
+) -> None:
+    """Print the native recipe a mergekit config translates to (validated), to move to mergebench's own dialect."""
+    with _user_errors():
+        import yaml
+
+        from mergebench.errors import MergebenchError
+        from mergebench.recipe import build_recipe, read_recipe_data
+
+        data, lines = read_recipe_data(config, out)
+        if "merge_method" not in yaml.safe_load(config.read_text()):
+            raise MergebenchError(f"{config}: not a mergekit config (it names no merge_method)")
+        build_recipe(yaml.safe_load(yaml.safe_dump(data)), config, lines, {}, base_dir=config.resolve().parent)
+    print(f"# translated from the mergekit config {config} by mergebench convert")
+    print(yaml.safe_dump(data, sort_keys=False), end="")
+
+
+@app.command()
+def plan(recipe: RecipeArg, set_: SetOpt = None, allow_pickle: PickleOpt = False, out: OutOpt = None) -> None:
     """Check a recipe against its inputs and show what a run would do: nodes, bytes, peak memory."""
     with _user_errors():
         import mergebench as mb
 
-        planned = mb.plan(recipe, _parse_sets(set_ or []), allow_pickle=allow_pickle)
+        planned = mb.plan(recipe, _parse_sets(set_ or []), allow_pickle=allow_pickle, out=out)
     graph = planned.graph
     models = Table(title="models", title_justify="left")
     for column in ("name", "path", "tensors", "size"):
@@ -264,7 +287,7 @@ def _selection(node) -> str:
         lines.append("include: " + ", ".join(p.pattern for p in node.include))
     if node.exclude:
         lines.append("exclude: " + ", ".join(p.pattern for p in node.exclude))
-    for pattern, params in node.overrides:
+    for pattern, params, _ in node.overrides:
         changed = params.model_dump(by_alias=True, exclude_unset=True)
         lines.append(f"override {pattern.pattern}: {json.dumps(changed, separators=(', ', ': '))}")
     return "".join("\n" + line for line in lines)

@@ -84,13 +84,16 @@ def load(path: str | os.PathLike[str]) -> ModelRef:
 
 def run(recipe_path: str | os.PathLike[str], set: Mapping[str, Any] | None = None, device: str = "auto",
         force: bool = False, resume: bool = False, allow_non_finite: bool = False,
-        allow_pickle: bool = False, executor: str = "local", address: str | None = None) -> RunResult:
-    """Run a YAML recipe, with ``set={"node.param": value}`` overriding parameters as ``--set`` does.
+        allow_pickle: bool = False, executor: str = "local", address: str | None = None,
+        out: str | os.PathLike[str] | None = None) -> RunResult:
+    """Run a YAML recipe or a mergekit config, with ``set={"node.param": value}`` overriding parameters as
+    ``--set`` does.
 
     The keyword flags are the CLI's ``--force``, ``--resume``, ``--allow-non-finite``, ``--allow-pickle``,
-    ``--executor`` (``"ray"``: on a Ray cluster) and ``--address``.
+    ``--executor`` (``"ray"``: on a Ray cluster), ``--address`` and ``--out`` (the output of a mergekit
+    config, or of a recipe with one output).
     """
-    recipe = load_recipe(recipe_path, dict(set or {}))
+    recipe = load_recipe(recipe_path, dict(set or {}), out)
     options = RunOptions(device=device, force=force, resume=resume, allow_non_finite=allow_non_finite,
                          allow_pickle=allow_pickle, executor=executor, address=address)
     return run_recipe(recipe, options)
@@ -123,9 +126,9 @@ class RunPlan:
 
 
 def plan(recipe_path: str | os.PathLike[str], set: Mapping[str, Any] | None = None,
-         allow_pickle: bool = False) -> RunPlan:
+         allow_pickle: bool = False, out: str | os.PathLike[str] | None = None) -> RunPlan:
     """Check a recipe against its inputs' headers and plan it (``mergebench plan``); writes nothing."""
-    graph = Graph(load_recipe(recipe_path, dict(set or {})), allow_pickle=allow_pickle)
+    graph = Graph(load_recipe(recipe_path, dict(set or {}), out), allow_pickle=allow_pickle)
     return RunPlan(graph, 1 + len(statistics_stages(graph)), graph.bytes_to_read,
                    sum(o.nbytes for o in graph.outputs), peak_memory_estimate(graph))
 

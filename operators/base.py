@@ -181,6 +181,18 @@ class StatisticsPass:
 Passes = Callable[[Params, frozenset[str]], "tuple[StatisticsPass, ...]"]
 
 
+@dataclass(frozen=True)
+class LayoutPlan:
+    """What a layout operator returns: for each of its keys (in order) the input and that input's key it
+    is, and for each of its blocks the input and block it came from (for per-layer config lists)."""
+
+    keys: dict[str, tuple[str, str]]
+    layers: list[tuple[str, int]]
+
+
+Layout = Callable[[Params, dict[str, tuple[str, ...]]], LayoutPlan]
+
+
 def no_passes(params: Params, slots: frozenset[str]) -> tuple[StatisticsPass, ...]:
     return ()
 
@@ -200,6 +212,9 @@ class Operator:
     anchor: Callable[[Params, int], int] | None = None
     elementwise: Callable[[Params], bool] = lambda params: False
     doc: str = field(default="")
+    layout: Layout | None = None  # a layout operator: this plans its keys; it computes no tensor
+    primary: Callable[[Params], str] | None = None  # the input whose files the result inherits, named by params
+    check_inputs: Callable[[Params, dict[str, Any]], str | None] | None = None  # params that name inputs
 
     def signature_for(self, slot_names: set[str]) -> Signature | None:
         for sig in self.signatures:
@@ -210,6 +225,13 @@ class Operator:
 
 
 REGISTRY: dict[str, Operator] = {}
+
+
+def _add(op: Operator) -> Operator:
+    if op.name in REGISTRY:
+        raise ValueError(f"operator '{op.name}' registered twice")
+    REGISTRY[op.name] = op
+    return op
 
 
 def check_slots(name: str, fn: Callable[..., Any], signatures: list[Signature]) -> None:
@@ -297,9 +319,31 @@ def operator(
             elementwise=elementwise if callable(elementwise) else (lambda params, fixed=elementwise: fixed),
             doc=(fn.__doc__ or "").strip(),
         )
-        if name in REGISTRY:
-            raise ValueError(f"operator '{name}' registered twice")
-        REGISTRY[name] = op
-        return op
+        return _add(op)
+
+    return register
+
+
+def layout_operator(
+    name: str,
+    *,
+    signatures: list[Signature],
+    params: type[Params],
+    primary: Callable[[Params], str],
+    check_inputs: Callable[[Params, dict[str, Any]], str | None],
+    paper: str = "",
+) -> Callable[[Layout], Operator]:
+    """Register a layout operator: ``plan(params, {input: its keys})`` says which input key each of its keys is.
+
+    It moves tensors without computing any (a stack of layer ranges), so the engine carries it out
+    by renaming keys (mergebench.engine.layout); ``primary(params)`` names the input whose config and
+    files the result inherits; ``check_inputs(params, inputs)`` checks the inputs the parameters name.
+    """
+
+    def register(plan: Layout) -> Operator:
+        op = Operator(name=name, fn=plan, params=params, signatures=tuple(signatures),
+                      execution="layout (renames keys)", paper=paper, doc=(plan.__doc__ or "").strip(),
+                      layout=plan, primary=primary, check_inputs=check_inputs)
+        return _add(op)
 
     return register

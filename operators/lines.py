@@ -25,13 +25,10 @@ from mergebench.operators.base import (
     operator,
     signature,
 )
-from mergebench.surgery.layers import BLOCK_REGEX, block_index_for
+from mergebench.surgery.layers import BEFORE_BLOCKS, BLOCK_REGEX, block_index_for
 
 SINGLE_ALPHA = 0.1
 MULTI_BETA = 0.5
-# Outside-block keys that come before the blocks (embeddings); with ``outside_blocks: split`` they get α
-# and every other outside key (final norms, heads, projections) gets α + β.
-BEFORE_BLOCKS = re.compile(r"embed|wte|wpe|position|token_type|patch|cls_token|class_embedding|conv1|ln_pre")
 
 
 class LinesParams(Params):

@@ -46,7 +46,7 @@ def _graft_vectors(inputs: dict[str, Any], p: GraftParams, ctx: KeyContext) -> l
     return [inputs["fine_tuned"] - inputs["pretrained"]]
 
 
-GRAFT_THRESHOLD = global_threshold_passes(_graft_vectors, lambda p, n: keep_count(p.sparsity, n))
+GRAFT_THRESHOLD = global_threshold_passes(_graft_vectors, lambda p, n, index: keep_count(p.sparsity, n))
 
 
 def _graft_passes(p: GraftParams, slots: frozenset[str]) -> tuple[StatisticsPass, ...]:
@@ -81,7 +81,7 @@ class MaskTopkParams(Params):
     scope: Literal["global", "per_tensor"] = Field("global", description="top-k over all selected keys or per tensor")
 
 
-def keep_for(p: MaskTopkParams, n: int) -> int:
+def keep_for(p: MaskTopkParams, n: int, index: int = 0) -> int:
     return min(p.k, n) if p.k is not None else keep_count(p.proportion, n)
 
 

@@ -5,35 +5,15 @@ from __future__ import annotations
 import math
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from mergebench.operators.base import CHECKPOINT, KeyContext, Params, operator, signature
 
 
 class SlerpParams(Params):
-    t: float | list[float] = Field(0.5, description="0 gives a, 1 gives b; a list is a per-block schedule "
-                                                    "interpolated over the blocks")
+    t: float = Field(0.5, description="0 gives a, 1 gives b (a gradient [t0, ..., tn] varies it over the blocks)")
     dot_threshold: float = Field(0.9995, description="above this |cos| the tensors count as colinear: lerp")
     eps: float = Field(1e-8, gt=0, description="a tensor with norm at most eps falls back to lerp")
-    t_outside: float = Field(0.5, description="t for keys outside blocks when t is a schedule")
-
-    @field_validator("t")
-    @classmethod
-    def _schedule_has_two_points(cls, t: float | list[float]) -> float | list[float]:
-        if isinstance(t, list) and len(t) < 2:
-            raise ValueError("a schedule needs at least 2 values")
-        return t
-
-
-def t_for(p: SlerpParams, ctx: KeyContext) -> float:
-    """The schedule read at x = ℓ/(L−1)·(m−1), linearly between its points."""
-    if not isinstance(p.t, list):
-        return p.t
-    if ctx.block is None:
-        return p.t_outside
-    x = ctx.block / (ctx.num_blocks - 1) * (len(p.t) - 1) if ctx.num_blocks > 1 else 0.0
-    low = min(int(math.floor(x)), len(p.t) - 2)
-    return p.t[low] + (x - low) * (p.t[low + 1] - p.t[low])
 
 
 @operator(
@@ -42,7 +22,7 @@ def t_for(p: SlerpParams, ctx: KeyContext) -> float:
     signatures=[signature(CHECKPOINT, a=CHECKPOINT, b=CHECKPOINT)], params=SlerpParams)
 def slerp(a: torch.Tensor, b: torch.Tensor, p: SlerpParams, ctx: KeyContext) -> torch.Tensor:
     """Spherical interpolation of the flattened tensors; lerp when they are (anti)colinear or tiny."""
-    t = t_for(p, ctx)
+    t = p.t
     norm_a, norm_b = float(a.norm()), float(b.norm())
     if norm_a > p.eps and norm_b > p.eps:
         cosine = float(torch.dot(a.reshape(-1), b.reshape(-1))) / (norm_a * norm_b)

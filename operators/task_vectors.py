@@ -39,9 +39,20 @@ def apply(base: torch.Tensor, delta: torch.Tensor | list[torch.Tensor], p: Apply
     return weighted_sum([base, *deltas], [1.0] + [p.scale] * len(deltas))
 
 
+NORMALIZE_EPS = 1e-8  # mergekit's: a weight sum closer to 0 than this divides by 1
+
+
 class TaskArithmeticParams(Params):
     lambda_: float = Field(0.3, alias="lambda", description="scaling λ of the summed task vectors")
     weights: list[float] | None = Field(None, description="per-task weights w_t (default all 1; -1 negates a task)")
+    normalize: bool = Field(False, description="divide by Σ w_t (by 1 when |Σ w_t| < 1e-8), as mergekit's normalize")
+
+    def scaled_weights(self, count: int) -> list[float]:
+        """λ·w_t, divided by Σ w_t when normalizing."""
+        weights = self.weights or [1.0] * count
+        total = sum(weights)
+        divisor = total if self.normalize and abs(total) >= NORMALIZE_EPS else 1.0
+        return [self.lambda_ * w / divisor for w in weights]
 
 
 def check_weights(p: TaskArithmeticParams, lengths: dict[str, int]) -> str | None:
@@ -71,8 +82,7 @@ def task_arithmetic(
 ) -> torch.Tensor:
     """Task Arithmetic (Ilharco et al., 2023): θ = θ_base + λ·Σ_t w_t·τ_t; with ``deltas`` it returns λ·Σ w_t·τ_t."""
     task_vectors = deltas if deltas is not None else (model - base for model in models)
-    count = len(deltas if deltas is not None else models)
-    weights = [p.lambda_ * w for w in (p.weights or [1.0] * count)]
+    weights = p.scaled_weights(len(deltas if deltas is not None else models))
     if base is None:
         return weighted_sum(task_vectors, weights)
     return weighted_sum(chain([base], task_vectors), [1.0, *weights])

@@ -17,7 +17,7 @@ from mergebench.operators.base import KeyContext, Params, StatisticsPass
 from mergebench.surgery.numerics import ExactThreshold
 
 VectorsFn = Callable[[dict[str, Any], Params, KeyContext], list[torch.Tensor]]
-KeepFn = Callable[[Params, int], int]  # (params, n) -> k
+KeepFn = Callable[[Params, int, int], int]  # (params, n, vector index) -> k
 
 
 def global_threshold_passes(vectors: VectorsFn, keep: KeepFn) -> tuple[StatisticsPass, StatisticsPass]:
@@ -34,8 +34,8 @@ def global_threshold_passes(vectors: VectorsFn, keep: KeepFn) -> tuple[Statistic
             selector.add_coarse(value.abs())
 
     def choose_bins(state: dict[str, Any], p: Params, stats: Any) -> dict[str, Any]:
-        for selector in state["thresholds"] or []:
-            selector.choose_bin(keep(p, selector.count))
+        for index, selector in enumerate(state["thresholds"] or []):
+            selector.choose_bin(keep(p, selector.count, index))
         return state
 
     def fine(state: dict[str, Any], inputs: dict[str, Any], p: Params, ctx: KeyContext) -> None:

@@ -137,7 +137,18 @@ RAY = {
     "outputs": [{"from": "wise", "path": "ray/wise"}, {"from": "ties", "path": "ray/ties"},
                 {"from": "dare_ties", "path": "ray/dare_ties"}, {"from": "mask1", "path": "ray/mask1.safetensors"}],
 }
-RECIPES = {"llama": LLAMA, "artifacts": ARTIFACTS, "sequences": SEQUENCES, "mlps": MLPS, "vocab": VOCAB}
+STACK = {  # depth up-scaling from a scheduled SLERP, the base and a scheduled per-tensor TIES
+    "models": LLAMA["models"],
+    "nodes": {"sl": _node("slerp", {"a": "ft1", "b": "ft2"}, t=[0.1, 0.8]),
+              "tt": _node("ties", BM, density=[{"filter": "mlp", "value": [0.3, 0.7]}, {"value": 0.5}],
+                          scope="per_tensor"),
+              "up": _node("stack", {"models": ["sl", "base", "tt"]},
+                          slices=[{"model": "sl", "layers": [0, 2]}, {"model": "base", "layers": [1, 2]},
+                                  {"model": "tt", "layers": [0, 2]}], head="tt")},
+    "outputs": [{"from": "up", "path": "stack/up"}],
+}
+RECIPES = {"llama": LLAMA, "artifacts": ARTIFACTS, "sequences": SEQUENCES, "mlps": MLPS, "vocab": VOCAB,
+           "stack": STACK}
 
 
 def run_all(ray: bool) -> dict[str, str]:

@@ -201,13 +201,18 @@ def test_slerp_golden(a, b, t, expected):
 
 
 def test_slerp_schedule_over_blocks():
-    a = {f"layers.{i}.w": T([1.0, 0]) for i in range(3)} | {"head.w": T([1.0, 0])}
+    """A gradient reads x = ℓ/(L−1) in the blocks, 0 before them (embeddings), 1 after (semantics §0.7)."""
+    a = {f"layers.{i}.w": T([1.0, 0]) for i in range(3)} | {"head.w": T([1.0, 0]), "embed.w": T([1.0, 0])}
     b = {k: T([0.0, 1]) for k in a}
-    out = ops.slerp(a=a, b=b, t=[0.0, 1.0], t_outside=0.25)
+    out = ops.slerp(a=a, b=b, t=[0.0, 1.0])
+    close(out["embed.w"], [1, 0])
     close(out["layers.0.w"], [1, 0])
     close(out["layers.1.w"], [0.707107, 0.707107])
     close(out["layers.2.w"], [0, 1])
-    close(out["head.w"], [0.923880, 0.382683])
+    close(out["head.w"], [0, 1])
+    filtered = ops.slerp(a=a, b=b, t=[{"filter": "head", "value": 0.25}, {"value": [0.0, 1.0]}])
+    close(filtered["head.w"], [0.923880, 0.382683])
+    close(filtered["layers.1.w"], [0.707107, 0.707107])
 
 
 LINES_TAU = {"embed.w": T([4.0]), "layers.0.w": T([2.0, 4]), "layers.1.w": T([3.0, -6]),

@@ -26,7 +26,7 @@ import yaml
 
 from mergebench.engine.runner import RunOptions, run_recipe
 from mergebench.errors import MergebenchError
-from mergebench.recipe import Recipe, build_recipe, read_yaml
+from mergebench.recipe import Recipe, build_recipe, read_recipe_data
 
 Evaluator = Callable[[Path], dict[str, float]]
 GRID_TOLERANCE = Decimal("1e-9")
@@ -173,7 +173,7 @@ def run_sweep(
     """
     recipe_path, out_dir = Path(recipe_path), Path(out_dir)
     grid_size(grid, max_points)
-    data, lines = read_yaml(recipe_path)
+    data, lines = read_recipe_data(recipe_path, mergekit_out="merged")
     expanded, points = expand(data, grid, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     base_dir = recipe_path.resolve().parent

@@ -147,7 +147,18 @@ def compute_statistics(graph: Graph, device: torch.device, progress: Callable[[i
     stages = statistics_stages(graph)
     for stage in stages:
         bytes_read += _statistics_pass(graph, stage, device, stats, progress, pool or _pool(graph, 0, device))
+    for name, node in graph.layouts.renamed_nodes.items():  # a renamed node merges with its origin's statistics
+        if node.origin in stats:
+            stats[name] = stats[node.origin]
     return Statistics(stats, bytes_read, len(stages))
+
+
+def _pass_keys(graph: Graph, nodes: list[Node]) -> list[str]:
+    """The keys a statistics pass visits: every key of its nodes, in the output's order, then any others (the
+    blocks a stack leaves out still count in a node's statistics)."""
+    wanted = dict.fromkeys(key for node in nodes for key in graph.key_lists[node.name])
+    output_keys = set(graph.keys)
+    return [key for key in graph.keys if key in wanted] + [key for key in wanted if key not in output_keys]
 
 
 def _pool(graph: Graph, outputs: int, device: torch.device) -> BufferPool:
@@ -158,7 +169,8 @@ def _statistics_pass(graph: Graph, stage: Stage, device: torch.device, stats: di
                      progress: Callable[[int], None] | None, pool: BufferPool | None) -> int:
     entries = [(graph.nodes[name], stat_pass) for name, stat_pass in stage.passes]
     order = entries[0][1].order
-    keys = order(list(graph.keys)) if order else graph.keys
+    keys = _pass_keys(graph, [node for node, _ in entries])
+    keys = order(keys) if order else keys
     # passes whose states combine accumulate keys side by side, each compute thread into states of its own
     workers = pipeline.compute_threads(device) if all(stat_pass.combine for _, stat_pass in entries) else 1
     free: queue.SimpleQueue[list[Any]] = queue.SimpleQueue()
@@ -188,7 +200,7 @@ def _statistics_pass(graph: Graph, stage: Stage, device: torch.device, stats: di
                 for node, stat_pass, state in active:
                     inputs = env.inputs(node)
                     stat_pass.accumulate(state, moved(inputs, CPU) if stat_pass.host else inputs,
-                                         node.params_for(key), env.context(node))
+                                         graph.params_for(node, key), env.context(node))
                 lazy_bytes += env.lazy_bytes
             finish(device)  # the next key may accumulate into these states on another thread's stream
         finally:

@@ -13,13 +13,16 @@ from pathlib import Path
 
 import torch
 
+from mergebench.engine.layout import Layouts, RenamedNode, RenamedSource, expand_layouts
 from mergebench.errors import MergebenchError
 from mergebench.io.safetensors_format import TensorInfo
 from mergebench.io.sources import Source, open_source
 from mergebench.io.tokenizers import TOKENIZER_FILE, read_vocab
 from mergebench.io.writer import PlannedTensor
-from mergebench.operators.base import ACTIVATIONS, ARTIFACT_TYPES, CHECKPOINT
+from mergebench.operators.base import ACTIVATIONS, ARTIFACT_TYPES, CHECKPOINT, Params
 from mergebench.recipe import Node, Output, Recipe, primary_model
+from mergebench.recipe.schedules import position
+from mergebench.surgery.layers import block_index_for
 from mergebench.surgery.vocab import VocabPlan, first_difference, plan_vocab
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -51,16 +54,80 @@ class Graph:
         self.nodes: dict[str, Node] = recipe.nodes
         self.sources: dict[str, Source] = dict(sources or {})
         self._models_of: dict[str, tuple[str, ...]] = {}
+        self._key_sets: dict[str, frozenset[str]] = {}
         for name, path in recipe.models.items():
             if name not in self.sources:
                 self.sources[name] = open_source(path, allow_pickle)
         self.vocab = self._plan_vocab()
+        self.layouts = Layouts()
+        expand_layouts(recipe, self.sources, self.keys_of, self.layouts)
+        self.sources.update(self.layouts.renamed_sources)
+        self.nodes = self._with_renamed_nodes()
+        for name in recipe.nodes:
+            self._check_inputs_agree(self.nodes[name])
+            self._check_schedules(self.nodes[name])
         self.outputs = [plan for i, out in enumerate(recipe.outputs) for plan in self._plan_output(i, out)]
         self.keys = self._key_order()
-        self.key_lists = {name: tuple(self.sources[primary_model(recipe, name)].keys) for name in self.nodes}
+        self.key_lists = {name: self.keys_of(node.origin if isinstance(node, RenamedNode) else name)
+                          for name, node in self.nodes.items()}
         reachable = {n for plan in self.outputs for n in self._nodes_of(plan.output.node)}
         for name in reachable:
             self._check_shapes(self.nodes[name])
+
+    def _with_renamed_nodes(self) -> dict[str, Node]:
+        """The recipe's nodes with, before each layout node, the renamed nodes its routes read."""
+        nodes: dict[str, Node] = {}
+        for name, node in self.recipe.nodes.items():
+            nodes.update({r: self.layouts.renamed_nodes[r] for r in self.layouts.before.get(name, [])})
+            nodes[name] = node
+        return nodes
+
+    def keys_of(self, ref: str) -> tuple[str, ...]:
+        """The keys ``ref`` has: a model's, a layout node's routes, else those of the node's primary input."""
+        if ref in self.sources:
+            return tuple(self.sources[ref].keys)
+        if ref in self.layouts.routes:
+            return tuple(self.layouts.routes[ref])
+        if ref in self.recipe.sequences:
+            return self.keys_of(self.recipe.sequences[ref][-1][1])
+        return self.keys_of(self.nodes[ref].primary)
+
+    def output_layers(self, plan: OutputPlan) -> list[tuple[str, int]] | None:
+        """For an output a stack made: each of its blocks as (model, that model's block); else None."""
+        ref = plan.output.node
+        while ref in self.nodes and ref not in self.layouts.layers:
+            ref = self.nodes[ref].primary
+        return self._blocks_of(ref) if ref in self.layouts.layers else None
+
+    def _blocks_of(self, ref: str) -> list[tuple[str, int]]:
+        """(model, block) of each block of a stack, through stacks of stacks and the nodes between."""
+        found = []
+        for source, block in self.layouts.layers[ref]:
+            while source in self.nodes and source not in self.layouts.layers:
+                source = self.nodes[source].primary
+            if source in self.recipe.sequences:
+                source = self.recipe.sequences[source][-1][1]
+            found.append(self._blocks_of(source)[block] if source in self.layouts.layers else (source, block))
+        return found
+
+    def holds(self, ref: str, key: str) -> bool:
+        """Whether ``ref`` has ``key`` (a renamed node has only the keys of its stack's slice)."""
+        if ref not in self._key_sets:
+            self._key_sets[ref] = frozenset(self.keys_of(ref))
+        return key in self._key_sets[ref]
+
+    def refs_of(self, name: str) -> list[str]:
+        """What a node reads: its inputs, or for a layout node the refs its keys are routed to."""
+        routes = self.layouts.routes.get(name)
+        return list(dict.fromkeys(routes.values())) if routes is not None else self.nodes[name].refs()
+
+    def is_renamed(self, name: str) -> bool:
+        return name in self.layouts.renamed_nodes
+
+    def recipe_models(self, models: tuple[str, ...]) -> list[str]:
+        """The recipe's models behind ``models`` (a renamed source stands for the model it renames)."""
+        named = (self.sources[m].of if isinstance(self.sources[m], RenamedSource) else m for m in models)
+        return list(dict.fromkeys(named))
 
     def _plan_vocab(self) -> VocabPlan | None:
         """The output vocabulary when the recipe asks for one; an error when vocabularies differ and it does not."""
@@ -95,7 +162,7 @@ class Graph:
             return tuple(member for _, member in self.recipe.sequences[ref])
         if ref not in self._models_of:
             seen: dict[str, None] = {}
-            for r in self.nodes[ref].refs():
+            for r in self.refs_of(ref):
                 seen.update(dict.fromkeys(self.models_of(r)))
             self._models_of[ref] = tuple(seen)
         return self._models_of[ref]
@@ -103,7 +170,7 @@ class Graph:
     def _nodes_of(self, ref: str) -> set[str]:
         if ref not in self.nodes:
             return set()
-        return {ref}.union(*(self._nodes_of(r) for r in self.nodes[ref].refs()))
+        return {ref}.union(*(self._nodes_of(r) for r in self.refs_of(ref)))
 
     def needed(self, ref: str, key: str) -> set[str]:
         """The models read ahead to compute ``ref`` at ``key`` (an unselected key reads less).
@@ -114,6 +181,8 @@ class Graph:
             return {ref}
         if ref in self.recipe.sequences:
             return set()
+        if ref in self.layouts.routes:
+            return self.needed(self.layouts.routes[ref][key], key)
         node = self.nodes[ref]
         if not node.selects(key):
             return self.needed(node.primary, key) if node.result == CHECKPOINT else set()
@@ -125,10 +194,12 @@ class Graph:
             return True
         if ref in self.recipe.sequences:
             return False
+        if ref in self.layouts.routes:
+            return self.is_elementwise(self.layouts.routes[ref][key], key)
         node = self.nodes[ref]
         if not node.selects(key):
             return node.result != CHECKPOINT or self.is_elementwise(node.primary, key)
-        params = node.params_for(key)
+        params = self.params_for(node, key)
         return (node.op.elementwise(params)
                 and all(p.sliceable for p in node.op.key_passes(params, frozenset(node.inputs)))
                 and all(self.is_elementwise(r, key) for r in node.refs()))
@@ -140,7 +211,30 @@ class Graph:
 
     def info(self, ref: str, key: str) -> TensorInfo:
         """Header facts of a key as ``ref`` sees it (from its first model holding the key; shapes agree)."""
+        if ref in self.layouts.routes:
+            return self.info(self.layouts.routes[ref][key], key)
         return next(self.sources[m].info(key) for m in self.models_of(ref) if key in self.sources[m].keys)
+
+    def params_for(self, node: Node, key: str) -> Params:
+        """A node's parameters at ``key``: its override's, schedules read at the key's place in its blocks."""
+        return node.params_for(key, lambda: self.position(node, key))
+
+    def position(self, node: Node, key: str) -> float:
+        """x ∈ [0, 1] of a key among the node's blocks, as schedules read it (semantics §0.7)."""
+        own = node.context_key(key)
+        found = block_index_for(self.key_lists[node.name]).position(own)
+        return position(own, *(found or (None, 0)))
+
+    def output_info(self, plan: OutputPlan, key: str) -> TensorInfo:
+        """Header facts of an output's key: its primary model's, or (a key a stack made) its route's."""
+        primary = self.sources[plan.primary]
+        return primary.info(key) if key in primary.keys else self.info(plan.output.node, key)
+
+    def holder(self, plan: OutputPlan, key: str) -> str:
+        """The model an output's integer or bool tensor is copied from: the primary, or the one a stack routed to."""
+        if key in self.sources[plan.primary].keys:
+            return plan.primary
+        return next(m for m in plan.models if key in self.sources[m].keys)
 
     def is_floating(self, ref: str, key: str) -> bool:
         return self.info(ref, key).is_floating
@@ -160,7 +254,7 @@ class Graph:
         rows may fall back on every model's)."""
         if self.is_embedding(key, plan.primary):
             return set(plan.models)
-        if not self.is_floating(plan.primary, key):
+        if not self.output_info(plan, key).is_floating:
             return set(plan.models)
         return self.needed(plan.output.node, key)
 
@@ -186,21 +280,20 @@ class Graph:
         if self.is_artifact(primary) and weights:
             primary = weights[0]
         reference = self.sources[primary]
-        for model in weights:
-            self._check_same_keys(reference, primary, self.sources[model], model)
         for model in models:
             extra = set(self.sources[model].keys) - set(reference.keys)
             if self.is_artifact(model) and weights and extra:
                 raise MergebenchError(f"{self.recipe.file}: '{model}' ({self.sources[model].label}) has tensors the "
                                       f"models lack: {', '.join(sorted(extra)[:5])}")
-        keys = dict.fromkeys(reference.keys)
+        routed = any(isinstance(self.sources[m], RenamedSource) for m in models)
+        keys = dict.fromkeys(self.keys_of(out.node) if routed else reference.keys)
         if not weights:  # only artifacts: every key any of them lists
             for model in models:
                 keys.update(dict.fromkeys(self.sources[model].keys))
         tensors = []
         for key in keys:
             source = next(self.sources[m] for m in (primary, *models) if key in self.sources[m].keys)
-            info = source.info(key)
+            info = self.info(out.node, key) if routed else source.info(key)
             if out.kind != CHECKPOINT and not info.is_floating and info.dtype != torch.bool:
                 continue  # integer buffers have no place in a mask or a sparse delta
             dtype = DTYPES[out.dtype] if out.dtype and info.is_floating else info.dtype
@@ -213,20 +306,37 @@ class Graph:
         return [OutputPlan(out, index, i, out.path / f"step-{step}", primary, models, tuple(tensors), dtypes)
                 for i, step in enumerate(node.series_steps)]
 
-    def _check_same_keys(self, reference: Source, ref_name: str, other: Source, other_name: str) -> None:
-        a, b = set(reference.keys), set(other.keys)
-        if a != b:
-            only_a, only_b = sorted(a - b), sorted(b - a)
-            detail = "; ".join(
-                f"only in '{name}': {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''} ({len(keys)})"
-                for name, keys in ((ref_name, only_a), (other_name, only_b)) if keys
-            )
-            raise MergebenchError(f"{self.recipe.file}: models '{ref_name}' ({reference.label}) and "
-                                  f"'{other_name}' ({other.label}) have different tensors: {detail}")
+    def _check_inputs_agree(self, node: Node) -> None:
+        """A node's weight inputs have the same keys (artifacts may leave keys out; a layout node renames)."""
+        if node.op.layout is not None:
+            return
+        refs = [r for r in node.refs() if r not in self.recipe.sequences and not self.is_artifact(r)
+                and not self.is_activations(r)]
+        for other in refs[1:]:
+            a, b = set(self.keys_of(refs[0])), set(self.keys_of(other))
+            if a != b:
+                only_a, only_b = sorted(a - b), sorted(b - a)
+                detail = "; ".join(
+                    f"only in '{name}': {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''} ({len(keys)})"
+                    for name, keys in ((refs[0], only_a), (other, only_b)) if keys
+                )
+                kind = "models" if refs[0] in self.sources and other in self.sources else "inputs"
+                raise MergebenchError(f"{self.recipe.file}: {kind} '{refs[0]}' ({self._label(refs[0])}) and "
+                                      f"'{other}' ({self._label(other)}) have different tensors: {detail}")
+
+    def _check_schedules(self, node: Node) -> None:
+        """A parameter that varies by key cannot feed a statistic over the whole model (one global threshold)."""
+        if node.scheduled and node.op.passes(node.params, frozenset(node.inputs)):
+            raise MergebenchError(f"{self.recipe.file}: node '{node.name}' ({node.op.name}): a parameter schedule "
+                                  f"varies by tensor, but this operator's statistics span the whole model; use its "
+                                  f"per-tensor form (scope: per_tensor) or one value")
+
+    def _label(self, ref: str) -> str:
+        return self.sources[ref].label if ref in self.sources else f"node {self.nodes[ref].op.name}"
 
     def _check_shapes(self, node: Node) -> None:
-        if node.op.anchor is not None:  # shapes may differ: the operator maps every input onto the anchor
-            return
+        if node.op.anchor is not None or node.op.layout is not None or self.is_renamed(node.name):
+            return  # shapes may differ (mapped onto an anchor; moved by a layout); a renamed node's were checked
         models = self.models_of(node.name)
         reference = self.sources[models[0]]
         for key in reference.keys:

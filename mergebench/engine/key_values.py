@@ -57,8 +57,8 @@ def output_value(graph: Graph, plan: OutputPlan, env: KeyValues, allow_non_finit
     key = env.key
     if plan.output.kind in ARTIFACT_TYPES:  # a mask or a sparse delta: no cast, the writer encodes it
         return env.value(plan.output.node).cpu()
-    if not graph.is_floating(plan.primary, key):
-        return _buffer(plan.primary, plan.models, env)
+    if not graph.output_info(plan, key).is_floating:
+        return _buffer(graph.holder(plan, key), plan.models, env)
     dtype = plan.dtypes[key]
     value = env.value(plan.output.node)
     if plan.element is not None:
@@ -78,7 +78,7 @@ def sliced_output_values(graph: Graph, key: str, plans: list[OutputPlan], raw: d
     """The outputs at ``key`` computed slice by slice into tensors of the output dtype."""
     outs = []
     for plan in plans:
-        shape, dtype = graph.info(plan.primary, key).shape, plan.dtypes[key]
+        shape, dtype = graph.output_info(plan, key).shape, plan.dtypes[key]
         nbytes = math.prod(shape) * dtype.itemsize
         outs.append(typed(pool.take(nbytes), dtype, shape) if pool else torch.empty(shape, dtype=dtype))
     flat_outs = [out.reshape(-1) for out in outs]
@@ -118,9 +118,9 @@ def key_statistics(graph: Graph, key: str, refs: list[str], raw: dict[str, torch
     key_stats = stats
     for name in graph.nodes_behind(refs):
         node = graph.nodes[name]
-        if not node.selects(key) or not graph.is_floating(name, key):
+        if not graph.holds(name, key) or not node.selects(key) or not graph.is_floating(name, key):
             continue
-        params = node.params_for(key)
+        params = graph.params_for(node, key)
         found = stats.get(name)
         for key_pass in node.op.key_passes(params, frozenset(node.inputs)):
             state = key_pass.init(params, found)
@@ -190,6 +190,8 @@ class KeyValues:
     def value(self, ref: str) -> Value:
         if ref in self.graph.recipe.sequences:
             return self._sequence(ref)
+        if ref in self.graph.layouts.routes:
+            return self.value(self.graph.layouts.routes[ref][self.key])
         if ref not in self.cache:
             self.cache[ref] = self._model(ref) if ref in self.graph.sources else self._node(self.graph.nodes[ref])
         return self.cache[ref]
@@ -215,7 +217,7 @@ class KeyValues:
     def _node(self, node: Node) -> Value:
         if not node.selects(self.key):
             return self._unchanged(node)
-        return node.op.fn(**self.inputs(node), p=node.params_for(self.key), ctx=self.context(node))
+        return node.op.fn(**self.inputs(node), p=self.graph.params_for(node, self.key), ctx=self.context(node))
 
     def inputs(self, node: Node) -> dict[str, Value]:
         return {slot: self.value(ref) if isinstance(ref, str) else [self.value(r) for r in ref]
@@ -223,12 +225,13 @@ class KeyValues:
 
     def context(self, node: Node) -> KeyContext:
         keys = self.graph.key_lists[node.name]
+        key = node.context_key(self.key)  # a renamed node computes its own key under the stack's name
         blocks = block_index_for(keys)
-        position = blocks.position(self.key)
+        position = blocks.position(key)
         block, num_blocks = position if position else (None, max(blocks.stacks.values(), default=0))
         shared = None if self.generators is None else self.generators.setdefault(node.name, {})
         kept = None if self.memo is None else self.memo.setdefault(node.name, KeyState())
-        return KeyContext(self.key, block, num_blocks, keys, node.seed, self.stats.get(node.name), shared, kept)
+        return KeyContext(key, block, num_blocks, keys, node.seed, self.stats.get(node.name), shared, kept)
 
     def _unchanged(self, node: Node) -> Value:
         """An unselected key: a Checkpoint keeps its primary input's value, a Delta is zero."""

@@ -14,7 +14,7 @@ import torch
 from mergebench.engine.graph import Graph, OutputPlan
 from mergebench.errors import MergebenchError
 from mergebench.io.artifacts import ArtifactWriter
-from mergebench.io.output_files import copy_model_files, model_card, update_config
+from mergebench.io.output_files import copy_model_files, layer_config, model_card, update_config
 from mergebench.io.output_guard import artifact_recipe, committed_identity
 from mergebench.io.safetensors_format import DTYPE_NAMES
 from mergebench.io.tokenizers import write_tokenizer
@@ -82,7 +82,8 @@ def _artifact_metadata(graph: Graph, plan: OutputPlan) -> dict[str, str]:
     return {"created_by": f"mergebench {version()}", "mergebench_recipe_sha256": graph.recipe.sha256,
             "node": node.name, "operator": node.op.name,
             "params": json.dumps(node.params.model_dump(by_alias=True), sort_keys=True),
-            "models": json.dumps({m: graph.sources[m].label for m in plan.models}, sort_keys=True),
+            "models": json.dumps({m: graph.sources[m].label for m in graph.recipe_models(plan.models)},
+                                 sort_keys=True),
             "base_model": graph.sources[plan.primary].label}
 
 
@@ -129,8 +130,13 @@ def write_companions(graph: Graph, plan: OutputPlan, writer: CheckpointWriter) -
         update_config(writer.partial, {"vocab_size": graph.vocab.size})
         notes.append(f"Vocabulary: `{graph.vocab.source}` ({len(graph.vocab.tokens)} tokens, {graph.vocab.size} "
                      f"embedding rows); {FALLBACK_RULE}.")
+    layers = graph.output_layers(plan)
+    if layers is not None and folder is not None:
+        update_config(writer.partial, layer_config(folder, [(graph.sources[m].folder, i) for m, i in layers]))
+        notes.append(f"Layers: {len(layers)} blocks, from " + ", ".join(f"{m}[{i}]" for m, i in layers) + ".")
+    inputs = set(graph.recipe_models(plan.models))
     fingerprints = {name: src.fingerprint() for name, src in graph.sources.items()
-                    if name in plan.models and src.fingerprint() is not None}
+                    if name in inputs and src.fingerprint() is not None}
     card = model_card(recipe.resolved, recipe.sha256, plan.index, fingerprints, version(), notes)
     (writer.partial / "README.md").write_text(card)
     return skipped

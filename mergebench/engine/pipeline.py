@@ -144,7 +144,7 @@ def prefetch(graph: Graph, keys: list[str], needed: Callable[[str], set[str]], p
     """
 
     def read_one(source: Any, key: str) -> torch.Tensor:
-        if pool is None or not isinstance(source, Checkpoint):
+        if pool is None or not (isinstance(source, Checkpoint) or getattr(source, "mappable", False)):
             return source.read(key)
         if pool.pinned:  # a GPU copies from page-locked memory asynchronously
             return source.read(key, pool.take(source.info(key).nbytes))

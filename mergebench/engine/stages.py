@@ -25,6 +25,8 @@ def statistics_stages(graph: Graph) -> list[Stage]:
     last: dict[str, int] = {}  # the last stage used by a node or anything upstream of it
     scheduled: dict[tuple[int, str], list[tuple[str, StatisticsPass]]] = {}
     for name, node in graph.nodes.items():  # topological order
+        if graph.is_renamed(name):
+            continue  # it merges with its origin's statistics
         upstream = max((last[r] for r in node.refs() if r in last), default=-1)
         passes = node.op.passes(node.params, frozenset(node.inputs))
         for i, stat_pass in enumerate(passes):

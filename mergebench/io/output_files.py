@@ -104,6 +104,38 @@ def update_config(dest: Path, fields: dict) -> None:
         path.write_text(json.dumps(doc, indent=2) + "\n")
 
 
+def layer_config(folder: Path, layers: list[tuple[Path | None, int]]) -> dict:
+    """The ``config.json`` fields of a model whose blocks are ``layers`` (each: its model's folder, its block).
+
+    ``num_hidden_layers`` becomes their count, and every per-layer list of the config (a list as long as
+    the model has blocks: ``layer_types``, sliding-window or rope patterns, per-layer sizes) takes, for
+    each block, the entry of the model and block it came from (the copied config's own entry when that
+    model has no such list).
+    """
+    own = _config(folder)
+    count = own.get("num_hidden_layers")
+    fields: dict = {"num_hidden_layers": len(layers)}
+    if not isinstance(count, int) or count < 2:
+        return fields
+    configs = {source: _config(source) for source in {source for source, _ in layers if source is not None}}
+    for name, value in own.items():
+        if isinstance(value, list) and len(value) == count:
+            fields[name] = [_entry(configs.get(source, own), name, block, value) for source, block in layers]
+    return fields
+
+
+def _config(folder: Path | None) -> dict:
+    path = folder / "config.json" if folder is not None else None
+    return read_json_object(path) if path is not None and path.exists() else {}
+
+
+def _entry(config: dict, name: str, block: int, fallback: list) -> object:
+    listed = config.get(name)
+    if isinstance(listed, list) and len(listed) == config.get("num_hidden_layers") and block < len(listed):
+        return listed[block]
+    return fallback[block] if block < len(fallback) else fallback[-1]
+
+
 def _upstream(nodes: dict, name: str) -> set[str]:
     """The node ``name`` and every node it reads from: the operators that made one output."""
     found, todo = set(), [name]

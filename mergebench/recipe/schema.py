@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mergebench.operators.base import CHECKPOINT, Operator, Params, Signature, list_of
+from mergebench.recipe.schedules import ParamSchedules
 
 MEMORY_PATH = "<memory>"  # an output kept in memory (the eager API): any value type, no files
 OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
@@ -102,12 +104,13 @@ class Node:
     signature: Signature
     inputs: dict[str, str | list[str]]
     params: Params
-    overrides: tuple[tuple[re.Pattern[str], Params], ...]
+    overrides: tuple[tuple[re.Pattern[str], Params, ParamSchedules], ...]
     include: tuple[re.Pattern[str], ...]
     exclude: tuple[re.Pattern[str], ...]
     seed: int
     list_length: int | None  # how many values a list-valued node yields
     series_steps: tuple[int, ...] | None = None  # a sequence node emitting a series: its steps
+    schedules: ParamSchedules = ParamSchedules()  # parameters that vary with the key (semantics §0.7)
 
     @property
     def result(self) -> str:
@@ -116,11 +119,17 @@ class Node:
     @property
     def primary(self) -> str:
         """The input an unselected key passes through from (the first slot; the first element of a list,
-        or the element the operator's ``anchor`` picks)."""
+        or the element the operator's ``anchor`` picks; a layout operator names its own)."""
+        if self.op.primary is not None:
+            return self.op.primary(self.params)
         ref = self.inputs[next(iter(self.signature.slots))]
         if isinstance(ref, str):
             return ref
         return ref[self.op.anchor(self.params, len(ref))] if self.op.anchor else ref[0]
+
+    def context_key(self, key: str) -> str:
+        """The key as the operator sees it (its own name, where a stack renamed it; semantics §11)."""
+        return key
 
     def refs(self) -> list[str]:
         return [r for ref in self.inputs.values() for r in ([ref] if isinstance(ref, str) else ref)]
@@ -131,11 +140,21 @@ class Node:
             return False
         return not any(p.search(key) for p in self.exclude)
 
-    def params_for(self, key: str) -> Params:
-        for pattern, params in self.overrides:
+    @property
+    def scheduled(self) -> bool:
+        return bool(self.schedules) or any(schedules for _, _, schedules in self.overrides)
+
+    def params_for(self, key: str, x: Callable[[], float] = lambda: 0.0) -> Params:
+        """The parameters at ``key``: its override's (first match), schedules read at the key's place ``x()``."""
+        params, schedules = self.params, self.schedules
+        for pattern, override, override_schedules in self.overrides:
             if pattern.search(key):
-                return params
-        return self.params
+                params, schedules = override, override_schedules
+                break
+        if not schedules:
+            return params
+        defaults = {name: info.default for name, info in type(params).model_fields.items()}
+        return params.model_copy(update=schedules.values_at(key, x(), defaults))
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,8 @@ from mergebench.operators.base import (
     is_list_type,
     list_of,
 )
+from mergebench.recipe.mergekit import is_mergekit, translate
+from mergebench.recipe.schedules import ParamSchedules, Schedule, ScheduleError, split_schedules
 from mergebench.recipe.schema import (
     MEMORY_PATH,
     Node,
@@ -42,11 +44,30 @@ from mergebench.recipe.schema import (
 from mergebench.recipe.yaml_lines import Locator, read_yaml
 
 
-def load_recipe(path: str | Path, sets: dict[str, str] | None = None) -> Recipe:
-    """Read a YAML recipe, apply ``--set node.param=value`` overrides, and validate it whole."""
+def load_recipe(path: str | Path, sets: dict[str, str] | None = None, out: str | Path | None = None) -> Recipe:
+    """Read a YAML recipe (or a mergekit config), apply ``--set node.param=value`` overrides, and validate it
+    whole; ``out`` is the output path (a mergekit config names none; a native recipe's single output)."""
     file = Path(path)
-    data, lines = read_yaml(file)
+    data, lines = read_recipe_data(file, None if out is None else Path(out).absolute())
     return build_recipe(data, file, lines, sets or {}, base_dir=file.resolve().parent)
+
+
+def read_recipe_data(file: Path, out: str | Path | None = None, mergekit_out: str | None = None
+                     ) -> tuple[Any, dict[tuple[Any, ...], int]]:
+    """The native recipe a file holds (a mergekit config translated) and its lines, with ``out`` applied;
+    ``mergekit_out`` is where a mergekit config writes when ``out`` is not given (a sweep moves it anyway)."""
+    data, lines = read_yaml(file)
+    where = Locator(file, lines)
+    if is_mergekit(data):
+        target = out if out is not None else mergekit_out
+        return translate(data, where, file.resolve().parent, None if target is None else str(target)), {}
+    if out is not None and isinstance(data, dict):
+        outputs = data.get("outputs")
+        if not isinstance(outputs, list) or len(outputs) != 1 or not isinstance(outputs[0], dict):
+            raise where.error(("outputs",), "--out replaces the path of a recipe's single output; this recipe "
+                                            "does not have exactly one")
+        outputs[0]["path"] = str(out)
+    return data, lines
 
 
 def build_recipe(
@@ -183,21 +204,26 @@ def _check_node(name: str, spec: NodeSpec, recipe: RecipeSpec, done: dict[str, N
             lengths[slot] = len(ref)
         elif is_list_type(got):
             lengths[slot] = done[ref].list_length
-    params = _validate_params(op, spec.params, where, (*loc, "params"), name)
+    params, schedules = _validate_params(op, spec.params, where, (*loc, "params"), name)
     problem = op.check(params, lengths) if op.check else None
+    if not problem and op.check_inputs:
+        problem = op.check_inputs(params, spec.inputs)
     if problem:
         raise where.error((*loc, "params"), f"node '{name}': {problem}")
     overrides = []
     for i, override in enumerate(spec.overrides):
         merged = {**spec.params, **override.params}
-        override_params = _validate_params(op, merged, where, (*loc, "overrides", i, "params"), name)
-        overrides.append((_compile(override.match, where, (*loc, "overrides", i, "match")), override_params))
+        override_params, override_schedules = _validate_params(op, merged, where, (*loc, "overrides", i, "params"),
+                                                               name)
+        overrides.append((_compile(override.match, where, (*loc, "overrides", i, "match")), override_params,
+                          override_schedules))
     return Node(
         name=name,
         op=op,
         signature=sig,
         inputs=dict(spec.inputs),
         params=params,
+        schedules=schedules,
         overrides=tuple(overrides),
         include=tuple(_compile(p, where, (*loc, "include", i)) for i, p in enumerate(spec.include)),
         exclude=tuple(_compile(p, where, (*loc, "exclude", i)) for i, p in enumerate(spec.exclude)),
@@ -235,11 +261,28 @@ def _ref_type(ref: str | list[str], recipe: RecipeSpec, done: dict[str, Node], m
 
 
 def _validate_params(op: Operator, values: dict[str, Any], where: Locator, loc: tuple[Any, ...],
-                     node: str) -> Params:
+                     node: str) -> tuple[Params, ParamSchedules]:
+    """The typed parameters (a schedule stands in by its first number) and the schedules, every number of
+    every schedule validated in its place."""
     try:
-        return op.params.model_validate(values)
+        plain, schedules, variants = split_schedules(values, op.params)
+    except ScheduleError as exc:
+        raise where.error((*loc, exc.name), f"node '{node}' ({op.name}): '{exc.name}': {exc}") from None
+    try:
+        params = op.params.model_validate(plain)
+        for variant in variants:
+            op.params.model_validate({**plain, **variant})
     except ValidationError as exc:
         raise where.pydantic(exc, loc, prefix=f"node '{node}' ({op.name}): ") from None
+    uncovered = [name for name, schedule in schedules.scalar if not schedule.covers_every_key
+                 and op.params.model_fields[name].is_required()]
+    uncovered += [name for name, elements in schedules.listed
+                  if any(isinstance(e, Schedule) and not e.covers_every_key for e in elements)]
+    if uncovered:
+        raise where.error((*loc, uncovered[0]), f"node '{node}' ({op.name}): '{uncovered[0]}' has filtered values "
+                                                f"that leave some keys without a value: end them with "
+                                                f"{{value: ...}}, which matches every key")
+    return params, schedules
 
 
 def _compile(pattern: str, where: Locator, loc: tuple[Any, ...]) -> re.Pattern[str]:

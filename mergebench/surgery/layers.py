@@ -8,6 +8,9 @@ from functools import lru_cache
 
 BLOCK_REGEX = r"(?:^|\.)(?:layers|layer|h|blocks|block|resblocks)\.(\d+)\."
 STACK_MODES = ("separate", "concatenate")
+# Keys outside the blocks that come before them (embeddings); every other outside key (final norms,
+# heads, projections) comes after them. LiNeS's ``outside_blocks: split`` and schedules read this.
+BEFORE_BLOCKS = re.compile(r"embed|wte|wpe|position|token_type|patch|cls_token|class_embedding|conv1|ln_pre")
 
 
 def block_index(key: str, block_regex: str = BLOCK_REGEX) -> int | None:

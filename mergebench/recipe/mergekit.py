@@ -1,0 +1,321 @@
+"""mergekit's configuration dialect, translated into a native recipe (docs/mergekit.md).
+
+A mergekit config (``merge_method``, ``models`` or ``slices``, ``base_model``, ``parameters``, ``dtype``, ...)
+becomes nodes of the operators that compute the same arithmetic, with mergekit's parameter
+semantics: its defaults per method, per-model ``weight`` and ``density``, ``normalize``, ``lambda``,
+``rescale``, and its gradients and filters, whose precedence (a source's, then its slice's, then the
+global value, first matching filter wins) is kept by concatenating them into one native schedule.
+Slices whose sources differ in layer range are stacked (``stack``) into the same block numbering,
+merged, and the merged slices stacked in order; keys before the blocks come from the first slice and
+keys after them from the last, as mergekit plans them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mergebench.errors import MergebenchError
+from mergebench.recipe.yaml_lines import Locator
+
+MERGEKIT_KEYS = {"merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype",
+                 "tokenizer_source", "tokenizer", "chat_template", "embed_slerp", "int8_mask", "modules"}
+# method -> (native operator, mergekit's normalize default, rescale default)
+METHODS = {
+    "linear": ("linear", True, False),
+    "task_arithmetic": ("task_arithmetic", False, False),
+    "ties": ("ties", True, False),
+    "dare_ties": ("dare_ties", False, True),
+    "dare_linear": ("dare_linear", False, True),
+    "slerp": ("slerp", False, False),
+    "passthrough": (None, False, False),
+}
+METHOD_PARAMS = {  # what each method reads: global parameters, per-model ones
+    "linear": ({"normalize"}, {"weight"}),
+    "task_arithmetic": ({"normalize", "lambda", "int8_mask", "rescale"}, {"weight", "density"}),
+    "ties": ({"normalize", "lambda", "int8_mask", "rescale"}, {"weight", "density"}),
+    "dare_ties": ({"normalize", "lambda", "int8_mask", "rescale"}, {"weight", "density"}),
+    "dare_linear": ({"normalize", "lambda", "int8_mask", "rescale"}, {"weight", "density"}),
+    "slerp": ({"t"}, set()),
+    "passthrough": (set(), set()),
+}
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "half": "float16",
+          "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def is_mergekit(data: Any) -> bool:
+    """A mergekit config names a ``merge_method``; a native recipe has ``nodes``."""
+    return isinstance(data, dict) and "merge_method" in data and "nodes" not in data
+
+
+@dataclass
+class _Source:
+    model: str  # the native model name
+    layers: tuple[int, int] | None  # None: every layer
+    params: dict[str, Any]
+    where: tuple[Any, ...]
+
+
+@dataclass
+class _Translation:
+    config: dict[str, Any]
+    where: Locator
+    base_dir: Path
+    models: dict[str, str] = field(default_factory=dict)  # native name -> path
+    names: dict[str, str] = field(default_factory=dict)  # mergekit reference -> native name
+    nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def translate(data: dict[str, Any], where: Locator, base_dir: Path, out: str | None) -> dict[str, Any]:
+    """The native recipe a mergekit config means, writing to ``out`` (mergekit names its output on the command line)."""
+    unknown = sorted(set(data) - MERGEKIT_KEYS)
+    if unknown:
+        raise where.error((unknown[0],), f"'{unknown[0]}' is not a mergekit config key (known: "
+                                         f"{', '.join(sorted(MERGEKIT_KEYS))})")
+    for unsupported, why in (("modules", "multi-module configs"), ("chat_template", "chat templates"),
+                             ("embed_slerp", "embed_slerp"), ("tokenizer", "the 'tokenizer' block (use "
+                                                                             "tokenizer_source)")):
+        if data.get(unsupported) is not None:
+            raise where.error((unsupported,), f"{why} are not translated yet; remove '{unsupported}' or write a "
+                                              f"native recipe")
+    method = data["merge_method"]
+    if method not in METHODS:
+        raise where.error(("merge_method",), f"merge_method '{method}' has no mergebench operator yet (translated: "
+                                             f"{', '.join(METHODS)})")
+    if out is None:
+        raise MergebenchError(f"{where.file}: a mergekit config names no output: give --out DIR")
+    if bool(data.get("models")) == bool(data.get("slices")):
+        raise where.error((), "a mergekit config has exactly one of 'models' and 'slices'")
+    work = _Translation(data, where, base_dir)
+    base = work_model(work, data["base_model"], ("base_model",)) if data.get("base_model") else None
+    if data.get("models"):
+        sources = [_source(work, entry, ("models", i), whole=True) for i, entry in enumerate(data["models"])]
+        final = _merge(work, method, sources, base, {}, "merge", ())
+    else:
+        merged = []
+        for i, piece in enumerate(data["slices"]):
+            if not isinstance(piece, dict) or not piece.get("sources"):
+                raise where.error(("slices", i), "a slice is {sources: [{model, layer_range}, ...]}")
+            sources = [_source(work, entry, ("slices", i, "sources", j), whole=False)
+                       for j, entry in enumerate(piece["sources"])]
+            merged.append((_merge(work, method, sources, base, piece.get("parameters") or {}, f"slice{i}",
+                                  ("slices", i)), _length(work, sources, ("slices", i))))
+        final = "merged"
+        work.nodes[final] = {"op": "stack", "inputs": {"models": list(dict.fromkeys(ref for ref, _ in merged))},
+                             "params": {"slices": [{"model": ref, "layers": [0, n]} for ref, n in merged],
+                                        "base": merged[0][0], "head": merged[-1][0]}}
+    output: dict[str, Any] = {"from": final, "path": out}
+    dtype = data.get("out_dtype") or data.get("dtype")
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise where.error(("out_dtype" if data.get("out_dtype") else "dtype",),
+                              f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
+        output["dtype"] = DTYPES[dtype]
+    output["copy_files_from"] = base or next(iter(work.models))
+    recipe: dict[str, Any] = {"models": work.models, "nodes": work.nodes, "outputs": [output]}
+    tokenizer = data.get("tokenizer_source")
+    if tokenizer is not None:
+        recipe["tokenizer"] = {"source": tokenizer if tokenizer in ("base", "union")
+                               else work_model(work, tokenizer, ("tokenizer_source",))}
+    return recipe
+
+
+def work_model(work: _Translation, reference: Any, where: tuple[Any, ...]) -> str:
+    """The native name of a mergekit model reference (a local path, or a repo id in the Hugging Face cache)."""
+    if not isinstance(reference, str):
+        raise work.where.error(where, f"a model reference is a path or a repo id, got {reference!r}")
+    if reference in work.names:
+        return work.names[reference]
+    if "+" in reference:
+        raise work.where.error(where, f"'{reference}': model+lora references are not translated yet")
+    path = resolve_model(reference, work.base_dir, work.where, where)
+    name = Path(reference.rstrip("/")).name or "model"
+    while name in work.models or name in ("merged", "merge") or name.startswith("slice"):
+        name += "_"
+    work.models[name] = path
+    work.names[reference] = name
+    return name
+
+
+def resolve_model(reference: str, base_dir: Path, where: Locator, loc: tuple[Any, ...]) -> str:
+    """A local path as it is; a repo id (``org/name``) from the local Hugging Face cache, or one clear error."""
+    local = base_dir / reference
+    if local.exists():
+        return str(local.resolve())
+    parts = reference.split("/")
+    if len(parts) == 2 and all(parts):
+        hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache" /
+                                                                            "huggingface")) / "hub")
+        snapshots = hub / f"models--{parts[0]}--{parts[1]}" / "snapshots"
+        ref_file = hub / f"models--{parts[0]}--{parts[1]}" / "refs" / "main"
+        if ref_file.is_file() and (snapshots / ref_file.read_text().strip()).is_dir():
+            return str(snapshots / ref_file.read_text().strip())
+        found = sorted(snapshots.glob("*")) if snapshots.is_dir() else []
+        if found:
+            return str(found[-1])
+        raise where.error(loc, f"model '{reference}' is neither a local path nor in the Hugging Face cache "
+                               f"({hub}); mergebench does not download: fetch it first (huggingface-cli download "
+                               f"{reference})")
+    raise where.error(loc, f"model '{reference}' is not a path that exists ({local})")
+
+
+def _source(work: _Translation, entry: Any, where: tuple[Any, ...], whole: bool) -> _Source:
+    if not isinstance(entry, dict) or "model" not in entry:
+        raise work.where.error(where, "a model entry is {model: PATH, parameters: {...}}")
+    extra = sorted(set(entry) - {"model", "parameters", "layer_range"})
+    if extra:
+        raise work.where.error((*where, extra[0]), f"'{extra[0]}' is not a key of a mergekit model entry")
+    layers = None
+    if not whole:
+        span = entry.get("layer_range")
+        if not (isinstance(span, list) and len(span) == 2 and all(isinstance(v, int) for v in span)
+                and 0 <= span[0] < span[1]):
+            raise work.where.error((*where, "layer_range"), f"layer_range is [START, END) with START < END, got "
+                                                            f"{span!r}")
+        layers = (span[0], span[1])
+    return _Source(work_model(work, entry["model"], (*where, "model")), layers, entry.get("parameters") or {},
+                   where)
+
+
+def _length(work: _Translation, sources: list[_Source], where: tuple[Any, ...]) -> int:
+    lengths = {s.layers[1] - s.layers[0] for s in sources}
+    if len(lengths) != 1:
+        raise work.where.error(where, f"every source of a slice spans the same number of layers, got "
+                                      f"{sorted(lengths)}")
+    return lengths.pop()
+
+
+def _rules(value: Any) -> list[dict[str, Any]]:
+    """A mergekit setting as native filtered values (a number or a gradient matches every key)."""
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        return [dict(v) for v in value]
+    if isinstance(value, dict):
+        return [dict(value)]
+    return [{"value": value}]
+
+
+def _setting(work: _Translation, name: str, levels: list[tuple[dict[str, Any], tuple[Any, ...]]]) -> Any:
+    """One parameter through mergekit's levels (most specific first) as one native value or schedule."""
+    rules: list[dict[str, Any]] = []
+    for params, _ in levels:
+        if name in params:
+            rules.extend(_rules(params[name]))
+    if not rules:
+        return None
+    if len(rules) == 1 and rules[0].get("filter") in (None, "*"):
+        return rules[0]["value"]
+    for params, where in levels:
+        if name in params and any(isinstance(v, bool) for r in _rules(params[name]) for v in [r.get("value")]):
+            raise work.where.error((*where, name), f"'{name}' cannot vary by layer or filter")
+    return rules
+
+
+def _scalar(work: _Translation, name: str, levels: list[tuple[dict[str, Any], tuple[Any, ...]]], default: Any) -> Any:
+    value = _setting(work, name, levels)
+    if isinstance(value, list):
+        where = next(w for params, w in levels if name in params)
+        raise work.where.error((*where, name), f"'{name}' is one value for the whole merge in mergebench")
+    return default if value is None else value
+
+
+def _merge(work: _Translation, method: str, sources: list[_Source], base: str | None, slice_params: dict[str, Any],
+           name: str, where: tuple[Any, ...]) -> str:
+    """The node merging one slice's sources (each first stacked to its layer range when it has one)."""
+    op, normalize_default, rescale_default = METHODS[method]
+    global_params = work.config.get("parameters") or {}
+    levels_global = [(slice_params, (*where, "parameters")), (global_params, ("parameters",))]
+    allowed_global, allowed_model = METHOD_PARAMS[method]
+    for params, loc in levels_global:
+        for key in params:
+            if key not in allowed_global | allowed_model:
+                raise work.where.error((*loc, key), f"merge_method '{method}' takes no parameter '{key}' (it reads "
+                                                    f"{', '.join(sorted(allowed_global | allowed_model)) or 'none'})")
+    for s in sources:
+        for key in s.params:
+            if key not in allowed_model:
+                raise work.where.error((*s.where, "parameters", key), f"merge_method '{method}' takes no per-model "
+                                                                      f"parameter '{key}'")
+    refs = [_ranged(work, s) for s in sources]
+    if method == "passthrough":
+        if len(sources) != 1:
+            raise work.where.error(where, "passthrough takes one source per slice (or one model)")
+        return refs[0]
+    names = [s.model for s in sources]
+    base_ref = None
+    if method != "linear":
+        if base is None:
+            raise work.where.error(("merge_method",), f"merge_method '{method}' needs a base_model")
+        if base not in names:
+            if sources[0].layers is not None:
+                raise work.where.error(where, f"base_model '{base}' is not among this slice's sources")
+            sources, refs, names = [*sources, _Source(base, None, {}, ("base_model",))], [*refs, base], [*names, base]
+        base_ref = refs[names.index(base)]
+    others = [(s, r) for s, r in zip(sources, refs) if s.model != base or method == "linear"]
+
+    def per_model(key: str, default: Any) -> list[Any]:
+        values = []
+        for s, _ in others:
+            value = _setting(work, key, [(s.params, (*s.where, "parameters")), *levels_global])
+            if value is None and default is None:
+                raise work.where.error(s.where, f"merge_method '{method}' needs '{key}' for model '{s.model}'")
+            values.append(default if value is None else value)
+        return values
+
+    normalize = _scalar(work, "normalize", levels_global, normalize_default)
+    params: dict[str, Any]
+    if method == "slerp":
+        if len(others) != 1:
+            raise work.where.error(where, "slerp merges base_model with exactly one other model")
+        t = _setting(work, "t", levels_global)
+        if t is None:
+            raise work.where.error(where, "slerp needs 't'")
+        work.nodes[name] = {"op": "slerp", "inputs": {"a": base_ref, "b": others[0][1]}, "params": {"t": t}}
+        return name
+    weights = per_model("weight", None)
+    inputs: dict[str, Any] = {"models": [r for _, r in others]}
+    if method == "linear":
+        params = {"weights": weights, "normalize": normalize}
+    else:
+        inputs = {"base": base_ref, **inputs}
+        densities = per_model("density", 1.0)
+        rescale = _scalar(work, "rescale", levels_global, rescale_default)
+        params = {"weights": weights, "lambda": _scalar(work, "lambda", levels_global, 1.0)}
+        if method == "task_arithmetic":
+            params["normalize"] = normalize
+        elif method == "ties":
+            params.update(densities=densities, scope="per_tensor", agg="mean" if normalize else "sum")
+            if rescale:
+                raise work.where.error(("parameters", "rescale"), "ties with rescale is not translated yet")
+        else:
+            drop = _drop_rate(work, densities, others)
+            params.update(p=drop, rescale=bool(rescale))
+            if method == "dare_ties":
+                params.update(scope="per_tensor", agg="mean" if normalize else "sum")
+            else:
+                params["normalize"] = normalize
+    work.nodes[name] = {"op": op, "inputs": inputs, "params": params}
+    return name
+
+
+def _drop_rate(work: _Translation, densities: list[Any], others: list[tuple[_Source, str]]) -> Any:
+    """DARE's drop rate p = 1 − density, one for all models (a number or a schedule)."""
+    if any(d != densities[0] for d in densities):
+        raise work.where.error(others[0][0].where, "DARE with a different density per model is not translated yet")
+    density = densities[0]
+    if isinstance(density, list):
+        return [{**r, "value": [1 - v for v in r["value"]] if isinstance(r["value"], list) else 1 - r["value"]}
+                for r in _rules(density)] if isinstance(density[0], dict) else [1 - v for v in density]
+    return 1 - density
+
+
+def _ranged(work: _Translation, source: _Source) -> str:
+    """The source's model, or a stack of its layer range renumbered from 0."""
+    if source.layers is None:
+        return source.model
+    start, end = source.layers
+    name = f"{source.model}[{start}:{end}]"
+    work.nodes.setdefault(name, {"op": "stack", "inputs": {"models": [source.model]},
+                                 "params": {"slices": [{"model": source.model, "layers": [start, end]}]}})
+    return name
