@@ -18,7 +18,8 @@ LAYERS = 4
 @pytest.fixture
 def deep(tmp_path):
     """base, ft1 and ft2 of a 4-block Llama whose config lists a per-layer ``layer_types``."""
-    config = {**llama_config(layers=LAYERS), "layer_types": ["full_attention", "sliding_attention"] * 2, "sliding_window": 8}
+    config = {**llama_config(layers=LAYERS), "layer_types": ["full_attention", "sliding_attention"] * 2,
+              "sliding_window": 8}
     base = llama_state_dict(config, seed=0)
     states = {"base": base, "ft1": llama_state_dict(config, seed=1, base=base, noise=0.1),
               "ft2": llama_state_dict(config, seed=2, base=base, noise=0.1)}
@@ -38,7 +39,8 @@ def _block(key: str, block: int) -> str:
 
 def test_stack_takes_each_block_bit_for_bit_and_rewrites_the_config(tmp_path, cli, deep):
     folders, states = deep
-    slices = [{"model": "ft1", "layers": [0, 3]}, {"model": "base", "layers": [1, 4]}, {"model": "ft2", "layers": [3, 4]}]
+    slices = [{"model": "ft1", "layers": [0, 3]}, {"model": "base", "layers": [1, 4]},
+              {"model": "ft2", "layers": [3, 4]}]
     doc = _recipe(folders, {"out": {"op": "stack", "inputs": {"models": ["base", "ft1", "ft2"]},
                                     "params": {"slices": slices, "head": "ft2"}}})
     out = run_merge(cli, tmp_path, doc)["merged"]
@@ -136,9 +138,11 @@ def test_per_element_schedules_of_a_list_parameter(tmp_path, cli, deep):
     ({"out": {"op": "stack", "inputs": {"models": ["ft1"]},
               "params": {"slices": [{"model": "ft2", "layers": [0, 2]}]}}},
      "slice 0 names 'ft2', which is not among its models"),
-    ({"out": {"op": "stack", "inputs": {"models": ["ft1"]}, "params": {"slices": [{"model": "ft1", "layers": [2, 9]}]}}},
+    ({"out": {"op": "stack", "inputs": {"models": ["ft1"]},
+              "params": {"slices": [{"model": "ft1", "layers": [2, 9]}]}}},
      "slice layers [2, 9] of 'ft1', which has 4 blocks"),
-    ({"out": {"op": "stack", "inputs": {"models": ["ft1"]}, "params": {"slices": [{"model": "ft1", "layers": [3, 1]}]}}},
+    ({"out": {"op": "stack", "inputs": {"models": ["ft1"]},
+              "params": {"slices": [{"model": "ft1", "layers": [3, 1]}]}}},
      "is not a range [START, END)"),
     ({"out": {"op": "ties", "inputs": {"base": "base", "models": ["ft1"]}, "params": {"density": [0.2, 0.8]}}},
      "a parameter schedule varies by tensor"),

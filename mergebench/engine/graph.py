@@ -223,7 +223,7 @@ class Graph:
         """x ∈ [0, 1] of a key among the node's blocks, as schedules read it (semantics §0.7)."""
         own = node.context_key(key)
         found = block_index_for(self.key_lists[node.name]).position(own)
-        return position(own, *(found or (None, 0)))
+        return position(own, *(found or (None, 0)), node.schedule_outside)
 
     def output_info(self, plan: OutputPlan, key: str) -> TensorInfo:
         """Header facts of an output's key: its primary model's, or (a key a stack made) its route's."""

@@ -38,6 +38,9 @@ class RenamedSource:
     def keys(self) -> list[str]:
         return list(self._own)
 
+    def own_key(self, key: str) -> str:
+        return self._own[key]
+
     def info(self, key: str) -> TensorInfo:
         return self.inner.info(self._own[key])
 
@@ -123,6 +126,11 @@ class _Renamer:
             raise MergebenchError(f"{self.recipe.file}: node '{self.node}': '{ref}' is a sequence of checkpoints, "
                                   f"which a stack cannot renumber; stack the node that folds it")
         name = f"{label}#{len(self.layouts.renamed_sources) + len(self.layouts.renamed_nodes)}"
+        if ref in self.layouts.renamed_sources:  # renamed again (a stack of a stack): compose the names
+            inner = self.layouts.renamed_sources[ref]
+            self.layouts.renamed_sources[name] = RenamedSource(inner.of, inner.inner,
+                                                               {new: inner.own_key(own) for new, own in names.items()})
+            return name
         if ref in self.sources:
             held = set(self.sources[ref].keys)  # an artifact may leave keys out: all-False / zero there
             self.layouts.renamed_sources[name] = RenamedSource(ref, self.sources[ref],

@@ -41,6 +41,10 @@ METHOD_PARAMS = {  # what each method reads: global parameters, per-model ones
     "slerp": ({"t"}, set()),
     "passthrough": (set(), set()),
 }
+# mergekit 0.1.5 reads gradients at t = 0 for the weights before the blocks and, since its modules planner,
+# also for those after them (the final norm, the head); earlier versions read t = 1 there, as native
+# recipes do (docs/mergekit.md)
+MERGEKIT_OUTSIDE = {"schedule_outside": [0.0, 0.0]}
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "half": "float16",
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
@@ -145,7 +149,7 @@ def resolve_model(reference: str, base_dir: Path, where: Locator, loc: tuple[Any
     if local.exists():
         return str(local.resolve())
     parts = reference.split("/")
-    if len(parts) == 2 and all(parts):
+    if len(parts) == 2 and all(parts) and parts[0] not in (".", "..") and not reference.startswith("~"):
         hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache" /
                                                                             "huggingface")) / "hub")
         snapshots = hub / f"models--{parts[0]}--{parts[1]}" / "snapshots"
@@ -271,7 +275,8 @@ def _merge(work: _Translation, method: str, sources: list[_Source], base: str | 
         t = _setting(work, "t", levels_global)
         if t is None:
             raise work.where.error(where, "slerp needs 't'")
-        work.nodes[name] = {"op": "slerp", "inputs": {"a": base_ref, "b": others[0][1]}, "params": {"t": t}}
+        work.nodes[name] = {"op": "slerp", "inputs": {"a": base_ref, "b": others[0][1]}, "params": {"t": t},
+                            **MERGEKIT_OUTSIDE}
         return name
     weights = per_model("weight", None)
     inputs: dict[str, Any] = {"models": [r for _, r in others]}
@@ -295,7 +300,7 @@ def _merge(work: _Translation, method: str, sources: list[_Source], base: str | 
                 params.update(scope="per_tensor", agg="mean" if normalize else "sum")
             else:
                 params["normalize"] = normalize
-    work.nodes[name] = {"op": op, "inputs": inputs, "params": params}
+    work.nodes[name] = {"op": op, "inputs": inputs, "params": params, **MERGEKIT_OUTSIDE}
     return name
 
 

@@ -70,10 +70,11 @@ def read_gradient(points: Sequence[float], x: float) -> float:
     return (1 - frac) * points[low] + frac * points[high]
 
 
-def position(key: str, block: int | None, num_blocks: int) -> float:
-    """x of a key: ℓ/(L − 1) inside a stack of L blocks (1 when L = 1); 0 before the blocks, 1 after."""
+def position(key: str, block: int | None, num_blocks: int, outside: tuple[float, float] = (0.0, 1.0)) -> float:
+    """x of a key: ℓ/(L − 1) inside a stack of L blocks (1 when L = 1); outside them ``outside[0]`` (0) before
+    the blocks and ``outside[1]`` (1) after them."""
     if block is None:
-        return 0.0 if BEFORE_BLOCKS.search(key) else 1.0
+        return outside[0] if BEFORE_BLOCKS.search(key) else outside[1]
     return block / (num_blocks - 1) if num_blocks > 1 else 1.0
 
 

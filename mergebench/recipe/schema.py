@@ -57,6 +57,8 @@ class NodeSpec(_Strict):
     include: list[str] = Field(default_factory=list)
     exclude: list[str] = Field(default_factory=list)
     seed: int | None = None
+    schedule_outside: tuple[float, float] | None = Field(
+        None, description="x at which schedules read keys before the blocks and keys after them (default 0, 1)")
 
 
 class OutputSpec(_Strict):
@@ -111,6 +113,7 @@ class Node:
     list_length: int | None  # how many values a list-valued node yields
     series_steps: tuple[int, ...] | None = None  # a sequence node emitting a series: its steps
     schedules: ParamSchedules = ParamSchedules()  # parameters that vary with the key (semantics §0.7)
+    schedule_outside: tuple[float, float] = (0.0, 1.0)  # x of keys before the blocks, after them
 
     @property
     def result(self) -> str:

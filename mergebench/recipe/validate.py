@@ -224,6 +224,7 @@ def _check_node(name: str, spec: NodeSpec, recipe: RecipeSpec, done: dict[str, N
         inputs=dict(spec.inputs),
         params=params,
         schedules=schedules,
+        schedule_outside=spec.schedule_outside or (0.0, 1.0),
         overrides=tuple(overrides),
         include=tuple(_compile(p, where, (*loc, "include", i)) for i, p in enumerate(spec.include)),
         exclude=tuple(_compile(p, where, (*loc, "exclude", i)) for i, p in enumerate(spec.exclude)),

@@ -1,0 +1,344 @@
+"""mergekit configs run unchanged: mergekit's own example configs on tiny Llamas, checked against a numpy
+reference of mergekit's arithmetic (always), and against mergekit 0.1.5's output where it is installed
+(``MERGEKIT_YAML`` or ``mergekit-yaml`` on the PATH; skipped cleanly otherwise)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import read_checkpoint, write_recipe
+from mergebench.synthetic import llama_config, llama_state_dict, save_checkpoint
+
+LAYERS = 4
+MERGEKIT = os.environ.get("MERGEKIT_YAML") or shutil.which("mergekit-yaml")
+TINY = llama_config(hidden=64, intermediate=128, layers=LAYERS, vocab=128)
+
+# mergekit's examples (examples/linear.yml, ties.yml, gradient-slerp.yml, orcamini-platy-44layer.yml) with the
+# models renamed to tiny ones and layer ranges scaled to 4 blocks; float32 so that both tools compute alike.
+CONFIGS = {
+    "linear": """
+models:
+  - model: ./a
+    parameters:
+      weight: 1.0
+  - model: ./b
+    parameters:
+      weight: 0.3
+  - model: ./c
+    parameters:
+      weight: 0.5
+merge_method: linear
+dtype: float32
+""",
+    "ties": """
+models:
+  - model: ./a
+    parameters:
+      density: [1, 0.7, 0.1] # density gradient
+      weight: 1.0
+  - model: ./b
+    parameters:
+      density: 0.5
+      weight: [0, 0.3, 0.7, 1] # weight gradient
+  - model: ./c
+    parameters:
+      density: 0.33
+      weight:
+        - filter: mlp
+          value: 0.5
+        - value: 0
+merge_method: ties
+base_model: ./base
+parameters:
+  normalize: true
+  int8_mask: true
+dtype: float32
+""",
+    "gradient_slerp": """
+slices:
+  - sources:
+      - model: ./a
+        layer_range: [0, 2]
+      - model: ./b
+        layer_range: [0, 2]
+  - sources:
+      - model: ./a
+        layer_range: [2, 4]
+      - model: ./b
+        layer_range: [1, 3]
+merge_method: slerp
+base_model: ./a
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5 # fallback for rest of tensors
+dtype: float32
+""",
+    "passthrough": """
+slices:
+  - sources:
+      - model: ./a
+        layer_range: [0, 3]
+  - sources:
+      - model: ./b
+        layer_range: [1, 4]
+merge_method: passthrough
+dtype: float32
+""",
+    "task_arithmetic": """
+models:
+  - model: ./a
+    parameters: {weight: 0.7}
+  - model: ./b
+    parameters: {weight: [0.2, 0.6]}
+merge_method: task_arithmetic
+base_model: ./base
+parameters: {lambda: 0.8, normalize: true}
+dtype: float32
+""",
+}
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("zoo")
+    base = llama_state_dict(TINY, seed=0)
+    states = {"base": base, **{name: llama_state_dict(TINY, seed=i, base=base, noise=0.2)
+                               for i, name in enumerate("abc", start=1)}}
+    for name, state in states.items():
+        save_checkpoint(state, folder / name, 10**9, TINY)
+    for name, text in CONFIGS.items():
+        (folder / f"{name}.yml").write_text(text)
+    return folder, {name: {k: v.double().numpy() for k, v in s.items()} for name, s in states.items()}
+
+
+def _ours(cli, folder, name):
+    out = folder / f"ours-{name}"
+    if not out.exists():
+        result = cli("run", folder / f"{name}.yml", "--out", out, "--quiet")
+        assert result.exit_code == 0, result.output
+    return {k: v.double().numpy() for k, v in read_checkpoint(out).items()}
+
+
+# ---- mergekit's arithmetic in numpy (mergekit/config.py evaluate_setting, plan.py, merge_methods) ----
+
+def setting(value, key, t):
+    """mergekit's evaluate_setting: gradients read at t, the first filter contained in the key wins."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    if all(isinstance(v, (int, float)) for v in value):
+        scaled = t * (len(value) - 1)
+        i0 = int(scaled)
+        i1 = min(len(value) - 1, i0 + 1)
+        return (1 - (scaled - i0)) * value[i0] + (scaled - i0) * value[i1]
+    for cond in value:
+        if cond.get("filter") in (None, "*") or cond["filter"] in key:
+            return setting(cond["value"], key, t)
+    return None
+
+
+def plan(keys, slices):
+    """mergekit 0.1.5's plan: (output key, [(source model, source key)], t) — pre weights at t = 0 from the
+    first slice, each slice's layers at t = i/(n − 1) (1 for one layer), post weights from the last slice,
+    also at t = 0 (its modules planner reads them with the reader it made at t = 0)."""
+    def rename(key, block):
+        return key.replace("layers.0.", f"layers.{block}.")
+    layer_keys = [k for k in keys if ".layers.0." in k]
+    planned, out_block = [], 0
+    for key in ("model.embed_tokens.weight",):
+        planned.append((key, [(m, key) for m, _ in slices[0]], 0.0))
+    for sources in slices:
+        n = sources[0][1][1] - sources[0][1][0]
+        for i in range(n):
+            t = i / (n - 1) if n > 1 else 1.0
+            for key in layer_keys:
+                planned.append((rename(key, out_block), [(m, rename(key, r[0] + i)) for m, r in sources], t))
+            out_block += 1
+    for key in ("model.norm.weight", "lm_head.weight"):
+        planned.append((key, [(m, key) for m, _ in slices[-1]], 0.0))
+    return planned
+
+
+def slerp(t, a, b, threshold=0.9995, eps=1e-8):
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    dot = float(np.clip(np.sum((a / (na if na > eps else 1)) * (b / (nb if nb > eps else 1))), -1, 1))
+    if abs(dot) > threshold:
+        return (1 - t) * a + t * b
+    theta = np.arccos(dot)
+    return np.sin((1 - t) * theta) / np.sin(theta) * a + np.sin(t * theta) / np.sin(theta) * b
+
+
+def magnitude(delta, density):
+    if density >= 1:
+        return delta
+    k = max(1, int(density * delta.size))
+    flat = np.abs(delta).reshape(-1)
+    mask = np.zeros(delta.size)
+    mask[np.argsort(-flat, kind="stable")[:k]] = 1
+    return delta * mask.reshape(delta.shape)
+
+
+def reference(name, states):
+    config = yaml.safe_load(CONFIGS[name])
+    method, params = config["merge_method"], config.get("parameters") or {}
+    if "slices" in config:
+        slices = [[(s["model"][2:], tuple(s["layer_range"])) for s in piece["sources"]] for piece in config["slices"]]
+        per_model = {}
+    else:
+        slices = [[(m["model"][2:], (0, LAYERS)) for m in config["models"]]]
+        per_model = {m["model"][2:]: m.get("parameters") or {} for m in config["models"]}
+    expected = {}
+    for key, sources, t in plan(list(states["base"]), slices):
+        tensors = {m: states[m][k] for m, k in sources}
+        if method == "passthrough":
+            expected[key] = tensors[sources[0][0]]
+        elif method == "slerp":
+            expected[key] = slerp(setting(params["t"], key, t), tensors["a"], states["b"][sources[1][1]])
+        elif method == "linear":
+            weights = {m: setting(per_model[m]["weight"], key, t) for m in tensors}
+            expected[key] = sum(weights[m] * tensors[m] for m in tensors) / sum(weights.values())
+        else:  # task_arithmetic, ties: mergekit's generalized task arithmetic
+            base = states["base"][key]
+            deltas, weights = [], []
+            for m in per_model:
+                density = setting(per_model[m].get("density", 1.0), key, t)
+                delta = tensors[m] - base
+                deltas.append(magnitude(delta, density) if method == "ties" else delta)
+                weights.append(setting(per_model[m]["weight"], key, t))
+            weighted = np.stack([d * w for d, w in zip(deltas, weights)])
+            if method == "ties":
+                majority = np.where(weighted.sum(0) >= 0, 1.0, -1.0)
+                mask = np.sign(weighted) == majority
+                mixed = (weighted * mask).sum(0)
+                divisor = (np.array(weights).reshape(-1, *[1] * base.ndim) * mask).sum(0)
+                divisor[divisor == 0] = 1
+            else:
+                mixed, divisor = weighted.sum(0), sum(weights) if abs(sum(weights)) >= 1e-8 else 1.0
+            if params.get("normalize", method == "ties"):
+                mixed = mixed / divisor
+            expected[key] = base + mixed * params.get("lambda", 1.0)
+    return expected
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_mergekit_examples_equal_a_numpy_reference_of_mergekit(cli, zoo, name):
+    folder, states = zoo
+    ours = _ours(cli, folder, name)
+    expected = reference(name, states)
+    assert set(ours) == set(expected)
+    for key, value in expected.items():
+        np.testing.assert_allclose(ours[key], value, rtol=2e-5, atol=2e-6, err_msg=f"{name}: {key}")
+
+
+@pytest.mark.skipif(MERGEKIT is None, reason="mergekit 0.1.5 is not installed (MERGEKIT_YAML or mergekit-yaml)")
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_mergekit_examples_equal_mergekit_itself(cli, zoo, name):
+    folder, _ = zoo
+    theirs_dir = folder / f"mergekit-{name}"
+    if not theirs_dir.exists():
+        subprocess.run([MERGEKIT, str(folder / f"{name}.yml"), str(theirs_dir), "--no-cuda", "--quiet"],
+                       cwd=folder, check=True, capture_output=True, timeout=600)
+    theirs = {k: v.double().numpy() for k, v in read_checkpoint(theirs_dir).items()}
+    ours = _ours(cli, folder, name)
+    assert set(ours) == set(theirs)
+    for key, value in theirs.items():
+        np.testing.assert_allclose(ours[key], value, rtol=2e-5, atol=2e-6, err_msg=f"{name}: {key}")
+    ours_config = json.loads((folder / f"ours-{name}" / "config.json").read_text())
+    theirs_config = json.loads((theirs_dir / "config.json").read_text())
+    assert ours_config["num_hidden_layers"] == theirs_config["num_hidden_layers"]
+
+
+def test_convert_prints_a_native_recipe_that_runs_to_the_same_tensors(cli, zoo, tmp_path):
+    folder, _ = zoo
+    result = cli("convert", folder / "gradient_slerp.yml", "--out", tmp_path / "native-out")
+    assert result.exit_code == 0, result.output
+    recipe = yaml.safe_load(result.output)
+    assert [n["op"] for n in recipe["nodes"].values()] == ["stack", "stack", "slerp", "stack", "stack", "slerp",
+                                                           "stack"]
+    native = write_recipe(tmp_path / "native.yaml", recipe)
+    assert cli("run", native, "--quiet").exit_code == 0
+    ours = _ours(cli, folder, "gradient_slerp")
+    converted = read_checkpoint(tmp_path / "native-out")
+    assert all(np.array_equal(converted[k].double().numpy(), v) for k, v in ours.items())
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("merge_method: model_stock\nbase_model: ./base\nmodels: [{model: ./a}, {model: ./b}]\n",
+     "merge_method 'model_stock' has no mergebench operator yet"),
+    ("merge_method: ties\nmodels: [{model: ./a, parameters: {weight: 1}}]\n", "needs a base_model"),
+    ("merge_method: linear\nmodels:\n  - model: ./a\n    parameters: {weight: 1, densty: 0.5}\n",
+     "takes no per-model parameter 'densty'"),
+    ("merge_method: linear\nmodels:\n  - model: ./nowhere\n", "is not a path that exists"),
+    ("merge_method: linear\nmodels:\n  - model: someorg/some-model\n", "nor in the Hugging Face cache"),
+    ("merge_method: linear\nmodels:\n  - model: ./a\n", "needs 'weight' for model 'a'"),
+    ("merge_method: linear\nmodels:\n  - model: ./a+./lora\n", "model+lora references are not translated yet"),
+    ("merge_method: slerp\nbase_model: ./a\nslices:\n  - sources:\n      - {model: ./a, layer_range: [0, 2]}\n"
+     "      - {model: ./b, layer_range: [0, 3]}\nparameters: {t: 0.5}\n", "spans the same number of layers"),
+])
+def test_bad_mergekit_configs_exit_2_naming_file_and_line(cli, zoo, tmp_path, text, message, monkeypatch):
+    folder, _ = zoo
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    config = folder / "bad.yml"
+    config.write_text(text)
+    result = cli("run", config, "--out", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "bad.yml" in result.output, result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_mergekit_config_without_out_is_one_clear_error(cli, zoo):
+    folder, _ = zoo
+    result = cli("run", folder / "linear.yml")
+    assert result.exit_code == 2 and "give --out DIR" in result.output, result.output
+
+
+def test_a_repo_id_resolves_through_the_local_hugging_face_cache(cli, zoo, tmp_path, monkeypatch):
+    folder, states = zoo
+    snapshot = tmp_path / "hub" / "models--tiny-org--tiny-a" / "snapshots" / "0123abcd"
+    shutil.copytree(folder / "a", snapshot)
+    (tmp_path / "hub" / "models--tiny-org--tiny-a" / "refs").mkdir()
+    (tmp_path / "hub" / "models--tiny-org--tiny-a" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    config = write_recipe(tmp_path / "hub.yml", {"merge_method": "linear", "models": [
+        {"model": "tiny-org/tiny-a", "parameters": {"weight": 1.0}}, {"model": str(folder / "b"),
+                                                                       "parameters": {"weight": 1.0}}]})
+    result = cli("run", config, "--out", tmp_path / "out", "--quiet")
+    assert result.exit_code == 0, result.output
+    out = read_checkpoint(tmp_path / "out")
+    key = "model.layers.1.mlp.up_proj.weight"
+    np.testing.assert_allclose(out[key].double().numpy(), (states["a"][key] + states["b"][key]) / 2, rtol=1e-6)
+
+
+def test_dare_ties_draws_match_mergekit_in_distribution(cli, zoo, tmp_path):
+    """Random masks cannot match entry by entry: the share of entries kept and the mean |delta| kept must."""
+    folder, states = zoo
+    config = write_recipe(tmp_path / "dare.yml", {
+        "merge_method": "dare_ties", "base_model": str(folder / "base"), "dtype": "float32",
+        "models": [{"model": str(folder / "a"), "parameters": {"weight": 1.0, "density": 0.4}}]})
+    result = cli("run", config, "--out", tmp_path / "out", "--quiet")
+    assert result.exit_code == 0, result.output
+    key = "model.layers.2.mlp.down_proj.weight"
+    delta = read_checkpoint(tmp_path / "out")[key].double().numpy() - states["base"][key]
+    kept = delta != 0
+    n = delta.size
+    assert abs(kept.mean() - 0.4) < 4 * np.sqrt(0.4 * 0.6 / n)  # Bernoulli(density) keep
+    original = states["a"][key] - states["base"][key]
+    np.testing.assert_allclose(delta[kept], original[kept] / 0.4, rtol=1e-5, atol=1e-6)  # rescaled by 1/density
+    # mergekit rescales to the task vector's L1 norm; 1/density does in expectation (docs/mergekit.md)
+    assert abs(np.abs(delta).sum() / np.abs(original).sum() - 1) < 0.05
+    if MERGEKIT is not None:
+        subprocess.run([MERGEKIT, str(config), str(tmp_path / "theirs"), "--no-cuda", "--quiet"], check=True,
+                       capture_output=True, timeout=600)
+        theirs = read_checkpoint(tmp_path / "theirs")[key].double().numpy() - states["base"][key]
+        assert abs((theirs != 0).mean() - 0.4) < 4 * np.sqrt(0.4 * 0.6 / n)
+        assert abs(np.abs(theirs).sum() / np.abs(original).sum() - 1) < 1e-4  # L1 matched exactly
