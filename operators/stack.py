@@ -1,4 +1,4 @@
-"""``stack``: a model built from layer ranges of others (frankenmerges, depth up-scaling; semantics §11).
+"""``stack``: a model built from layer ranges of others (frankenmerges, depth up-scaling; semantics §10).
 
 Output block j is, key for key, block i of the slice's input, renamed; blocks may repeat and be
 dropped. Keys outside the blocks come from ``base`` (those after the blocks, such as the final norm

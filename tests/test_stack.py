@@ -102,7 +102,7 @@ def test_nodes_after_a_stack_see_its_block_numbering(tmp_path, cli, deep):
 
 def test_gradient_and_filters_golden_at_every_block(tmp_path, cli, deep):
     """λ = [0, 1, 0.5] read at x = ℓ/3: 0, 2/3, 5/6, 1/2; embeddings x = 0, norm and head x = 1; ``mlp``
-    keys take the filter's 2 (semantics §0.7)."""
+    keys take the filter's 2 (semantics §0.8)."""
     folders, states = deep
     lam = [{"filter": "mlp", "value": 2.0}, {"value": [0.0, 1.0, 0.5]}]
     doc = _recipe(folders, {"out": {"op": "task_arithmetic", "inputs": {"base": "base", "models": ["ft1"]},

@@ -201,7 +201,7 @@ def test_slerp_golden(a, b, t, expected):
 
 
 def test_slerp_schedule_over_blocks():
-    """A gradient reads x = ℓ/(L−1) in the blocks, 0 before them (embeddings), 1 after (semantics §0.7)."""
+    """A gradient reads x = ℓ/(L−1) in the blocks, 0 before them (embeddings), 1 after (semantics §0.8)."""
     a = {f"layers.{i}.w": T([1.0, 0]) for i in range(3)} | {"head.w": T([1.0, 0]), "embed.w": T([1.0, 0])}
     b = {k: T([0.0, 1]) for k in a}
     out = ops.slerp(a=a, b=b, t=[0.0, 1.0])

@@ -220,7 +220,7 @@ class Graph:
         return node.params_for(key, lambda: self.position(node, key))
 
     def position(self, node: Node, key: str) -> float:
-        """x ∈ [0, 1] of a key among the node's blocks, as schedules read it (semantics §0.7)."""
+        """x ∈ [0, 1] of a key among the node's blocks, as schedules read it (semantics §0.8)."""
         own = node.context_key(key)
         found = block_index_for(self.key_lists[node.name]).position(own)
         return position(own, *(found or (None, 0)), node.schedule_outside)

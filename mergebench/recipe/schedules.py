@@ -1,4 +1,4 @@
-"""Per-layer parameter schedules: a numeric parameter that varies with the key (semantics §0.7).
+"""Per-layer parameter schedules: a numeric parameter that varies with the key (semantics §0.8).
 
 Any float parameter of any operator (and each number of a list-of-floats parameter, such as
 ``weights``) may be given as

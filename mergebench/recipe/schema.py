@@ -112,7 +112,7 @@ class Node:
     seed: int
     list_length: int | None  # how many values a list-valued node yields
     series_steps: tuple[int, ...] | None = None  # a sequence node emitting a series: its steps
-    schedules: ParamSchedules = ParamSchedules()  # parameters that vary with the key (semantics §0.7)
+    schedules: ParamSchedules = ParamSchedules()  # parameters that vary with the key (semantics §0.8)
     schedule_outside: tuple[float, float] = (0.0, 1.0)  # x of keys before the blocks, after them
 
     @property
@@ -131,7 +131,7 @@ class Node:
         return ref[self.op.anchor(self.params, len(ref))] if self.op.anchor else ref[0]
 
     def context_key(self, key: str) -> str:
-        """The key as the operator sees it (its own name, where a stack renamed it; semantics §11)."""
+        """The key as the operator sees it (its own name, where a stack renamed it; semantics §10)."""
         return key
 
     def refs(self) -> list[str]:
