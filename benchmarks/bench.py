@@ -5,7 +5,8 @@ the Hub does, then for each merge runs a fresh process (median of ``--repeat`` r
 mergebench alternating) and prints wall time, peak RSS of the process, input GB/s, the ratio to the
 disk bound measured in the same run (read every input file + write the output with fsync) and, with
 ``--mergekit VENV``, the ratio to mergekit (``--mergekit-command`` names its command instead). With
-``--device cuda`` both tools compute on the GPU (mergekit with ``--cuda``).
+``--device cuda`` both tools compute on the GPU (mergekit with ``--cuda``). The ``mk_*`` merges run the
+same mergekit config through both tools (``mergebench run CONFIG --out DIR`` translates it).
 
     .venv/bin/python benchmarks/bench.py --size small
     .venv/bin/python benchmarks/bench.py --size medium --mergekit /path/to/mergekit-venv --repeat 3
@@ -56,6 +57,15 @@ MERGES = {
                               for m in ("model_1", "model_2")]}),
     "lines": ({"op": "lines", "inputs": {"base": "model_0", "fine_tuned": "model_1"}, "params": {"alpha": 0.1}},
               None),
+    # the same mergekit config run by both tools (mergebench translates it: `mergebench run CONFIG --out DIR`)
+    "mk_ties_gradient": (None, {"merge_method": "ties", "base_model": "model_0", "parameters": {"normalize": True},
+                                "models": [{"model": "model_1", "parameters": {"density": [0.3, 0.7], "weight": 0.6}},
+                                           {"model": "model_2", "parameters": {
+                                               "density": 0.5, "weight": [{"filter": "mlp", "value": 0.5},
+                                                                          {"value": [0.2, 0.8]}]}}]}),
+    "mk_passthrough": (None, {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": "model_1", "layer_range": [0, 8]}]},
+        {"sources": [{"model": "model_2", "layer_range": [4, 12]}]}]}),
 }
 
 RSS_WRAPPER = ("import resource, subprocess, sys, time; start = time.perf_counter(); "
@@ -125,21 +135,26 @@ def main() -> None:
     rows = []
     for merge in args.merges.split(","):
         node, mergekit_config = MERGES[merge]
-        recipe = args.work / f"{merge}.yaml"
-        recipe.write_text(yaml.safe_dump({"models": {f.name: str(f) for f in folders}, "nodes": {"merge": node},
-                                          "outputs": [{"from": "merge", "path": str(args.work / "out-mb"),
-                                                       "shard_size": "1GB"}]}))
+        mergekit_yaml = args.work / f"{merge}-mergekit.yaml"
+        if mergekit_config:
+            config = {**mergekit_config, "dtype": "bfloat16"}
+            config = json.loads(json.dumps(config).replace('"model_', f'"{folders[0].parent}/model_'))
+            mergekit_yaml.write_text(yaml.safe_dump(config))
+        out_mb = str(args.work / "out-mb")
+        ours_command = [sys.executable, "-m", "mergebench", "run", str(mergekit_yaml), "--out", out_mb]
+        if node is not None:
+            recipe = args.work / f"{merge}.yaml"
+            recipe.write_text(yaml.safe_dump({"models": {f.name: str(f) for f in folders}, "nodes": {"merge": node},
+                                              "outputs": [{"from": "merge", "path": str(args.work / "out-mb"),
+                                                           "shard_size": "1GB"}]}))
+            ours_command = [sys.executable, "-m", "mergebench", "run", str(recipe)]
         ours, theirs, bounds = [], [], []
         for _ in range(args.repeat):
             bounds.append(disk_bound(folders, out_bytes, args.work / "scratch.bin"))
             shutil.rmtree(args.work / "out-mb", ignore_errors=True)  # both tools start without an output folder
-            ours.append(timed([sys.executable, "-m", "mergebench", "run", str(recipe), "--quiet", "--force",
-                               "--device", args.device]))
+            ours.append(timed([*ours_command, "--quiet", "--force", "--device", args.device]))
             if mergekit and mergekit_config:
-                config = {**mergekit_config, "dtype": "bfloat16"}
-                config = json.loads(json.dumps(config).replace('"model_', f'"{folders[0].parent}/model_'))
-                (args.work / f"{merge}-mergekit.yaml").write_text(yaml.safe_dump(config))
-                theirs.append(timed([*mergekit, str(args.work / f"{merge}-mergekit.yaml"), str(args.work / "out-mk"),
+                theirs.append(timed([*mergekit, str(mergekit_yaml), str(args.work / "out-mk"),
                                      "--allow-crimes", *on_gpu]))
                 shutil.rmtree(args.work / "out-mk", ignore_errors=True)
         wall, bound = statistics.median(s for s, _ in ours), statistics.median(bounds)

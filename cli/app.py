@@ -256,16 +256,20 @@ def plan(recipe: RecipeArg, set_: SetOpt = None, allow_pickle: PickleOpt = False
     models = Table(title="models", title_justify="left")
     for column in ("name", "path", "tensors", "size"):
         models.add_column(column)
-    for name, source in graph.sources.items():
+    for name in graph.recipe.models:
+        source = graph.sources[name]
         models.add_row(name, source.label, str(len(source.keys)), _size(source.total_bytes))
     console.print(models)
     nodes = Table(title="nodes (in evaluation order)", title_justify="left")
     for column in ("node", "operator", "inputs", "result", "params"):
         nodes.add_column(column)
-    for node in graph.nodes.values():
+    for node in graph.recipe.nodes.values():  # as written: a stack's renamed copies of its inputs are the engine's
         inputs = escape(", ".join(f"{k}={v if isinstance(v, str) else '[' + ', '.join(v) + ']'}"
                                   for k, v in node.inputs.items()))
-        params = json.dumps(node.params.model_dump(by_alias=True), separators=(", ", ": "))
+        written = graph.recipe.resolved["nodes"][node.name].get("params", {})
+        shown = {**node.params.model_dump(by_alias=True),  # schedules as written, not their first value
+                 **{k: v for k, v in written.items() if isinstance(v, list)}}
+        params = json.dumps(shown, separators=(", ", ": "))
         nodes.add_row(node.name, node.op.name, inputs, escape(node.result), escape(params + _selection(node)))
     console.print(nodes)
     outputs = Table(title="outputs", title_justify="left")
@@ -299,6 +303,7 @@ def ops(name: Annotated[str | None, typer.Argument(help="an operator name")] = N
     with _user_errors():
         from mergebench.errors import MergebenchError
         from mergebench.operators.base import REGISTRY
+        from mergebench.operators.base import type_name as describe_type
 
         if name is None:
             table = Table(title="operators", title_justify="left")
@@ -322,7 +327,7 @@ def ops(name: Annotated[str | None, typer.Argument(help="an operator name")] = N
         table.add_column(column)
     for field_name, info in op.params.model_fields.items():
         annotation = info.annotation
-        type_name = annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
+        type_name = describe_type(annotation)
         default = "required" if info.is_required() else repr(info.default)
         table.add_row(info.alias or field_name, escape(type_name), escape(default), escape(info.description or ""))
     for common in ("include", "exclude", "overrides", "seed"):

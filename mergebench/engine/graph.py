@@ -310,8 +310,9 @@ class Graph:
         """A node's weight inputs have the same keys (artifacts may leave keys out; a layout node renames)."""
         if node.op.layout is not None:
             return
-        refs = [r for r in node.refs() if r not in self.recipe.sequences and not self.is_artifact(r)
-                and not self.is_activations(r)]
+        expanded = [m for r in node.refs() for m in ([member for _, member in self.recipe.sequences[r]]
+                                                     if r in self.recipe.sequences else [r])]
+        refs = [r for r in expanded if not self.is_artifact(r) and not self.is_activations(r)]
         for other in refs[1:]:
             a, b = set(self.keys_of(refs[0])), set(self.keys_of(other))
             if a != b:
