@@ -8,7 +8,7 @@ import torch
 from pydantic import Field
 
 from mergebench.operators.base import CHECKPOINT, DELTA, KeyContext, Params, list_of, operator, signature
-from mergebench.operators.task_vectors import check_weights, finish, task_vectors
+from mergebench.operators.task_vectors import check_weights, finish, normalizer, task_vectors
 from mergebench.surgery.numerics import keep_count, masked
 
 
@@ -17,6 +17,7 @@ class BreadcrumbsParams(Params):
     gamma: float = Field(0.006, ge=0, le=1, description="fraction of largest-magnitude outliers removed")
     lambda_: float = Field(0.2, alias="lambda", description="scaling λ of the summed masked task vectors")
     weights: list[float] | None = Field(None, description="per-task weights (default all 1)")
+    normalize: bool = Field(False, description="divide by Σ w_t (by 1 when |Σ w_t| < 1e-8), as mergekit's normalize")
     granularity: Literal["per_tensor", "row"] = Field(
         "per_tensor", description="mask unit: the whole tensor, or each slice along the last dimension")
 
@@ -50,4 +51,4 @@ def breadcrumbs(p: BreadcrumbsParams, ctx: KeyContext, base=None, models=None, d
     merged = torch.zeros_like(taus[0])
     for tau, weight in zip(taus, weights):
         merged.add_(masked(tau, breadcrumbs_mask(tau, p.density, p.gamma, p.granularity)), alpha=weight)
-    return finish(merged.mul_(p.lambda_), base)
+    return finish(merged.mul_(p.lambda_ / normalizer(weights, p.normalize)), base)

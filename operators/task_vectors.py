@@ -42,6 +42,12 @@ def apply(base: torch.Tensor, delta: torch.Tensor | list[torch.Tensor], p: Apply
 NORMALIZE_EPS = 1e-8  # mergekit's: a weight sum closer to 0 than this divides by 1
 
 
+def normalizer(weights: list[float], normalize: bool) -> float:
+    """What mergekit's ``normalize`` divides a weighted sum by: Σ w_t, or 1 when it is off or |Σ w_t| < 1e-8."""
+    total = sum(weights)
+    return total if normalize and abs(total) >= NORMALIZE_EPS else 1.0
+
+
 class TaskArithmeticParams(Params):
     lambda_: float = Field(0.3, alias="lambda", description="scaling λ of the summed task vectors")
     weights: list[float] | None = Field(None, description="per-task weights w_t (default all 1; -1 negates a task)")
@@ -50,9 +56,7 @@ class TaskArithmeticParams(Params):
     def scaled_weights(self, count: int) -> list[float]:
         """λ·w_t, divided by Σ w_t when normalizing."""
         weights = self.weights or [1.0] * count
-        total = sum(weights)
-        divisor = total if self.normalize and abs(total) >= NORMALIZE_EPS else 1.0
-        return [self.lambda_ * w / divisor for w in weights]
+        return [self.lambda_ * w / normalizer(weights, self.normalize) for w in weights]
 
 
 def check_weights(p: TaskArithmeticParams, lengths: dict[str, int]) -> str | None:

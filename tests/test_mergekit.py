@@ -95,6 +95,17 @@ slices:
 merge_method: passthrough
 dtype: float32
 """,
+    "breadcrumbs": """
+models:
+  - model: ./a
+    parameters: {weight: 1.0, density: 0.6, gamma: 0.05}
+  - model: ./b
+    parameters: {weight: [0.5, 1.0], density: 0.6, gamma: 0.05}
+merge_method: breadcrumbs
+base_model: ./base
+parameters: {normalize: true, lambda: 0.9}
+dtype: float32
+""",
     "task_arithmetic": """
 models:
   - model: ./a
@@ -188,6 +199,17 @@ def magnitude(delta, density):
     return delta * mask.reshape(delta.shape)
 
 
+def magnitude_outliers(delta, density, gamma):
+    if density >= 1:
+        return delta
+    n = delta.size
+    keep, top = int(density * n), int(gamma * n)
+    bottom = max(0, n - keep - top)
+    mask = np.zeros(n)
+    mask[np.argsort(np.abs(delta).reshape(-1), kind="stable")[bottom:bottom + keep]] = 1
+    return delta * mask.reshape(delta.shape)
+
+
 def reference(name, states):
     config = yaml.safe_load(CONFIGS[name])
     method, params = config["merge_method"], config.get("parameters") or {}
@@ -213,7 +235,11 @@ def reference(name, states):
             for m in per_model:
                 density = setting(per_model[m].get("density", 1.0), key, t)
                 delta = tensors[m] - base
-                deltas.append(magnitude(delta, density) if method == "ties" else delta)
+                if method == "ties":
+                    delta = magnitude(delta, density)
+                elif method == "breadcrumbs":
+                    delta = magnitude_outliers(delta, density, setting(per_model[m].get("gamma", 0.01), key, t))
+                deltas.append(delta)
                 weights.append(setting(per_model[m]["weight"], key, t))
             weighted = np.stack([d * w for d, w in zip(deltas, weights)])
             if method == "ties":

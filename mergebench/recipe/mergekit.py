@@ -29,6 +29,7 @@ METHODS = {
     "ties": ("ties", True, False),
     "dare_ties": ("dare_ties", False, True),
     "dare_linear": ("dare_linear", False, True),
+    "breadcrumbs": ("breadcrumbs", False, False),
     "slerp": ("slerp", False, False),
     "passthrough": (None, False, False),
 }
@@ -38,6 +39,7 @@ METHOD_PARAMS = {  # what each method reads: global parameters, per-model ones
     "ties": ({"normalize", "lambda", "int8_mask", "rescale"}, {"weight", "density"}),
     "dare_ties": ({"normalize", "lambda", "int8_mask", "rescale"}, {"weight", "density"}),
     "dare_linear": ({"normalize", "lambda", "int8_mask", "rescale"}, {"weight", "density"}),
+    "breadcrumbs": ({"normalize", "lambda", "int8_mask", "rescale"}, {"weight", "density", "gamma"}),
     "slerp": ({"t"}, set()),
     "passthrough": (set(), set()),
 }
@@ -289,6 +291,11 @@ def _merge(work: _Translation, method: str, sources: list[_Source], base: str | 
         params = {"weights": weights, "lambda": _scalar(work, "lambda", levels_global, 1.0)}
         if method == "task_arithmetic":
             params["normalize"] = normalize
+        elif method == "breadcrumbs":
+            if rescale:
+                raise work.where.error(("parameters", "rescale"), "breadcrumbs with rescale is not translated yet")
+            params.update(normalize=normalize, density=_shared(work, "density", densities, others),
+                          gamma=_shared(work, "gamma", per_model("gamma", 0.01), others))
         elif method == "ties":
             params.update(densities=densities, scope="per_tensor", agg="mean" if normalize else "sum")
             if rescale:
@@ -304,11 +311,17 @@ def _merge(work: _Translation, method: str, sources: list[_Source], base: str | 
     return name
 
 
+def _shared(work: _Translation, name: str, values: list[Any], others: list[tuple[_Source, str]]) -> Any:
+    """A per-model parameter the operator takes once for all models: the models must agree on it."""
+    if any(v != values[0] for v in values):
+        raise work.where.error(others[0][0].where, f"a different '{name}' per model is not translated yet for this "
+                                                   f"method")
+    return values[0]
+
+
 def _drop_rate(work: _Translation, densities: list[Any], others: list[tuple[_Source, str]]) -> Any:
     """DARE's drop rate p = 1 − density, one for all models (a number or a schedule)."""
-    if any(d != densities[0] for d in densities):
-        raise work.where.error(others[0][0].where, "DARE with a different density per model is not translated yet")
-    density = densities[0]
+    density = _shared(work, "density", densities, others)
     if isinstance(density, list):
         return [{**r, "value": [1 - v for v in r["value"]] if isinstance(r["value"], list) else 1 - r["value"]}
                 for r in _rules(density)] if isinstance(density[0], dict) else [1 - v for v in density]
