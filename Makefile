@@ -22,6 +22,7 @@ demo: $(VENV)/.installed
 	$(BIN)/python examples/make_demo_models.py demo-out/models
 	$(BIN)/mergebench plan examples/demo.yaml
 	$(BIN)/mergebench run examples/demo.yaml --force
+	$(BIN)/mergebench run examples/mergekit-slerp.yml --out demo-out/mergekit-slerp --force
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest
