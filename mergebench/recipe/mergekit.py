@@ -47,6 +47,7 @@ METHOD_PARAMS = {  # what each method reads: global parameters, per-model ones
 # also for those after them (the final norm, the head); earlier versions read t = 1 there, as native
 # recipes do (docs/mergekit.md)
 MERGEKIT_OUTSIDE = {"schedule_outside": [0.0, 0.0]}
+FRACTIONS = {"density", "gamma"}  # per-model parameters that are fractions of a tensor's entries
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "half": "float16",
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
@@ -266,6 +267,10 @@ def _merge(work: _Translation, method: str, sources: list[_Source], base: str | 
             value = _setting(work, key, [(s.params, (*s.where, "parameters")), *levels_global])
             if value is None and default is None:
                 raise work.where.error(s.where, f"merge_method '{method}' needs '{key}' for model '{s.model}'")
+            if key in FRACTIONS and not all(0 <= v <= 1 for v in _numbers(value)):
+                level = next(((params, w) for params, w in [(s.params, (*s.where, "parameters")), *levels_global]
+                              if key in params), (None, s.where))[1]
+                raise work.where.error((*level, key), f"'{key}' of model '{s.model}' must lie in [0, 1]")
             values.append(default if value is None else value)
         return values
 
@@ -317,6 +322,17 @@ def _shared(work: _Translation, name: str, values: list[Any], others: list[tuple
         raise work.where.error(others[0][0].where, f"a different '{name}' per model is not translated yet for this "
                                                    f"method")
     return values[0]
+
+
+def _numbers(value: Any) -> list[float]:
+    """Every number a setting writes (a number, a gradient, filtered values)."""
+    if isinstance(value, (int, float)):
+        return [value]
+    if isinstance(value, dict):
+        return _numbers(value.get("value"))
+    if isinstance(value, list):
+        return [n for v in value for n in _numbers(v)]
+    return []
 
 
 def _drop_rate(work: _Translation, densities: list[Any], others: list[tuple[_Source, str]]) -> Any:
