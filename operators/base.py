@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import inspect
 import re
+import types
+import typing
 from collections.abc import Callable, Hashable, MutableMapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, Union
 
 import numpy as np
 import torch
@@ -66,7 +68,19 @@ Regex = Annotated[str, AfterValidator(_compiles)]  # a parameter that is a regul
 
 
 def type_name(annotation: object) -> str:
-    """A parameter's type as users read it: ``float | None``, ``list[LayerSlice]`` (no module paths)."""
+    """A parameter's type as users read it: ``float | None``, ``list[LayerSlice]`` (no module paths, no
+    validators)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        return type_name(args[0])
+    if origin is Literal:
+        return f"Literal[{', '.join(repr(a) for a in args)}]"
+    if origin in (Union, types.UnionType):
+        return " | ".join(type_name(a) for a in args)
+    if origin is not None and args:
+        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(type_name(a) for a in args)}]"
+    if annotation is type(None):
+        return "None"
     text = annotation.__name__ if isinstance(annotation, type) else str(annotation)
     return re.sub(r"\b(?:[A-Za-z_]\w*\.)+([A-Za-z_]\w*)", r"\1", text)
 

@@ -8,7 +8,7 @@ import torch
 from pydantic import Field
 
 from mergebench.operators.base import CHECKPOINT, DELTA, KeyContext, Params, list_of, operator, signature
-from mergebench.operators.task_vectors import check_weights, finish, normalizer, task_vectors
+from mergebench.operators.task_vectors import check_weights, consensus_sum, finish, normalizer, task_vectors
 from mergebench.surgery.numerics import keep_count, masked
 
 
@@ -52,3 +52,21 @@ def breadcrumbs(p: BreadcrumbsParams, ctx: KeyContext, base=None, models=None, d
     for tau, weight in zip(taus, weights):
         merged.add_(masked(tau, breadcrumbs_mask(tau, p.density, p.gamma, p.granularity)), alpha=weight)
     return finish(merged.mul_(p.lambda_ / normalizer(weights, p.normalize)), base)
+
+
+@operator(
+    "breadcrumbs_ties",
+    paper="Davari & Belilovsky, Model Breadcrumbs, ECCV 2024, with TIES' sign consensus (as mergekit)",
+    signatures=[signature(CHECKPOINT, base=CHECKPOINT, models=list_of(CHECKPOINT)),
+                signature(DELTA, deltas=list_of(DELTA))],
+    params=BreadcrumbsParams,
+    check=check_weights,
+)
+def breadcrumbs_ties(p: BreadcrumbsParams, ctx: KeyContext, base=None, models=None, deltas=None) -> torch.Tensor:
+    """Breadcrumbs' masks, then the weighted masked task vectors that agree with the sign of their sum are
+    summed (divided by Σ w_t of the agreeing ones with normalize), times λ."""
+    taus = task_vectors(base, models, deltas)
+    weights = p.weights or [1.0] * len(taus)
+    weighted = [masked(tau, breadcrumbs_mask(tau, p.density, p.gamma, p.granularity)).mul_(weight)
+                for tau, weight in zip(taus, weights)]
+    return finish(consensus_sum(weighted, weights, p.normalize).mul_(p.lambda_), base)

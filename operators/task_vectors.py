@@ -101,3 +101,19 @@ def task_vectors(base: torch.Tensor | None, models: list[torch.Tensor] | None,
 def finish(merged_delta: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
     """A merged delta as the node's result: the delta itself, or the base plus it (``base`` + ``models``)."""
     return merged_delta if base is None else merged_delta.add_(base)
+
+
+def consensus_sum(weighted: list[torch.Tensor], weights: list[float], normalize: bool) -> torch.Tensor:
+    """mergekit's sign consensus over one tensor: the weighted task vectors that agree with the sign of their sum
+    (a zero sum counts as +), summed; divided by Σ w_t over the agreeing ones (1 where none) when normalizing."""
+    total = weighted[0].clone()
+    for w in weighted[1:]:
+        total.add_(w)
+    majority = torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
+    merged = torch.zeros_like(total)
+    divisor = torch.zeros_like(total)
+    for w, weight in zip(weighted, weights):
+        agrees = (w.sign() == majority).to(total.dtype)
+        merged.addcmul_(w, agrees)
+        divisor.add_(agrees, alpha=weight)
+    return merged.div_(divisor.masked_fill_(divisor == 0, 1.0)) if normalize else merged

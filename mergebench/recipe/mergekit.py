@@ -22,25 +22,48 @@ from mergebench.recipe.yaml_lines import Locator
 
 MERGEKIT_KEYS = {"merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype",
                  "tokenizer_source", "tokenizer", "chat_template", "embed_slerp", "int8_mask", "modules"}
-# method -> (native operator, mergekit's normalize default, rescale default)
+# method -> (mergekit's normalize default, rescale default, how it uses base_model)
+# base: "required" (the base and the other models), "optional" (task vectors when given), "ignored" (linear: a
+# model like the others when listed), "member" (karcher: one of the models averaged)
 METHODS = {
-    "linear": ("linear", True, False),
-    "task_arithmetic": ("task_arithmetic", False, False),
-    "ties": ("ties", True, False),
-    "dare_ties": ("dare_ties", False, True),
-    "dare_linear": ("dare_linear", False, True),
-    "breadcrumbs": ("breadcrumbs", False, False),
-    "slerp": ("slerp", False, False),
-    "passthrough": (None, False, False),
+    "linear": (True, False, "ignored"),
+    "task_arithmetic": (False, False, "required"),
+    "ties": (True, False, "required"),
+    "dare_ties": (False, True, "required"),
+    "dare_linear": (False, True, "required"),
+    "breadcrumbs": (False, False, "required"),
+    "breadcrumbs_ties": (False, False, "required"),
+    "della": (True, True, "required"),
+    "della_linear": (False, True, "required"),
+    "slerp": (False, False, "required"),
+    "nuslerp": (False, False, "optional"),
+    "multislerp": (False, False, "optional"),
+    "karcher": (False, False, "member"),
+    "model_stock": (False, False, "required"),
+    "nearswap": (False, False, "required"),
+    "sce": (False, False, "required"),
+    "arcee_fusion": (False, False, "required"),
+    "passthrough": (False, False, "ignored"),
 }
+GTA = {"normalize", "lambda", "int8_mask", "rescale"}
 METHOD_PARAMS = {  # what each method reads: global parameters, per-model ones
     "linear": ({"normalize"}, {"weight"}),
-    "task_arithmetic": ({"normalize", "lambda", "int8_mask", "rescale"}, {"weight", "density"}),
-    "ties": ({"normalize", "lambda", "int8_mask", "rescale"}, {"weight", "density"}),
-    "dare_ties": ({"normalize", "lambda", "int8_mask", "rescale"}, {"weight", "density"}),
-    "dare_linear": ({"normalize", "lambda", "int8_mask", "rescale"}, {"weight", "density"}),
-    "breadcrumbs": ({"normalize", "lambda", "int8_mask", "rescale"}, {"weight", "density", "gamma"}),
+    "task_arithmetic": (GTA, {"weight", "density"}),
+    "ties": (GTA, {"weight", "density"}),
+    "dare_ties": (GTA, {"weight", "density"}),
+    "dare_linear": (GTA, {"weight", "density"}),
+    "breadcrumbs": (GTA, {"weight", "density", "gamma"}),
+    "breadcrumbs_ties": (GTA, {"weight", "density", "gamma"}),
+    "della": (GTA, {"weight", "density", "epsilon"}),
+    "della_linear": (GTA, {"weight", "density", "epsilon"}),
     "slerp": ({"t"}, set()),
+    "nuslerp": ({"nuslerp_row_wise", "nuslerp_flatten"}, {"weight"}),
+    "multislerp": ({"normalize_weights", "eps"}, {"weight"}),
+    "karcher": ({"max_iter", "tol"}, set()),
+    "model_stock": ({"filter_wise"}, set()),
+    "nearswap": ({"t"}, set()),
+    "sce": ({"select_topk", "int8_mask"}, set()),
+    "arcee_fusion": (set(), set()),
     "passthrough": (set(), set()),
 }
 # mergekit 0.1.5 reads gradients at t = 0 for the weights before the blocks and, since its modules planner,
@@ -230,7 +253,6 @@ def _scalar(work: _Translation, name: str, levels: list[tuple[dict[str, Any], tu
 def _merge(work: _Translation, method: str, sources: list[_Source], base: str | None, slice_params: dict[str, Any],
            name: str, where: tuple[Any, ...]) -> str:
     """The node merging one slice's sources (each first stacked to its layer range when it has one)."""
-    op, normalize_default, rescale_default = METHODS[method]
     global_params = work.config.get("parameters") or {}
     levels_global = [(slice_params, (*where, "parameters")), (global_params, ("parameters",))]
     allowed_global, allowed_model = METHOD_PARAMS[method]
@@ -251,15 +273,16 @@ def _merge(work: _Translation, method: str, sources: list[_Source], base: str | 
         return refs[0]
     names = [s.model for s in sources]
     base_ref = None
-    if method != "linear":
-        if base is None:
-            raise work.where.error(("merge_method",), f"merge_method '{method}' needs a base_model")
+    policy = METHODS[method][2]
+    if policy == "required" and base is None:
+        raise work.where.error(("merge_method",), f"merge_method '{method}' needs a base_model")
+    if policy != "ignored" and base is not None:
         if base not in names:
             if sources[0].layers is not None:
                 raise work.where.error(where, f"base_model '{base}' is not among this slice's sources")
             sources, refs, names = [*sources, _Source(base, None, {}, ("base_model",))], [*refs, base], [*names, base]
         base_ref = refs[names.index(base)]
-    others = [(s, r) for s, r in zip(sources, refs) if s.model != base or method == "linear"]
+    others = [(s, r) for s, r in zip(sources, refs) if s.model != base or policy in ("ignored", "member")]
 
     def per_model(key: str, default: Any) -> list[Any]:
         values = []
@@ -274,46 +297,116 @@ def _merge(work: _Translation, method: str, sources: list[_Source], base: str | 
             values.append(default if value is None else value)
         return values
 
-    normalize = _scalar(work, "normalize", levels_global, normalize_default)
-    params: dict[str, Any]
-    if method == "slerp":
-        if len(others) != 1:
-            raise work.where.error(where, "slerp merges base_model with exactly one other model")
-        t = _setting(work, "t", levels_global)
-        if t is None:
-            raise work.where.error(where, "slerp needs 't'")
-        work.nodes[name] = {"op": "slerp", "inputs": {"a": base_ref, "b": others[0][1]}, "params": {"t": t},
-                            **MERGEKIT_OUTSIDE}
-        return name
-    weights = per_model("weight", None)
-    inputs: dict[str, Any] = {"models": [r for _, r in others]}
-    if method == "linear":
-        params = {"weights": weights, "normalize": normalize}
-    else:
-        inputs = {"base": base_ref, **inputs}
-        densities = per_model("density", 1.0)
-        rescale = _scalar(work, "rescale", levels_global, rescale_default)
-        params = {"weights": weights, "lambda": _scalar(work, "lambda", levels_global, 1.0)}
-        if method == "task_arithmetic":
-            params["normalize"] = normalize
-        elif method == "breadcrumbs":
-            if rescale:
-                raise work.where.error(("parameters", "rescale"), "breadcrumbs with rescale is not translated yet")
-            params.update(normalize=normalize, density=_shared(work, "density", densities, others),
-                          gamma=_shared(work, "gamma", per_model("gamma", 0.01), others))
-        elif method == "ties":
-            params.update(densities=densities, scope="per_tensor", agg="mean" if normalize else "sum")
-            if rescale:
-                raise work.where.error(("parameters", "rescale"), "ties with rescale is not translated yet")
-        else:
-            drop = _drop_rate(work, densities, others)
-            params.update(p=drop, rescale=bool(rescale))
-            if method == "dare_ties":
-                params.update(scope="per_tensor", agg="mean" if normalize else "sum")
-            else:
-                params["normalize"] = normalize
+    build = _Build(work, method, name, where, levels_global, others, base_ref, per_model)
+    op, inputs, params = BUILDERS.get(method, _task_arithmetic_family)(build)
     work.nodes[name] = {"op": op, "inputs": inputs, "params": params, **MERGEKIT_OUTSIDE}
     return name
+
+
+@dataclass
+class _Build:
+    """What a method's builder needs: the slice's models, base and parameter levels."""
+
+    work: _Translation
+    method: str
+    name: str
+    where: tuple[Any, ...]
+    levels: list[tuple[dict[str, Any], tuple[Any, ...]]]
+    others: list[tuple[_Source, str]]
+    base: str | None
+    per_model: Any
+
+    def scalar(self, key: str, default: Any) -> Any:
+        return _scalar(self.work, key, self.levels, default)
+
+    def setting(self, key: str) -> Any:
+        return _setting(self.work, key, self.levels)
+
+    @property
+    def models(self) -> list[str]:
+        return [ref for _, ref in self.others]
+
+    def with_base(self, **inputs: Any) -> dict[str, Any]:
+        return {**({"base": self.base} if self.base is not None else {}), **inputs}
+
+    def one_other(self) -> str:
+        if len(self.others) != 1:
+            raise self.work.where.error(self.where, f"{self.method} merges base_model with exactly one other model")
+        return self.others[0][1]
+
+    def required(self, key: str) -> Any:
+        value = self.setting(key)
+        if value is None:
+            raise self.work.where.error(self.where, f"{self.method} needs '{key}'")
+        return value
+
+    def normalize(self) -> Any:
+        return self.scalar("normalize", METHODS[self.method][0])
+
+    def rescale(self) -> Any:
+        return self.scalar("rescale", METHODS[self.method][1])
+
+
+def _task_arithmetic_family(b: _Build) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """task_arithmetic, ties, dare_*, breadcrumbs*, della*: mergekit's generalized task arithmetic."""
+    method, normalize, rescale = b.method, b.normalize(), b.rescale()
+    densities = b.per_model("density", 1.0)
+    params: dict[str, Any] = {"weights": b.per_model("weight", None), "lambda": b.scalar("lambda", 1.0)}
+    if method in ("ties", "breadcrumbs", "breadcrumbs_ties") and rescale:
+        raise b.work.where.error(("parameters", "rescale"), f"{method} with rescale is not translated yet")
+    if method == "task_arithmetic":
+        params["normalize"] = normalize
+    elif method.startswith("breadcrumbs"):
+        params.update(normalize=normalize, density=_shared(b.work, "density", densities, b.others),
+                      gamma=_shared(b.work, "gamma", b.per_model("gamma", 0.01), b.others))
+    elif method == "ties":
+        params.update(densities=densities, scope="per_tensor", agg="mean" if normalize else "sum")
+    elif method.startswith("della"):
+        params.update(normalize=normalize, rescale=bool(rescale),
+                      density=_shared(b.work, "density", densities, b.others),
+                      epsilon=_shared(b.work, "epsilon", b.per_model("epsilon", 0.15), b.others))
+    else:
+        params.update(p=_drop_rate(b.work, densities, b.others), rescale=bool(rescale))
+        if method == "dare_ties":
+            params.update(scope="per_tensor", agg="mean" if normalize else "sum")
+        else:
+            params["normalize"] = normalize
+    return method, {"base": b.base, "models": b.models}, params
+
+
+def _linear(b: _Build) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    return "linear", {"models": b.models}, {"weights": b.per_model("weight", None), "normalize": b.normalize()}
+
+
+def _slerp(b: _Build) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    return "slerp", {"a": b.base, "b": b.one_other()}, {"t": b.required("t")}
+
+
+def _nuslerp(b: _Build) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    params = {"weights": b.per_model("weight", None), "row_wise": b.scalar("nuslerp_row_wise", False),
+              "flatten": b.scalar("nuslerp_flatten", True)}
+    return "nuslerp", b.with_base(models=b.models), params
+
+
+def _multislerp(b: _Build) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    params = {"weights": b.per_model("weight", None), "normalize_weights": b.scalar("normalize_weights", True),
+              "eps": b.scalar("eps", 1e-8)}
+    return "multislerp", b.with_base(models=b.models), params
+
+
+BUILDERS = {
+    "linear": _linear,
+    "slerp": _slerp,
+    "nuslerp": _nuslerp,
+    "multislerp": _multislerp,
+    "karcher": lambda b: ("karcher", {"models": b.models},
+                          {"max_iter": b.scalar("max_iter", 10), "tol": b.scalar("tol", 1e-5)}),
+    "model_stock": lambda b: ("model_stock", {"base": b.base, "models": b.models},
+                              {"filter_wise": b.scalar("filter_wise", False)}),
+    "nearswap": lambda b: ("nearswap", {"base": b.base, "model": b.one_other()}, {"t": b.required("t")}),
+    "sce": lambda b: ("sce", {"base": b.base, "models": b.models}, {"select_topk": b.scalar("select_topk", 1.0)}),
+    "arcee_fusion": lambda b: ("arcee_fusion", {"base": b.base, "fine_tuned": b.one_other()}, {}),
+}
 
 
 def _shared(work: _Translation, name: str, values: list[Any], others: list[tuple[_Source, str]]) -> Any:
