@@ -1,4 +1,4 @@
-"""DELLA (Deep et al., 2024; semantics §9.14): drop each task vector's entries with a probability that falls
+"""DELLA (Deep et al., 2024; semantics §9.9): drop each task vector's entries with a probability that falls
 with their magnitude rank, rescale the kept ones, then merge with sign consensus (``della``) or linearly
 (``della_linear``), as mergekit's generalized task arithmetic does."""
 

@@ -1,4 +1,4 @@
-"""PCB-merging (Du et al., 2024; semantics §9.16): balance each entry's importance within its task and its agreement
+"""PCB-merging (Du et al., 2024; semantics §9.15): balance each entry's importance within its task and its agreement
 across tasks, keep the most important, and average the task vectors by those weights.
 
 The reference computes its quantiles and normalisations over the whole flattened model; here they are

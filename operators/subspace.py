@@ -1,4 +1,4 @@
-"""Data-free subspace merging, per matrix (semantics §9.15): Task Singular Vectors (TSV-M) and isotropic merging
+"""Data-free subspace merging, per matrix (semantics §9.14): Task Singular Vectors (TSV-M) and isotropic merging
 in the common (Iso-C) and common + task-specific (Iso-CTS) subspaces, as FusionBench implements them.
 
 Every 2-D tensor is merged through SVDs of its task vectors, one key at a time (the SVD of a 4096 × 11008

@@ -147,8 +147,22 @@ STACK = {  # depth up-scaling from a scheduled SLERP, the base and a scheduled p
                                   {"model": "tt", "layers": [0, 2]}], head="tt")},
     "outputs": [{"from": "up", "path": "stack/up"}],
 }
+METHODS = {  # the methods of issue 24 (SVDs included: MKL's reproducible mode keeps their bytes)
+    "models": LLAMA["models"],
+    "nodes": {"stock": _node("model_stock", BM), "della": _node("della", BM, density=0.6, epsilon=0.2),
+              "della_lin": _node("della_linear", BM, weights=[0.6, 0.4]),
+              "crumbs_ties": _node("breadcrumbs_ties", BM, density=0.5, gamma=0.02),
+              "sce": _node("sce", BM, select_topk=0.5), "nuslerp": _node("nuslerp", BM, weights=[1, 2]),
+              "multislerp": _node("multislerp", {"models": ["base", "ft1", "ft2"]}, weights=[1, 2, 3]),
+              "karcher": _node("karcher", {"models": ["base", "ft1", "ft2"]}),
+              "nearswap": _node("nearswap", {"base": "base", "model": "ft1"}, t=0.002),
+              "fusion": _node("arcee_fusion", {"base": "base", "fine_tuned": "ft1"}),
+              "magmax": _node("magmax", BM), "tsv": _node("tsv_m", BM), "iso_c": _node("iso_c", BM),
+              "iso_cts": _node("iso_cts", BM), "pcb": _node("pcb", BM, ratio=0.2)},
+}
+METHODS["outputs"] = [{"from": name, "path": f"methods/{name}"} for name in METHODS["nodes"]]
 RECIPES = {"llama": LLAMA, "artifacts": ARTIFACTS, "sequences": SEQUENCES, "mlps": MLPS, "vocab": VOCAB,
-           "stack": STACK}
+           "stack": STACK, "methods": METHODS}
 
 
 def run_all(ray: bool) -> dict[str, str]:
