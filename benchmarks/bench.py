@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -152,7 +153,7 @@ def main() -> None:
         mergekit_yaml = args.work / f"{merge}-mergekit.yaml"
         if mergekit_config:
             config = {**mergekit_config, "dtype": "bfloat16"}
-            config = json.loads(json.dumps(config).replace('"model_', f'"{folders[0].parent}/model_'))
+            config = json.loads(re.sub(r'"(model_\d)"', rf'"{folders[0].parent}/\1"', json.dumps(config)))
             mergekit_yaml.write_text(yaml.safe_dump(config))
         out_mb = str(args.work / "out-mb")
         ours_command = [sys.executable, "-m", "mergebench", "run", str(mergekit_yaml), "--out", out_mb]

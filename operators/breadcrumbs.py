@@ -22,6 +22,14 @@ class BreadcrumbsParams(Params):
         "per_tensor", description="mask unit: the whole tensor, or each slice along the last dimension")
 
 
+SIGNATURES = [signature(CHECKPOINT, base=CHECKPOINT, models=list_of(CHECKPOINT)),
+              signature(DELTA, deltas=list_of(DELTA))]
+
+
+def _kept(tau: torch.Tensor, p: BreadcrumbsParams) -> torch.Tensor:
+    return masked(tau, breadcrumbs_mask(tau, p.density, p.gamma, p.granularity))
+
+
 def breadcrumbs_mask(tau: torch.Tensor, density: float, gamma: float, granularity: str) -> torch.Tensor:
     """Keep ranks n_top … n_top + n_keep − 1 of |τ| (descending, ties by index) in each unit."""
     if tau.dim() == 0:
@@ -39,8 +47,7 @@ def breadcrumbs_mask(tau: torch.Tensor, density: float, gamma: float, granularit
 @operator(
     "breadcrumbs",
     paper="Davari & Belilovsky, Model Breadcrumbs, ECCV 2024 (arXiv:2312.06795)",
-    signatures=[signature(CHECKPOINT, base=CHECKPOINT, models=list_of(CHECKPOINT)),
-                signature(DELTA, deltas=list_of(DELTA))],
+    signatures=SIGNATURES,
     params=BreadcrumbsParams,
     check=check_weights,
 )
@@ -50,15 +57,14 @@ def breadcrumbs(p: BreadcrumbsParams, ctx: KeyContext, base=None, models=None, d
     weights = p.weights or [1.0] * len(taus)
     merged = torch.zeros_like(taus[0])
     for tau, weight in zip(taus, weights):
-        merged.add_(masked(tau, breadcrumbs_mask(tau, p.density, p.gamma, p.granularity)), alpha=weight)
+        merged.add_(_kept(tau, p), alpha=weight)
     return finish(merged.mul_(p.lambda_ / normalizer(weights, p.normalize)), base)
 
 
 @operator(
     "breadcrumbs_ties",
     paper="Davari & Belilovsky, Model Breadcrumbs, ECCV 2024, with TIES' sign consensus (as mergekit)",
-    signatures=[signature(CHECKPOINT, base=CHECKPOINT, models=list_of(CHECKPOINT)),
-                signature(DELTA, deltas=list_of(DELTA))],
+    signatures=SIGNATURES,
     params=BreadcrumbsParams,
     check=check_weights,
 )
@@ -67,6 +73,5 @@ def breadcrumbs_ties(p: BreadcrumbsParams, ctx: KeyContext, base=None, models=No
     summed (divided by Σ w_t of the agreeing ones with normalize), times λ."""
     taus = task_vectors(base, models, deltas)
     weights = p.weights or [1.0] * len(taus)
-    weighted = [masked(tau, breadcrumbs_mask(tau, p.density, p.gamma, p.granularity)).mul_(weight)
-                for tau, weight in zip(taus, weights)]
+    weighted = [_kept(tau, p).mul_(weight) for tau, weight in zip(taus, weights)]
     return finish(consensus_sum(weighted, weights, p.normalize).mul_(p.lambda_), base)

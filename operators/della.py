@@ -39,7 +39,9 @@ def magprune(tau: torch.Tensor, p: DellaParams, ctx: KeyContext, index: int) -> 
         return tau
     rows = tau.unsqueeze(0) if tau.dim() < 2 else tau
     n = rows.shape[1]
-    ranks = rows.abs().argsort(dim=1).argsort(dim=1).to(tau.dtype)  # 0 for the smallest
+    order = rows.abs().argsort(dim=1)
+    ranks = torch.empty_like(rows).scatter_(1, order, torch.arange(n, dtype=tau.dtype, device=tau.device)
+                                            .expand_as(rows).contiguous())  # 0 for the smallest
     spread = ranks / (n - 1) if n > 1 else torch.zeros_like(ranks)
     keep_probability = (p.density - p.epsilon) + spread * 2 * p.epsilon
     draws = torch.rand(rows.shape, generator=ctx.generator(STREAM, index)).to(tau.device)

@@ -6,6 +6,8 @@ that a mergekit config gives the same tensors; with a ``base`` they interpolate 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from pydantic import Field
 
@@ -117,28 +119,31 @@ def karcher(models: list[torch.Tensor], p: KarcherParams, ctx: KeyContext) -> to
     if len(models) == 1:
         return models[0].clone()
     weight = 1.0 / len(models)
-    norms = [m.norm() for m in models]
-    units = [m / n if float(n) != 0.0 else torch.zeros_like(m) for m, n in zip(models, norms)]
-    valid = [u for u, n in zip(units, norms) if float(n) > p.tol]
+    norms = [float(m.norm()) for m in models]
+    valid = [(m / n).reshape(-1) for m, n in zip(models, norms) if n > p.tol]
     if not valid:
         return torch.zeros_like(models[0])
-    alphas = [1.0 / len(valid)] * len(valid)
-    mean = sum(a * u for a, u in zip(alphas, valid))
+    alpha = 1.0 / len(valid)
+    mean = torch.zeros_like(valid[0])
+    for unit in valid:
+        mean.add_(unit, alpha=alpha)
     mean_norm = float(mean.norm())
-    mean = valid[0].clone() if mean_norm < p.tol else mean / mean_norm
-    for _ in range(p.max_iter):
-        tangent = torch.zeros_like(mean)
-        for alpha, unit in zip(alphas, valid):
-            dot = torch.dot(mean.reshape(-1), unit.reshape(-1)).clamp(-1.0, 1.0)
-            theta = torch.arccos(dot)
-            if float(theta) < p.tol:
+    mean = valid[0].clone() if mean_norm < p.tol else mean.div_(mean_norm)
+    tangent = torch.empty_like(mean)
+    for _ in range(p.max_iter):  # in place, with Python scalars: a step reads each unit twice and writes nothing else
+        tangent.zero_()
+        for unit in valid:
+            dot = min(1.0, max(-1.0, float(torch.dot(mean, unit))))
+            theta = math.acos(dot)
+            if theta < p.tol:
                 continue
-            tangent += alpha * (theta / torch.sin(theta)) * (unit - dot * mean)
-        length = tangent.norm()
-        if float(length) < p.tol:
+            coefficient = alpha * theta / math.sin(theta)
+            tangent.add_(unit, alpha=coefficient).add_(mean, alpha=-coefficient * dot)
+        length = float(tangent.norm())
+        if length < p.tol:
             break
-        mean = torch.cos(length) * mean + torch.sin(length) * (tangent / length)
-        unit_norm = mean.norm()
-        if float(unit_norm) > p.tol:
-            mean = mean / unit_norm
-    return sum(weight * n for n in norms) * mean
+        mean.mul_(math.cos(length)).add_(tangent, alpha=math.sin(length) / length)
+        unit_norm = float(mean.norm())
+        if unit_norm > p.tol:
+            mean.div_(unit_norm)
+    return mean.mul_(sum(weight * n for n in norms)).reshape(models[0].shape)

@@ -8,6 +8,7 @@ matrix is in the benchmark); other tensors, and keys matching ``average``, take 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import torch
 from pydantic import Field
@@ -39,6 +40,13 @@ class SubspaceParams(Params):
 
 def _mean(taus: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(taus).mean(dim=0)
+
+
+def _merged(p: SubspaceParams, ctx: KeyContext, base: torch.Tensor | None, taus: list[torch.Tensor],
+            merge: Callable[[list[torch.Tensor]], torch.Tensor]) -> torch.Tensor:
+    """θ_0 + α·merge(τ) on the keys merged in the subspace, θ_0 + α·mean(τ) on the others."""
+    merged = merge(taus) if p.in_subspace(taus[0], ctx.key) else _mean(taus)
+    return finish(merged.mul_(p.alpha), base)
 
 
 def _polar(matrix: torch.Tensor) -> torch.Tensor:
@@ -76,8 +84,7 @@ def tsv_m(p: TsvParams, ctx: KeyContext, base=None, models=None, deltas=None) ->
     taus = task_vectors(base, models, deltas)
     if p.weights is not None:
         taus = [tau * w for tau, w in zip(taus, p.weights)]
-    merged = tsv_merge(taus) if p.in_subspace(taus[0], ctx.key) else _mean(taus)
-    return finish(merged.mul_(p.alpha), base)
+    return _merged(p, ctx, base, taus, tsv_merge)
 
 
 def isotropic(matrix: torch.Tensor) -> torch.Tensor:
@@ -94,9 +101,7 @@ def isotropic(matrix: torch.Tensor) -> torch.Tensor:
 def iso_c(p: SubspaceParams, ctx: KeyContext, base=None, models=None, deltas=None) -> torch.Tensor:
     """θ_0 + α·iso(Σ_t τ_t) on 2-D keys (the summed task vector with its singular values flattened to their
     mean); θ_0 + α·mean(τ) on the others."""
-    taus = task_vectors(base, models, deltas)
-    merged = isotropic(sum(taus)) if p.in_subspace(taus[0], ctx.key) else _mean(taus)
-    return finish(merged.mul_(p.alpha), base)
+    return _merged(p, ctx, base, task_vectors(base, models, deltas), lambda taus: isotropic(sum(taus)))
 
 
 class IsoCtsParams(SubspaceParams):
@@ -132,6 +137,5 @@ def iso_cts_merge(taus: list[torch.Tensor], fraction: float) -> torch.Tensor:
     signatures=SIGNATURES, params=IsoCtsParams)
 def iso_cts(p: IsoCtsParams, ctx: KeyContext, base=None, models=None, deltas=None) -> torch.Tensor:
     """θ_0 + α·Iso-CTS(τ_1…τ_T) on 2-D keys; θ_0 + α·mean(τ) on the others."""
-    taus = task_vectors(base, models, deltas)
-    merged = iso_cts_merge(taus, p.common_space_fraction) if p.in_subspace(taus[0], ctx.key) else _mean(taus)
-    return finish(merged.mul_(p.alpha), base)
+    return _merged(p, ctx, base, task_vectors(base, models, deltas),
+                   lambda taus: iso_cts_merge(taus, p.common_space_fraction))
