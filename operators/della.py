@@ -14,7 +14,8 @@ STREAM = "della"
 
 
 class DellaParams(Params):
-    density: float = Field(0.5, gt=0, le=1, description="mean keep probability of an entry")
+    density: float = Field(1.0, gt=0, le=1, description="mean keep probability of an entry (mergekit's default 1 "
+                                                       "keeps everything: give it)")
     epsilon: float = Field(0.15, ge=0, description="keep probabilities run from density − ε (smallest |τ| of a row) "
                                                    "to density + ε (largest)")
     weights: list[float] | None = Field(None, description="per-task weights (default all 1)")

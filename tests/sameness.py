@@ -150,7 +150,7 @@ STACK = {  # depth up-scaling from a scheduled SLERP, the base and a scheduled p
 METHODS = {  # the methods of issue 24 (SVDs included: MKL's reproducible mode keeps their bytes)
     "models": LLAMA["models"],
     "nodes": {"stock": _node("model_stock", BM), "della": _node("della", BM, density=0.6, epsilon=0.2),
-              "della_lin": _node("della_linear", BM, weights=[0.6, 0.4]),
+              "della_lin": _node("della_linear", BM, weights=[0.6, 0.4], density=0.5),
               "crumbs_ties": _node("breadcrumbs_ties", BM, density=0.5, gamma=0.02),
               "sce": _node("sce", BM, select_topk=0.5), "nuslerp": _node("nuslerp", BM, weights=[1, 2]),
               "multislerp": _node("multislerp", {"models": ["base", "ft1", "ft2"]}, weights=[1, 2, 3]),
