@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One run on a GPU machine with no network: every operator on CUDA against the CPU, then the medium
-# benchmark on CUDA against mergekit --cuda in the same run. Logs go to $OUT (or ./gpu-logs).
+# benchmark on CUDA against mergekit --cuda in the same run, then the SVD methods per key. Logs go to $OUT
+# (or ./gpu-logs).
 #
 # Wheels it installs (pydantic, POT, mergekit 0.1.5 and what they need beyond the machine's own
 # packages, and mergebench's own wheel) are put in .whl/ beforehand:
@@ -24,3 +25,6 @@ for merge in ${merges//,/ }; do
   timeout 150 python3 "$repo/benchmarks/bench.py" --size "$size" --device cuda --merges "$merge" --work /tmp/bench \
     --mergekit-command /tmp/site/bin/mergekit-yaml 2>&1 | tee -a "$logs/bench.log" | grep -v '^\s*$' | tail -4
 done
+
+# the per-matrix SVD methods, one Llama-7B FFN key each (CPU figures: benchmarks/RESULTS.md, "SVD methods")
+timeout 300 python3 "$repo/benchmarks/svd_timing.py" --device cuda 2>&1 | tee "$logs/svd.log" | tail -3
