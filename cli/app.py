@@ -234,15 +234,11 @@ def convert(
     with _user_errors():
         import yaml
 
-        from mergebench.errors import MergebenchError
-        from mergebench.recipe import build_recipe, read_recipe_data
+        from mergebench.recipe import convert_mergekit
 
-        data, lines = read_recipe_data(config, out)
-        if "merge_method" not in yaml.safe_load(config.read_text()):
-            raise MergebenchError(f"{config}: not a mergekit config (it names no merge_method)")
-        build_recipe(yaml.safe_load(yaml.safe_dump(data)), config, lines, {}, base_dir=config.resolve().parent)
+        recipe = convert_mergekit(config, out)
     print(f"# translated from the mergekit config {config} by mergebench convert")
-    print(yaml.safe_dump(data, sort_keys=False), end="")
+    print(yaml.safe_dump(recipe, sort_keys=False), end="")
 
 
 @app.command()

@@ -501,6 +501,12 @@ def test_bad_mergekit_configs_exit_2_naming_file_and_line(cli, zoo, tmp_path, te
     assert not (tmp_path / "out").exists()
 
 
+def test_convert_refuses_a_native_recipe(cli, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", {"models": {}, "nodes": {}, "outputs": []})
+    result = cli("convert", recipe)
+    assert result.exit_code == 2 and "not a mergekit config" in result.output, result.output
+
+
 def test_a_mergekit_config_without_out_is_one_clear_error(cli, zoo):
     folder, _ = zoo
     result = cli("run", folder / "linear.yml")

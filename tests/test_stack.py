@@ -215,6 +215,11 @@ def test_a_depth_up_scaled_smollm2_loads_in_transformers_and_generates(tmp_path,
     assert sum(".layers.39." in k for k in out) > 0 and not any(".layers.40." in k for k in out)
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "upscaled", dtype=torch.float32)
     assert model.config.num_hidden_layers == 40 and len(model.model.layers) == 40
+    original = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    for j, i in ((0, 0), (19, 19), (20, 10), (39, 29)):  # the layers transformers built are the sources' own
+        assert torch.equal(model.model.layers[j].mlp.down_proj.weight, original.model.layers[i].mlp.down_proj.weight)
+        assert torch.equal(model.model.layers[j].self_attn.q_proj.weight,
+                           original.model.layers[i].self_attn.q_proj.weight)
     prompt = tokenizer("The capital of France is", return_tensors="pt")
     with torch.no_grad():
         logits = model(**prompt).logits

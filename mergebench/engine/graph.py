@@ -41,6 +41,11 @@ class OutputPlan:
     tensors: tuple[PlannedTensor, ...]  # in write order
     dtypes: dict[str, torch.dtype]  # output dtype by key
 
+    @cached_property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Output shape by key (the planned tensors', vocabulary surgery and stacks included)."""
+        return {t.key: t.shape for t in self.tensors}
+
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
@@ -225,11 +230,6 @@ class Graph:
         found = block_index_for(self.key_lists[node.name]).position(own)
         return position(own, *(found or (None, 0)), node.schedule_outside)
 
-    def output_info(self, plan: OutputPlan, key: str) -> TensorInfo:
-        """Header facts of an output's key: its primary model's, or (a key a stack made) its route's."""
-        primary = self.sources[plan.primary]
-        return primary.info(key) if key in primary.keys else self.info(plan.output.node, key)
-
     def holder(self, plan: OutputPlan, key: str) -> str:
         """The model an output's integer or bool tensor is copied from: the primary, or the one a stack routed to."""
         if key in self.sources[plan.primary].keys:
@@ -254,7 +254,7 @@ class Graph:
         rows may fall back on every model's)."""
         if self.is_embedding(key, plan.primary):
             return set(plan.models)
-        if not self.output_info(plan, key).is_floating:
+        if not plan.dtypes[key].is_floating_point:
             return set(plan.models)
         return self.needed(plan.output.node, key)
 
@@ -292,8 +292,8 @@ class Graph:
                 keys.update(dict.fromkeys(self.sources[model].keys))
         tensors = []
         for key in keys:
-            source = next(self.sources[m] for m in (primary, *models) if key in self.sources[m].keys)
-            info = self.info(out.node, key) if routed else source.info(key)
+            info = self.info(out.node, key) if routed else next(  # a stack's key: the input it is routed to
+                self.sources[m] for m in (primary, *models) if key in self.sources[m].keys).info(key)
             if out.kind != CHECKPOINT and not info.is_floating and info.dtype != torch.bool:
                 continue  # integer buffers have no place in a mask or a sparse delta
             dtype = DTYPES[out.dtype] if out.dtype and info.is_floating else info.dtype

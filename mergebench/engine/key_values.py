@@ -57,7 +57,7 @@ def output_value(graph: Graph, plan: OutputPlan, env: KeyValues, allow_non_finit
     key = env.key
     if plan.output.kind in ARTIFACT_TYPES:  # a mask or a sparse delta: no cast, the writer encodes it
         return env.value(plan.output.node).cpu()
-    if not graph.output_info(plan, key).is_floating:
+    if not plan.dtypes[key].is_floating_point:
         return _buffer(graph.holder(plan, key), plan.models, env)
     dtype = plan.dtypes[key]
     value = env.value(plan.output.node)
@@ -78,7 +78,7 @@ def sliced_output_values(graph: Graph, key: str, plans: list[OutputPlan], raw: d
     """The outputs at ``key`` computed slice by slice into tensors of the output dtype."""
     outs = []
     for plan in plans:
-        shape, dtype = graph.output_info(plan, key).shape, plan.dtypes[key]
+        shape, dtype = plan.shapes[key], plan.dtypes[key]
         nbytes = math.prod(shape) * dtype.itemsize
         outs.append(typed(pool.take(nbytes), dtype, shape) if pool else torch.empty(shape, dtype=dtype))
     flat_outs = [out.reshape(-1) for out in outs]

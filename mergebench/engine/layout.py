@@ -11,7 +11,7 @@ node unstacked). The executor and the operators never learn that a stack happene
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -153,11 +153,9 @@ class _Renamer:
             slot: self.renamed(r, names, f"{label}.{slot}") if isinstance(r, str)
             else [self.renamed(x, names, f"{label}.{slot}[{i}]") for i, x in enumerate(r)]
             for slot, r in node.inputs.items()}
-        clone = RenamedNode(**{f.name: getattr(node, f.name) for f in _NODE_FIELDS}, origin=origin,
-                            own={new: own_of(own) for new, own in names.items()})
-        self.layouts.renamed_nodes[name] = replace(clone, name=name, inputs=inputs)
+        kept = {f.name: getattr(node, f.name) for f in fields(Node) if f.name not in ("name", "inputs")}
+        self.layouts.renamed_nodes[name] = RenamedNode(**kept, name=name, inputs=inputs, origin=origin,
+                                                       own={new: own_of(own) for new, own in names.items()})
         self.order.append(name)
         return name
 
-
-_NODE_FIELDS = fields(Node)

@@ -17,7 +17,6 @@ import torch
 from mergebench.engine.buffers import BufferPool
 from mergebench.engine.graph import Graph
 from mergebench.engine.staging import start_compute_thread
-from mergebench.io.checkpoint import Checkpoint
 
 PREFETCH_KEYS = 1  # keys read ahead of the one being computed: overlap without doubling memory twice
 WRITES_IN_FLIGHT = 2  # finished tensors waiting for the writer thread: with one, handing over a key often waited
@@ -144,7 +143,7 @@ def prefetch(graph: Graph, keys: list[str], needed: Callable[[str], set[str]], p
     """
 
     def read_one(source: Any, key: str) -> torch.Tensor:
-        if pool is None or not (isinstance(source, Checkpoint) or getattr(source, "mappable", False)):
+        if pool is None or not getattr(source, "mappable", False):
             return source.read(key)
         if pool.pinned:  # a GPU copies from page-locked memory asynchronously
             return source.read(key, pool.take(source.info(key).nbytes))

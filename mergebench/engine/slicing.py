@@ -37,7 +37,7 @@ def in_slices(graph: Graph, key: str, refs: list[str], raw: dict[str, torch.Tens
 
 def sliceable_output(graph: Graph, plan: OutputPlan, key: str) -> bool:
     node = graph.nodes.get(plan.output.node)
-    return (plan.output.kind not in ARTIFACT_TYPES and graph.output_info(plan, key).is_floating
+    return (plan.output.kind not in ARTIFACT_TYPES and plan.dtypes[key].is_floating_point
             and not (node is not None and is_list_type(node.result) and plan.element is None)
             and graph.needed_for_output(plan, key) == graph.needed(plan.output.node, key))
 

@@ -61,6 +61,8 @@ class Checkpoint:
     input tensor is read once.
     """
 
+    mappable = True  # ``read`` into a caller's buffer and ``map`` in place: the executor's pooled reads
+
     def __init__(self, path: str | os.PathLike[str]):
         self._fds: dict[Path, int] = {}
         self._fingerprint: str | None = None

@@ -236,17 +236,20 @@ def _setting(work: _Translation, name: str, levels: list[tuple[dict[str, Any], t
         return None
     if len(rules) == 1 and rules[0].get("filter") in (None, "*"):
         return rules[0]["value"]
-    for params, where in levels:
-        if name in params and any(isinstance(v, bool) for r in _rules(params[name]) for v in [r.get("value")]):
-            raise work.where.error((*where, name), f"'{name}' cannot vary by layer or filter")
+    if any(isinstance(rule.get("value"), bool) for rule in rules):
+        raise work.where.error(_at(levels, name), f"'{name}' cannot vary by layer or filter")
     return rules
+
+
+def _at(levels: list[tuple[dict[str, Any], tuple[Any, ...]]], name: str) -> tuple[Any, ...]:
+    """Where in the config the most specific level setting ``name`` sets it."""
+    return next((*where, name) for params, where in levels if name in params)
 
 
 def _scalar(work: _Translation, name: str, levels: list[tuple[dict[str, Any], tuple[Any, ...]]], default: Any) -> Any:
     value = _setting(work, name, levels)
     if isinstance(value, list):
-        where = next(w for params, w in levels if name in params)
-        raise work.where.error((*where, name), f"'{name}' is one value for the whole merge in mergebench")
+        raise work.where.error(_at(levels, name), f"'{name}' is one value for the whole merge in mergebench")
     return default if value is None else value
 
 
@@ -283,21 +286,7 @@ def _merge(work: _Translation, method: str, sources: list[_Source], base: str | 
             sources, refs, names = [*sources, _Source(base, None, {}, ("base_model",))], [*refs, base], [*names, base]
         base_ref = refs[names.index(base)]
     others = [(s, r) for s, r in zip(sources, refs) if s.model != base or policy in ("ignored", "member")]
-
-    def per_model(key: str, default: Any) -> list[Any]:
-        values = []
-        for s, _ in others:
-            value = _setting(work, key, [(s.params, (*s.where, "parameters")), *levels_global])
-            if value is None and default is None:
-                raise work.where.error(s.where, f"merge_method '{method}' needs '{key}' for model '{s.model}'")
-            if key in FRACTIONS and not all(0 <= v <= 1 for v in _numbers(value)):
-                level = next(((params, w) for params, w in [(s.params, (*s.where, "parameters")), *levels_global]
-                              if key in params), (None, s.where))[1]
-                raise work.where.error((*level, key), f"'{key}' of model '{s.model}' must lie in [0, 1]")
-            values.append(default if value is None else value)
-        return values
-
-    build = _Build(work, method, name, where, levels_global, others, base_ref, per_model)
+    build = _Build(work, method, where, levels_global, others, base_ref)
     op, inputs, params = BUILDERS.get(method, _task_arithmetic_family)(build)
     work.nodes[name] = {"op": op, "inputs": inputs, "params": params, **MERGEKIT_OUTSIDE}
     return name
@@ -309,12 +298,24 @@ class _Build:
 
     work: _Translation
     method: str
-    name: str
     where: tuple[Any, ...]
     levels: list[tuple[dict[str, Any], tuple[Any, ...]]]
     others: list[tuple[_Source, str]]
     base: str | None
-    per_model: Any
+
+    def per_model(self, key: str, default: Any) -> list[Any]:
+        """One value (or schedule) per merged model: its own, else its slice's, else the global one."""
+        values = []
+        for source, _ in self.others:
+            levels = [(source.params, (*source.where, "parameters")), *self.levels]
+            value = _setting(self.work, key, levels)
+            if value is None and default is None:
+                raise self.work.where.error(source.where, f"merge_method '{self.method}' needs '{key}' for model "
+                                                          f"'{source.model}'")
+            if key in FRACTIONS and not all(0 <= v <= 1 for v in _numbers(value)):
+                raise self.work.where.error(_at(levels, key), f"'{key}' of model '{source.model}' must lie in [0, 1]")
+            values.append(default if value is None else value)
+        return values
 
     def scalar(self, key: str, default: Any) -> Any:
         return _scalar(self.work, key, self.levels, default)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 
 from mergebench.surgery.layers import BEFORE_BLOCKS
 
@@ -138,28 +139,29 @@ def schedulable_fields(model: type[BaseModel]) -> dict[str, tuple[str, str]]:
     return found
 
 
+UNCOVERED = ("has filtered values that leave some keys without a value: end them with {value: ...}, which "
+             "matches every key")
+
+
 @dataclass(frozen=True)
 class ParamSchedules:
-    """The scheduled parameters of one node: field -> a schedule, or (for lists) one per element."""
+    """The scheduled parameters of one node: field -> (a schedule, the value where none of its filters match),
+    and for list fields one schedule or number per element (each element's schedule covers every key)."""
 
-    scalar: tuple[tuple[str, Schedule], ...] = ()
+    scalar: tuple[tuple[str, Schedule, Any], ...] = ()
     listed: tuple[tuple[str, tuple[Schedule | float, ...]], ...] = ()
 
     def __bool__(self) -> bool:
         return bool(self.scalar or self.listed)
 
-    def values_at(self, key: str, x: float, defaults: Mapping[str, Any]) -> dict[str, Any]:
-        """The concrete parameter values at one key (``defaults``: each field's value where no rule matches)."""
+    def values_at(self, key: str, x: float) -> dict[str, Any]:
+        """The concrete parameter values at one key placed at ``x``."""
         update: dict[str, Any] = {}
-        for field, schedule in self.scalar:
+        for field, schedule, default in self.scalar:
             value = schedule.at(key, x)
-            update[field] = defaults[field] if value is None else value
+            update[field] = default if value is None else value
         for field, elements in self.listed:
-            values = []
-            for i, element in enumerate(elements):
-                value = element.at(key, x) if isinstance(element, Schedule) else element
-                values.append(defaults[field][i] if value is None else value)
-            update[field] = values
+            update[field] = [e.at(key, x) if isinstance(e, Schedule) else e for e in elements]
         return update
 
 
@@ -172,33 +174,38 @@ def split_schedules(values: Mapping[str, Any], model: type[BaseModel]
     """
     fields = schedulable_fields(model)
     plain = dict(values)
-    scalar: list[tuple[str, Schedule]] = []
+    scalar: list[tuple[str, Schedule, Any]] = []
     listed: list[tuple[str, tuple[Schedule | float, ...]]] = []
     variants: list[dict[str, Any]] = []
     for name, value in values.items():
         if name not in fields:
             continue
         try:
-            _split_one(name, value, fields[name], plain, scalar, listed, variants)
+            _split_one(name, value, model.model_fields[fields[name][0]], fields[name], plain, scalar, listed,
+                       variants)
         except ValueError as exc:
             raise ScheduleError(name, str(exc)) from None
     return plain, ParamSchedules(tuple(scalar), tuple(listed)), variants
 
 
-def _split_one(name: str, value: Any, found: tuple[str, str], plain: dict[str, Any],
-               scalar: list[tuple[str, Schedule]], listed: list[tuple[str, tuple[Schedule | float, ...]]],
+def _split_one(name: str, value: Any, info: FieldInfo, found: tuple[str, str], plain: dict[str, Any],
+               scalar: list[tuple[str, Schedule, Any]], listed: list[tuple[str, tuple[Schedule | float, ...]]],
                variants: list[dict[str, Any]]) -> None:
     field, kind = found
     if kind == "scalar":
         schedule = parse_schedule(value)
         if schedule is None:
             return
+        if not schedule.covers_every_key and info.is_required():
+            raise ValueError(UNCOVERED)
         numbers = schedule.numbers()
         plain[name] = numbers[0]
-        scalar.append((field, schedule))
+        scalar.append((field, schedule, None if info.is_required() else info.default))
         variants.extend({name: number} for number in numbers[1:])
     elif isinstance(value, list) and any(isinstance(v, list) for v in value):
         elements = tuple(parse_schedule(v) or _number(v) for v in value)
+        if any(isinstance(e, Schedule) and not e.covers_every_key for e in elements):
+            raise ValueError(UNCOVERED)
         firsts = [e.numbers()[0] if isinstance(e, Schedule) else e for e in elements]
         plain[name] = firsts
         listed.append((field, elements))
@@ -211,9 +218,3 @@ def _number(value: Any) -> float:
     if not _is_number(value):
         raise ValueError(f"expected a number, a gradient or filtered values, got {value!r}")
     return float(value)
-
-
-def describe(schedules: ParamSchedules) -> str:
-    """A short text of what is scheduled, for messages."""
-    return ", ".join([f for f, _ in schedules.scalar] + [f for f, _ in schedules.listed])
-

@@ -154,10 +154,7 @@ class Node:
             if pattern.search(key):
                 params, schedules = override, override_schedules
                 break
-        if not schedules:
-            return params
-        defaults = {name: info.default for name, info in type(params).model_fields.items()}
-        return params.model_copy(update=schedules.values_at(key, x(), defaults))
+        return params.model_copy(update=schedules.values_at(key, x())) if schedules else params
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ output written inside an input, over the recipe or over another output.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from pathlib import Path
@@ -29,7 +30,7 @@ from mergebench.operators.base import (
     list_of,
 )
 from mergebench.recipe.mergekit import is_mergekit, translate
-from mergebench.recipe.schedules import ParamSchedules, Schedule, ScheduleError, split_schedules
+from mergebench.recipe.schedules import ParamSchedules, ScheduleError, split_schedules
 from mergebench.recipe.schema import (
     MEMORY_PATH,
     Node,
@@ -50,6 +51,16 @@ def load_recipe(path: str | Path, sets: dict[str, str] | None = None, out: str |
     file = Path(path)
     data, lines = read_recipe_data(file, None if out is None else Path(out).absolute())
     return build_recipe(data, file, lines, sets or {}, base_dir=file.resolve().parent)
+
+
+def convert_mergekit(file: Path, out: str | Path) -> dict[str, Any]:
+    """The native recipe a mergekit config translates to, validated against its models (``mergebench convert``)."""
+    data, lines = read_yaml(file)
+    if not is_mergekit(data):
+        raise MergebenchError(f"{file}: not a mergekit config (it names no merge_method)")
+    recipe = translate(data, Locator(file, lines), file.resolve().parent, str(out))
+    build_recipe(copy.deepcopy(recipe), file, {}, {}, base_dir=file.resolve().parent)  # validation mutates
+    return recipe
 
 
 def read_recipe_data(file: Path, out: str | Path | None = None, mergekit_out: str | None = None
@@ -275,14 +286,6 @@ def _validate_params(op: Operator, values: dict[str, Any], where: Locator, loc: 
             op.params.model_validate({**plain, **variant})
     except ValidationError as exc:
         raise where.pydantic(exc, loc, prefix=f"node '{node}' ({op.name}): ") from None
-    uncovered = [name for name, schedule in schedules.scalar if not schedule.covers_every_key
-                 and op.params.model_fields[name].is_required()]
-    uncovered += [name for name, elements in schedules.listed
-                  if any(isinstance(e, Schedule) and not e.covers_every_key for e in elements)]
-    if uncovered:
-        raise where.error((*loc, uncovered[0]), f"node '{node}' ({op.name}): '{uncovered[0]}' has filtered values "
-                                                f"that leave some keys without a value: end them with "
-                                                f"{{value: ...}}, which matches every key")
     return params, schedules
 
 
