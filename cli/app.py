@@ -416,6 +416,42 @@ def extract(
                   highlight=False)
 
 
+@app.command("extract-lora")
+def extract_lora(
+    base: Annotated[Path, typer.Argument(help="the base (pretrained) checkpoint")],
+    fine_tuned: Annotated[Path, typer.Argument(help="the fine-tuned checkpoint")],
+    out: Annotated[Path, typer.Argument(help="the PEFT adapter folder to write")],
+    rank: Annotated[int | None, typer.Option(help="rank of every factored matrix")] = None,
+    energy: Annotated[float | None, typer.Option(help="instead of --rank: share of each matrix's spectral energy "
+                                                      "kept")] = None,
+    min_rank: Annotated[int, typer.Option(help="least rank with --energy")] = 1,
+    max_rank: Annotated[int | None, typer.Option(help="most rank with --energy")] = None,
+    target_modules: Annotated[str | None, typer.Option(help="regex of the weights to factor (default: every 2-D "
+                                                            "weight in the blocks but embeddings)")] = None,
+    modules_to_save: Annotated[str | None, typer.Option(help="regex of other changed tensors to save whole")] = None,
+    svd: Annotated[str, typer.Option(help="auto, full or randomized")] = "auto",
+    dtype: Annotated[str | None, typer.Option(help="stored dtype of the factors (default float32)")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+    force: Annotated[bool, _flag("--force", help="replace an existing adapter written by mergebench")] = False,
+) -> None:
+    """Turn a full fine-tune into a LoRA adapter of its base (truncated SVD of each weight delta), key by key."""
+    with _user_errors():
+        import mergebench as mb
+
+        result = mb.extract_lora(base, fine_tuned, out, rank=rank, energy=energy, min_rank=min_rank,
+                                 max_rank=max_rank, target_modules=target_modules, modules_to_save=modules_to_save,
+                                 svd=svd, dtype=dtype, device=device, force=force)
+    written = result.outputs[0]
+    table = Table(title=f"{written['path']} ({_size(written['bytes'])}, {result.summary.seconds:.2f} s)",
+                  title_justify="left")
+    for column in ("tensor", "rank", "relative error"):
+        table.add_column(column, overflow="fold")
+    for key, row in written["modules"].items():
+        error = "" if row["error"] is None else f"{row['error']:.3g}"
+        table.add_row(escape(key), "whole" if row["rank"] is None else str(row["rank"]), error)
+    console.print(table)
+
+
 @app.command()
 def diff(
     checkpoints: Annotated[list[Path], typer.Argument(help="the base, then one or more fine-tunes of it")],

@@ -154,6 +154,20 @@ def extract(base: str | os.PathLike[str], fine_tuned: str | os.PathLike[str], ou
     return node.save(out, device=device, force=force)
 
 
+def extract_lora(base: str | os.PathLike[str], fine_tuned: str | os.PathLike[str], out: str | os.PathLike[str], *,
+                 rank: int | None = None, energy: float | None = None, min_rank: int = 1,
+                 max_rank: int | None = None, target_modules: str | None = None,
+                 modules_to_save: str | None = None, svd: str = "auto", dtype: str | None = None,
+                 device: str = "auto", force: bool = False) -> RunResult:
+    """A fine-tune as a PEFT LoRA adapter of its base in one streamed pass (``mergebench extract-lora``):
+    the ``lora_extract`` operator with these parameters; the result lists each module's rank and error."""
+    params = {"rank": rank, "energy": energy, "min_rank": min_rank, "max_rank": max_rank,
+              "target_modules": target_modules, "modules_to_save": modules_to_save, "svd": svd}
+    node = call_operator(REGISTRY["lora_extract"], {"base": load(base), "fine_tuned": load(fine_tuned),
+                                                    **{k: v for k, v in params.items() if v is not None}})
+    return node.save(out, device=device, dtype=dtype, force=force)
+
+
 def call_operator(op: Operator, kwargs: dict[str, Any]) -> Any:
     """``ops.NAME(**slots, **params)``: lazy if any input is a ModelRef or LazyNode, else computed now."""
     slot_names = {slot for sig in op.signatures for slot in sig.slots}

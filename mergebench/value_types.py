@@ -1,5 +1,6 @@
 """The value types that flow along a recipe's edges, shared by the operators' contract, the recipe's
-validation and the sources and writers that hold them on disk (a Mask is an artifact file)."""
+validation and the sources and writers that hold them on disk (a Mask is an artifact file, an Adapter a
+PEFT folder)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ SEQUENCE = "Sequence"  # ordered checkpoints of one training run, with their ste
 MASK = "Mask"  # per key, a boolean tensor (an artifact file: mergebench.io.artifacts)
 SPARSE_DELTA = "SparseDelta"  # per key, a delta stored as indices and values (an artifact file)
 ACTIVATIONS = "Activations"  # per layer, [samples, neurons] recorded on shared inputs (an artifact file)
-ARTIFACT_TYPES = (MASK, SPARSE_DELTA, ACTIVATIONS)
+ADAPTER = "Adapter"  # per key, a low-rank update (a PEFT LoRA folder: mergebench.io.adapters)
+FILE_ARTIFACTS = (MASK, SPARSE_DELTA, ACTIVATIONS)  # one .safetensors file each
+ARTIFACT_TYPES = (*FILE_ARTIFACTS, ADAPTER)  # typed inputs and outputs that are not checkpoints
 
 
 def list_of(value_type: str) -> str:

@@ -25,9 +25,11 @@ from pydantic import AfterValidator, BaseModel, ConfigDict
 from mergebench.surgery.numerics import draw_seed
 from mergebench.value_types import (  # noqa: F401 - the contract's vocabulary, re-exported for operators
     ACTIVATIONS,
+    ADAPTER,
     ARTIFACT_TYPES,
     CHECKPOINT,
     DELTA,
+    FILE_ARTIFACTS,
     MASK,
     SEQUENCE,
     SPARSE_DELTA,

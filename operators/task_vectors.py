@@ -7,7 +7,8 @@ from itertools import chain
 import torch
 from pydantic import Field
 
-from mergebench.operators.base import CHECKPOINT, DELTA, SPARSE_DELTA, Params, list_of, operator, signature
+from mergebench.operators.base import ADAPTER, CHECKPOINT, DELTA, SPARSE_DELTA, Params, list_of, operator, signature
+from mergebench.surgery.low_rank import LowRank
 from mergebench.surgery.numerics import weighted_sum
 
 
@@ -29,14 +30,27 @@ class ApplyParams(Params):
     "apply",
     paper="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (arXiv:2212.04089)",
     signatures=[signature(CHECKPOINT, base=CHECKPOINT,
-    delta=(DELTA, list_of(DELTA), SPARSE_DELTA, list_of(SPARSE_DELTA)))],
+    delta=(DELTA, list_of(DELTA), SPARSE_DELTA, list_of(SPARSE_DELTA), ADAPTER, list_of(ADAPTER)))],
     params=ApplyParams,
-    elementwise=True,
+    elementwise=True,  # an adapter's factors are never sliced: the engine slices only plain tensors
 )
-def apply(base: torch.Tensor, delta: torch.Tensor | list[torch.Tensor], p: ApplyParams, ctx) -> torch.Tensor:
-    """θ = θ_base + scale·Σ τ: turns a Delta or SparseDelta (or a list of them) back into a Checkpoint."""
-    deltas = delta if isinstance(delta, list) else [delta]
+def apply(base: torch.Tensor, delta: torch.Tensor | LowRank | list, p: ApplyParams, ctx) -> torch.Tensor:
+    """θ = θ_base + scale·Σ τ: turns a Delta, SparseDelta or Adapter (or a list of them) back into a Checkpoint.
+
+    An adapter's τ is its low-rank update (a tensor it saves whole counts as whole − θ_base); a key it
+    leaves alone is θ_base bit for bit."""
+    deltas = [_dense(base, d) for d in (delta if isinstance(delta, list) else [delta])]
+    deltas = [d for d in deltas if d is not None]
     return weighted_sum([base, *deltas], [1.0] + [p.scale] * len(deltas))
+
+
+def _dense(base: torch.Tensor, delta: torch.Tensor | LowRank) -> torch.Tensor | None:
+    if not isinstance(delta, LowRank):
+        return delta
+    if delta.empty:
+        return None
+    dense = torch.zeros_like(base) if delta.whole is None else delta.whole.to(base.dtype) - base
+    return dense if delta.up is None else dense.addmm_(delta.up, delta.down, alpha=delta.scale)
 
 
 NORMALIZE_EPS = 1e-8  # mergekit's: a weight sum closer to 0 than this divides by 1

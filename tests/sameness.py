@@ -161,8 +161,21 @@ METHODS = {  # the methods of issue 24 (SVDs included: MKL's reproducible mode k
               "iso_cts": _node("iso_cts", BM), "pcb": _node("pcb", BM, ratio=0.2)},
 }
 METHODS["outputs"] = [{"from": name, "path": f"methods/{name}"} for name in METHODS["nodes"]]
+LORA = {  # adapters extracted (exact and randomized SVD), merged as adapters, applied back
+    "models": LLAMA["models"],
+    "nodes": {"x1": _node("lora_extract", {"base": "base", "fine_tuned": "ft1"}, rank=4, svd="full"),
+              "x2": _node("lora_extract", {"base": "base", "fine_tuned": "ft2"}, energy=0.3, max_rank=12,
+                          modules_to_save="norm"),
+              "x3": _node("lora_extract", {"base": "base", "fine_tuned": "ft2"}, rank=6, svd="randomized"),
+              "ties": _node("lora_merge", {"adapters": ["x1", "x3"]}, combination="dare_ties_svd", density=0.5,
+                            weights=[1, -0.5], svd="full"),
+              "cat": _node("lora_merge", {"adapters": ["x1", "x2"]}, combination="cat"),
+              "back": _node("apply", {"base": "base", "delta": ["ties", "cat"]}, scale=0.5)},
+    "outputs": [{"from": "ties", "path": "lora/ties"}, {"from": "cat", "path": "lora/cat"},
+                {"from": "back", "path": "lora/back"}],
+}
 RECIPES = {"llama": LLAMA, "artifacts": ARTIFACTS, "sequences": SEQUENCES, "mlps": MLPS, "vocab": VOCAB,
-           "stack": STACK, "methods": METHODS}
+           "stack": STACK, "methods": METHODS, "lora": LORA}
 
 
 def run_all(ray: bool) -> dict[str, str]:

@@ -62,7 +62,7 @@ class Graph:
         self._key_sets: dict[str, frozenset[str]] = {}
         for name, path in recipe.models.items():
             if name not in self.sources:
-                self.sources[name] = open_source(path, allow_pickle)
+                self.sources[name] = open_source(path, allow_pickle, recipe.adapters.get(name))
         self.vocab = self._plan_vocab()
         self.layouts = Layouts()
         expand_layouts(recipe, self.sources, self.keys_of, self.layouts)
@@ -307,12 +307,14 @@ class Graph:
                 for i, step in enumerate(node.series_steps)]
 
     def _check_inputs_agree(self, node: Node) -> None:
-        """A node's weight inputs have the same keys (artifacts may leave keys out; a layout node renames)."""
+        """A node's weight inputs have the same keys (artifacts and adapters, read or made, may leave keys out; a
+        layout node renames)."""
         if node.op.layout is not None:
             return
         expanded = [m for r in node.refs() for m in ([member for _, member in self.recipe.sequences[r]]
                                                      if r in self.recipe.sequences else [r])]
-        refs = [r for r in expanded if not self.is_artifact(r) and not self.is_activations(r)]
+        refs = [r for r in expanded if not self.is_artifact(r) and not self.is_activations(r)
+                and not (r in self.nodes and self.nodes[r].result in ARTIFACT_TYPES)]
         for other in refs[1:]:
             a, b = set(self.keys_of(refs[0])), set(self.keys_of(other))
             if a != b:

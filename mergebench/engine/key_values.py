@@ -18,6 +18,7 @@ from mergebench.engine.pipeline import Value
 from mergebench.engine.staging import to_device, to_host
 from mergebench.errors import MergebenchError
 from mergebench.operators.base import (
+    ADAPTER,
     ARTIFACT_TYPES,
     CHECKPOINT,
     MASK,
@@ -27,6 +28,7 @@ from mergebench.operators.base import (
 )
 from mergebench.recipe import Node
 from mergebench.surgery.layers import block_index_for
+from mergebench.surgery.low_rank import LowRank
 from mergebench.surgery.numerics import compute_dtype
 
 
@@ -200,12 +202,16 @@ class KeyValues:
         source = self.graph.sources[name]
         if name in self.raw:
             tensor = self.raw[name]
+        elif self.key not in source.keys and source.value_type == ADAPTER:  # an adapter that leaves it alone
+            return LowRank()
         elif self.key not in source.keys:  # an artifact that leaves the key out: all-False / zero
             dtype = source.info(source.keys[0]).dtype if source.keys else torch.float32
             return torch.zeros(self.graph.shape_of(self.key), dtype=dtype, device=self.device)
         else:  # a sequence's checkpoint, read when its fold reaches it
             tensor = source.read(self.key)
             self.lazy_bytes += tensor.nbytes
+        if isinstance(tensor, LowRank):
+            return tensor.to(self.device)
         if not tensor.dtype.is_floating_point:
             return tensor.to(device=self.device)  # masks stay boolean
         return to_device(tensor, self.device, compute_dtype(tensor.dtype))
@@ -238,6 +244,8 @@ class KeyValues:
         if node.result == CHECKPOINT:
             sequence = self.graph.recipe.sequences.get(node.primary)
             return self.value(sequence[-1][1] if sequence else node.primary)
+        if node.result == ADAPTER:
+            return LowRank()  # the adapter leaves the key alone
         shape = self.shape or self.graph.info(node.name, self.key).shape
         zero = torch.zeros(shape, dtype=torch.bool if node.result == MASK else torch.float32, device=self.device)
         if is_list_type(node.result):

@@ -8,11 +8,14 @@ import json
 import shutil
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from mergebench.engine.graph import Graph, OutputPlan
+from mergebench.engine.graph import DTYPES, Graph, OutputPlan
 from mergebench.errors import MergebenchError
+from mergebench.io.adapter_writer import AdapterWriter, adapter_identity
+from mergebench.io.adapters import AdapterSource
 from mergebench.io.artifacts import ArtifactWriter
 from mergebench.io.output_files import copy_model_files, layer_config, model_card, update_config
 from mergebench.io.output_guard import artifact_recipe, committed_identity
@@ -20,8 +23,9 @@ from mergebench.io.safetensors_format import DTYPE_NAMES
 from mergebench.io.tokenizers import write_tokenizer
 from mergebench.io.writer import CheckpointWriter
 from mergebench.recipe import MEMORY_PATH
+from mergebench.surgery.layers import INPUT_EMBEDDINGS
 from mergebench.surgery.vocab import FALLBACK_RULE
-from mergebench.value_types import ARTIFACT_TYPES
+from mergebench.value_types import ADAPTER, ARTIFACT_TYPES
 
 DTYPE_CONFIG_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
                       torch.float64: "float64"}
@@ -40,6 +44,8 @@ def version() -> str:
 def finished_by_this_run(graph: Graph, plan: OutputPlan) -> bool:
     """An output an interrupted run of the same recipe on the same inputs already renamed into place (a
     run with several outputs renames them one after another): ``--resume`` may write it again."""
+    if plan.output.kind == ADAPTER:
+        return committed_identity(plan.path) == adapter_identity(graph.recipe.sha256, plan.output.node)
     if plan.output.kind in ARTIFACT_TYPES:
         return artifact_recipe(plan.path) == (graph.recipe.sha256, plan.output.node)
     return committed_identity(plan.path) == _identity(graph, plan)
@@ -67,13 +73,29 @@ def check_free_space(plans: list[OutputPlan]) -> None:
 
 
 def open_writer(graph: Graph, plan: OutputPlan, resume: bool) -> CheckpointWriter | ArtifactWriter:
-    """One output's writer: preallocated shards in ``OUT.partial`` (reopened to resume), or an artifact file."""
+    """One output's writer: preallocated shards in ``OUT.partial`` (reopened to resume), an adapter folder,
+    or an artifact file."""
+    if plan.output.kind == ADAPTER:
+        return _adapter_writer(graph, plan)
     if plan.output.kind in ARTIFACT_TYPES:
         return ArtifactWriter(plan.path, plan.output.kind, _artifact_metadata(graph, plan),
                               key_order=[t.key for t in plan.tensors])
     metadata = {"format": "pt", "mergebench_version": version(), "mergebench_recipe_sha256": graph.recipe.sha256}
     return CheckpointWriter(plan.path, list(plan.tensors), plan.output.shard_size, metadata,
                             identity=_identity(graph, plan), resume=resume, inputs=_input_files(graph, plan))
+
+
+def _adapter_writer(graph: Graph, plan: OutputPlan) -> AdapterWriter:
+    """A PEFT folder following the first input adapter's config (PEFT's own rule for merged adapters), with
+    the embeddings of the input adapters, or for an extraction those of the usual architectures."""
+    adapters = [graph.sources[m] for m in plan.models if isinstance(graph.sources[m], AdapterSource)]
+    if adapters:
+        embeddings = {key for source in adapters for key in source.adapter.embeddings}
+    else:
+        embeddings = {t.key for t in plan.tensors if INPUT_EMBEDDINGS.search(t.key)}
+    dtype = DTYPES[plan.output.dtype] if plan.output.dtype else torch.float32
+    return AdapterWriter(plan.path, _artifact_metadata(graph, plan), adapters[0].config if adapters else {},
+                         embeddings, dtype, key_order=[t.key for t in plan.tensors])
 
 
 def _artifact_metadata(graph: Graph, plan: OutputPlan) -> dict[str, str]:
@@ -88,7 +110,16 @@ def _artifact_metadata(graph: Graph, plan: OutputPlan) -> dict[str, str]:
 
 
 def written_bytes(plan: OutputPlan, writer: CheckpointWriter | ArtifactWriter) -> int:
+    if isinstance(writer, AdapterWriter):
+        return writer.bytes_written
     return plan.nbytes if isinstance(writer, CheckpointWriter) else writer.partial.stat().st_size
+
+
+def output_details(writer: CheckpointWriter | ArtifactWriter) -> dict[str, Any]:
+    """What a run reports of an output beyond its size: an adapter's rank and error per module."""
+    if isinstance(writer, AdapterWriter):
+        return {"modules": {key: {"rank": rank, "error": error} for key, (rank, error) in writer.report.items()}}
+    return {}
 
 
 def _identity(graph: Graph, plan: OutputPlan) -> str:

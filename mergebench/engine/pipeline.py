@@ -168,7 +168,9 @@ def prefetch(graph: Graph, keys: list[str], needed: Callable[[str], set[str]], p
             yield key, future.result()
 
 
-def give_back(pool: BufferPool | None, tensors: Iterable[torch.Tensor]) -> None:
+def give_back(pool: BufferPool | None, values: Iterable[Any]) -> None:
+    """Return the pooled buffers among ``values`` (an adapter's low-rank update holds none)."""
     if pool is not None:
-        for tensor in tensors:
-            pool.give(tensor)
+        for value in values:
+            if isinstance(value, torch.Tensor):
+                pool.give(value)

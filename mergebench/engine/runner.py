@@ -18,6 +18,7 @@ from mergebench.engine.outputs import (
     check_free_space,
     finished_by_this_run,
     open_writer,
+    output_details,
     write_companions,
     written_bytes,
 )
@@ -27,7 +28,7 @@ from mergebench.io.output_guard import check_may_replace
 from mergebench.io.sources import Source
 from mergebench.io.writer import CheckpointWriter, OutputError, OutputLock, Writer
 from mergebench.recipe import Recipe
-from mergebench.value_types import ARTIFACT_TYPES
+from mergebench.value_types import FILE_ARTIFACTS
 
 
 def resolve_device(name: str) -> torch.device:
@@ -117,7 +118,7 @@ def run_recipe(recipe: Recipe, options: RunOptions = RunOptions(), sources: Mapp
             locks.enter_context(OutputLock(plan.path))
         replace = [force or (resume and finished_by_this_run(graph, plan)) for plan in graph.outputs]
         for plan, may in zip(graph.outputs, replace):
-            check_may_replace(plan.path, may, artifact=plan.output.kind in ARTIFACT_TYPES)
+            check_may_replace(plan.path, may, artifact=plan.output.kind in FILE_ARTIFACTS)
         check_free_space(graph.outputs)
         writers: list[Writer] = []
         try:
@@ -131,7 +132,7 @@ def run_recipe(recipe: Recipe, options: RunOptions = RunOptions(), sources: Mapp
                 skipped = write_companions(graph, plan, writer) if isinstance(writer, CheckpointWriter) else []
                 results.append({"path": str(plan.path), "tensors": len(plan.tensors),
                                 "shards": len(writer.shards), "bytes": written_bytes(plan, writer),
-                                "files_not_copied": skipped})
+                                "files_not_copied": skipped, **output_details(writer)})
             for writer in writers:
                 writer.prepare()
             for writer, may in zip(writers, replace):

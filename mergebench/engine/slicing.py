@@ -25,8 +25,8 @@ def in_slices(graph: Graph, key: str, refs: list[str], raw: dict[str, torch.Tens
     enough to be reused from the heap and stay in cache, where whole-tensor upcasts would fault in
     fresh memory for every input of every key.
     """
-    if device.type != "cpu" or not raw:
-        return False
+    if device.type != "cpu" or not raw or not all(isinstance(t, torch.Tensor) for t in raw.values()):
+        return False  # an adapter's update (factors) is not elementwise
     numel = next(iter(raw.values())).numel()
     if numel <= SLICE_ELEMENTS or any(t.numel() != numel for t in raw.values()):
         return False

@@ -172,8 +172,10 @@ class ArtifactWriter:
     def __init__(self, path: Path, value_type: str, metadata: dict[str, str], key_order: Iterable[str] = ()):
         self.path = path
         self.value_type = value_type
-        self.metadata = {**metadata, "format": FORMATS[value_type]}
+        # an adapter's weights are a plain PyTorch safetensors file, as PEFT writes it
+        self.metadata = {**metadata, "format": FORMATS.get(value_type, "pt")}
         self.partial = path.with_name(path.name + ".partial")
+        self._assembled = self.partial  # where finish_weights puts the file (a subclass may put it in a folder)
         self._data_path = path.with_name(path.name + ".partial-data")
         self._rank = {key: i for i, key in enumerate(key_order)}
         self._entries: list[_Entry] = []
@@ -225,7 +227,7 @@ class ArtifactWriter:
 
         entries = sorted(self._entries, key=lambda entry: rank(entry.key))
         metadata = {**self.metadata, **{f"shape/{key}": self._shapes[key] for key in sorted(self._shapes, key=rank)}}
-        with open(self.partial, "wb") as out, open(self._data_path, "rb") as data:
+        with open(self._assembled, "wb") as out, open(self._data_path, "rb") as data:
             out.write(encode_header([(e.name, e.dtype, e.shape) for e in entries], metadata))
             for entry in entries:
                 data.seek(entry.offset)

@@ -1,7 +1,8 @@
 """Opening an input by its path: the one place that knows every kind of source.
 
-A path is a mask or sparse-delta artifact (told by its metadata), safetensors weights (a file, a folder
-or a sharded index), or — only when allowed and nothing else is there — pickled weights. The engine,
+A path is a mask or sparse-delta artifact (told by its metadata), a PEFT adapter folder, safetensors
+weights (a file, a folder or a sharded index), or — only when allowed and nothing else is there —
+pickled weights; weights with an adapter applied are a checkpoint too. The engine,
 the CLI and the analyses open inputs here and see them through ``Source`` alone.
 """
 
@@ -10,18 +11,24 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from mergebench.io.adapters import AdaptedCheckpoint, AdapterSource, is_adapter
 from mergebench.io.artifacts import ArtifactSource, artifact_type
 from mergebench.io.checkpoint import Checkpoint, PickledCheckpoint, Source, _pickled_files
 
 __all__ = ["Source", "open_source"]
 
 
-def open_source(path: str | os.PathLike[str], allow_pickle: bool = False) -> Source:
-    """A source for ``path``: a mask or sparse-delta artifact, safetensors weights, or (only when allowed
-    and nothing else is there) pickled weights."""
+def open_source(path: str | os.PathLike[str], allow_pickle: bool = False,
+                adapter: str | os.PathLike[str] | None = None) -> Source:
+    """A source for ``path``: a mask or sparse-delta artifact, an adapter, safetensors weights, or (only
+    when allowed and nothing else is there) pickled weights; with ``adapter`` applied, if given."""
     path = Path(path)
+    if adapter is not None:
+        return AdaptedCheckpoint(open_source(path, allow_pickle), adapter)
     if artifact_type(path):
         return ArtifactSource(path)
+    if path.is_dir() and is_adapter(path):
+        return AdapterSource(path)
     if allow_pickle and path.exists():
         has_safetensors = path.suffix == ".safetensors" or (path.is_dir() and any(path.glob("*.safetensors")))
         if not has_safetensors and (path.is_file() or _pickled_files(path)):

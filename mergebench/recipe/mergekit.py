@@ -93,7 +93,7 @@ class _Translation:
     config: dict[str, Any]
     where: Locator
     base_dir: Path
-    models: dict[str, str] = field(default_factory=dict)  # native name -> path
+    models: dict[str, str | dict[str, str]] = field(default_factory=dict)  # native name -> path or {base, adapter}
     names: dict[str, str] = field(default_factory=dict)  # mergekit reference -> native name
     nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -158,13 +158,18 @@ def work_model(work: _Translation, reference: Any, where: tuple[Any, ...]) -> st
         raise work.where.error(where, f"a model reference is a path or a repo id, got {reference!r}")
     if reference in work.names:
         return work.names[reference]
-    if "+" in reference:
-        raise work.where.error(where, f"'{reference}': model+lora references are not translated yet")
-    path = resolve_model(reference, work.base_dir, work.where, where)
-    name = Path(reference.rstrip("/")).name or "model"
+    entry: str | dict[str, str]
+    if "+" in reference and not (work.base_dir / reference).exists():  # mergekit's MODEL+LORA: an adapted model
+        model, lora = reference.split("+", 1)
+        entry = {"base": resolve_model(model, work.base_dir, work.where, where),
+                 "adapter": resolve_model(lora, work.base_dir, work.where, where)}
+        name = f"{Path(model.rstrip('/')).name}+{Path(lora.rstrip('/')).name}"
+    else:
+        entry = resolve_model(reference, work.base_dir, work.where, where)
+        name = Path(reference.rstrip("/")).name or "model"
     while name in work.models or name in ("merged", "merge") or name.startswith("slice"):
         name += "_"
-    work.models[name] = path
+    work.models[name] = entry
     work.names[reference] = name
     return name
 

@@ -6,7 +6,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Literal
@@ -81,6 +81,13 @@ class SequenceSpec(_Strict):
     allow_gaps: bool = False
 
 
+class AdaptedSpec(_Strict):
+    """A model made of a base and a PEFT LoRA adapter applied to it as it is read (mergebench.io.adapters)."""
+
+    base: str = Field(description="the base model: a path, or the name of another model of the recipe")
+    adapter: str = Field(description="the PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
+
+
 class TokenizerSpec(_Strict):
     """How to merge models whose vocabularies differ (mergebench.surgery.vocab)."""
 
@@ -90,7 +97,7 @@ class TokenizerSpec(_Strict):
 
 
 class RecipeSpec(_Strict):
-    models: dict[str, str | list[str] | SequenceSpec]
+    models: dict[str, str | list[str] | SequenceSpec | AdaptedSpec]
     nodes: dict[str, NodeSpec]
     outputs: list[OutputSpec] = Field(min_length=1)
     seed: int = 0
@@ -179,6 +186,7 @@ class Recipe:
     seed: int
     resolved: dict[str, Any]  # the recipe as run (after --set, paths absolute), for provenance
     tokenizer: TokenizerSpec | None = None
+    adapters: dict[str, str] = field(default_factory=dict)  # model name -> adapter applied to its path
 
     @property
     def sha256(self) -> str:

@@ -17,11 +17,14 @@ import yaml
 from pydantic import ValidationError
 
 from mergebench.errors import MergebenchError
+from mergebench.io.adapters import is_adapter
 from mergebench.io.artifacts import artifact_type
 from mergebench.io.sequences import is_glob, resolve_sequence, step_of
 from mergebench.operators.base import (
+    ADAPTER,
     ARTIFACT_TYPES,
     CHECKPOINT,
+    FILE_ARTIFACTS,
     REGISTRY,
     SEQUENCE,
     Operator,
@@ -33,6 +36,7 @@ from mergebench.recipe.mergekit import is_mergekit, translate
 from mergebench.recipe.schedules import ParamSchedules, ScheduleError, split_schedules
 from mergebench.recipe.schema import (
     MEMORY_PATH,
+    AdaptedSpec,
     Node,
     NodeSpec,
     Output,
@@ -107,14 +111,17 @@ def build_recipe(
     models: dict[str, str] = {}
     sequences: dict[str, tuple[tuple[int, str], ...]] = {}
     artifact_types: dict[str, str] = {}
+    adapters: dict[str, str] = {}
     for name, entry in spec.models.items():
         if name in in_memory:
             models[name] = entry
         elif isinstance(entry, str) and not is_glob(entry):
             models[name] = str((base_dir / entry).resolve())
-            kind = artifact_type(models[name])
+            kind = artifact_type(models[name]) or (ADAPTER if is_adapter(models[name]) else None)
             if kind:
                 artifact_types[name] = kind
+        elif isinstance(entry, AdaptedSpec):
+            models[name], adapters[name] = _adapted(name, entry, spec, base_dir, where)
         else:
             members = _resolve_sequence(name, entry, base_dir, where)
             sequences[name] = tuple((step, f"{name}@{step}") for step, _ in members)
@@ -124,11 +131,12 @@ def build_recipe(
     sequences.update(_listed_sequences(spec, models, set(sequences) | set(artifact_types), in_memory))
     types = {**(model_types or {}), **artifact_types, **dict.fromkeys(sequences, SEQUENCE)}
     nodes = _check_nodes(spec, where, types, sequences)
-    outputs = tuple(_check_output(i, out, nodes, models, sequences, base_dir, where, in_memory)
+    outputs = tuple(_check_output(i, out, nodes, models, sequences, base_dir, where, in_memory, adapters)
                     for i, out in enumerate(spec.outputs))
     _check_output_paths(outputs, file, where)
     resolved = spec.model_dump(by_alias=True, exclude_none=True)
-    resolved["models"] = models
+    resolved["models"] = {name: {"base": path, "adapter": adapters[name]} if name in adapters else path
+                          for name, path in models.items()}
     if sequences:
         resolved["sequences"] = {name: [list(m) for m in members] for name, members in sequences.items()}
     for out_doc, out in zip(resolved["outputs"], outputs):
@@ -140,7 +148,20 @@ def build_recipe(
                                                    f"or a model")
     if spec.tokenizer and spec.tokenizer.embeddings:
         _compile(spec.tokenizer.embeddings, where, ("tokenizer", "embeddings"))
-    return Recipe(file, models, sequences, nodes, outputs, spec.seed, resolved, spec.tokenizer)
+    return Recipe(file, models, sequences, nodes, outputs, spec.seed, resolved, spec.tokenizer, adapters)
+
+
+def _adapted(name: str, entry: AdaptedSpec, spec: RecipeSpec, base_dir: Path, where: Locator) -> tuple[str, str]:
+    """(base path, adapter path) of a model given as a base with an adapter; the base may name another model."""
+    base = spec.models.get(entry.base)
+    if base is not None and not isinstance(base, str):
+        raise where.error(("models", name, "base"), f"base '{entry.base}' must be a model given by its path")
+    base_path = str((base_dir / (base if base is not None else entry.base)).resolve())
+    adapter_path = str((base_dir / entry.adapter).resolve())
+    if not is_adapter(adapter_path):
+        raise where.error(("models", name, "adapter"), f"{adapter_path} is not a PEFT adapter folder (it has no "
+                                                        f"adapter_config.json)")
+    return base_path, adapter_path
 
 
 def _listed_sequences(spec: RecipeSpec, models: dict[str, str], not_checkpoints: set[str],
@@ -321,7 +342,7 @@ def _topological_order(spec: RecipeSpec, where: Locator) -> list[str]:
 
 def _check_output(i: int, out: OutputSpec, nodes: dict[str, Node], models: dict[str, str],
                   sequences: dict[str, tuple[tuple[int, str], ...]], base_dir: Path, where: Locator,
-                  in_memory: frozenset[str]) -> Output:
+                  in_memory: frozenset[str], adapters: dict[str, str]) -> Output:
     loc = ("outputs", i)
     if out.from_ in nodes:
         value_type = nodes[out.from_].result
@@ -338,10 +359,11 @@ def _check_output(i: int, out: OutputSpec, nodes: dict[str, Node], models: dict[
     if value_type not in (CHECKPOINT, *ARTIFACT_TYPES) and not is_series:
         raise where.error((*loc, "from"), f"output {i} comes from '{out.from_}', a {value_type}: add an 'apply' "
                                           f"node to turn it into a Checkpoint")
-    if value_type in ARTIFACT_TYPES and not out.path.endswith(".safetensors"):
+    if value_type in FILE_ARTIFACTS and not out.path.endswith(".safetensors"):
         raise where.error((*loc, "path"), f"output {i} is a {value_type} file: its path must end in .safetensors")
     path = _output_path(base_dir, out.path)
-    for name, model_path in models.items():
+    inputs = [*models.items(), *((f"{name}'s adapter", path) for name, path in adapters.items())]
+    for name, model_path in inputs:
         if name in in_memory:
             continue
         model = Path(model_path)

@@ -11,6 +11,9 @@ STACK_MODES = ("separate", "concatenate")
 # Keys outside the blocks that come before them (embeddings); every other outside key (final norms,
 # heads, projections) comes after them. LiNeS's ``outside_blocks: split`` and schedules read this.
 BEFORE_BLOCKS = re.compile(r"embed|wte|wpe|position|token_type|patch|cls_token|class_embedding|conv1|ln_pre")
+# The weights of nn.Embedding modules in the usual architectures (a LoRA on one is stored transposed).
+INPUT_EMBEDDINGS = re.compile(r"(?:^|\.)(?:embed_tokens|word_embeddings|wte|wpe|shared|position_embeddings|"
+                              r"token_type_embeddings|embed_positions|embed_in)\.weight$")
 
 
 def block_index(key: str, block_regex: str = BLOCK_REGEX) -> int | None:
