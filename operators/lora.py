@@ -33,7 +33,8 @@ SVD_STREAM = "lora_svd"
 
 
 class _RankParams(Params):
-    rank: int | None = Field(None, ge=1, description="rank of each factored matrix (give this or energy)")
+    rank: int | None = Field(None, ge=1, description="rank of each factored matrix (lora_extract: this or energy; "
+                                                      "lora_merge: default the largest input rank at the key)")
     energy: float | None = Field(None, gt=0, le=1, description="instead of rank: per matrix, the fewest singular "
                                                                "values whose Σσ² reaches this share of ‖Δ‖²")
     min_rank: int = Field(1, ge=1, description="the least rank kept (with energy)")

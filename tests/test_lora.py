@@ -214,7 +214,7 @@ def our_deltas(folder: Path) -> dict[str, torch.Tensor]:
 
 
 PEFT_COMBINATIONS = [
-    ("linear", {}), ("cat", {}), ("svd", {}), ("svd", {"svd_rank": 6}),
+    ("linear", {}), ("cat", {}), ("svd", {}), ("svd", {"svd_rank": 6}), ("svd", {"svd_clamp": 0.9}),
     ("ties_svd", {"density": 0.6}), ("ties_svd", {"density": 0.6, "majority_sign_method": "frequency"}),
     ("magnitude_prune_svd", {"density": 0.3}), ("dare_linear_svd", {"density": 1.0}),
 ]

@@ -14,8 +14,11 @@ from dataclasses import dataclass
 import torch
 
 SVD_METHODS = ("auto", "full", "randomized")
-RANDOMIZED_OVERSAMPLE = 10  # extra sketch columns beyond the rank (Halko et al., 2011, §4.2)
-RANDOMIZED_POWER_STEPS = 4  # subspace iterations: error within 0.1 % of the exact SVD's on LoRA-like spectra
+# A sketch of 2·rank columns (at least rank + 10; Halko et al., 2011, §4.2) refined by 8 subspace iterations: its
+# error is within 0.1 % of the exact truncation's even on a pure-noise delta (no spectral gap, the worst case:
+# 0.06 % at rank 32 of 1024 × 2816), and within 0.01 % on fine-tune-like decaying spectra.
+RANDOMIZED_MIN_OVERSAMPLE = 10
+RANDOMIZED_POWER_STEPS = 8
 RANDOMIZED_MAX_SHARE = 0.25  # sketch at most this share of the smaller side; beyond it the full SVD is faster
 
 
@@ -89,7 +92,7 @@ def truncated_svd(delta: torch.Tensor, rank: int | None = None, energy: float | 
     if total == 0.0:
         return LowRank()
     smaller = min(delta.shape)
-    sketch = None if rank is None else min(rank + RANDOMIZED_OVERSAMPLE, smaller)
+    sketch = None if rank is None else min(rank + max(rank, RANDOMIZED_MIN_OVERSAMPLE), smaller)
     randomized = method == "randomized" or (
         method == "auto" and energy is None and sketch is not None and sketch <= RANDOMIZED_MAX_SHARE * smaller)
     if randomized and energy is None and sketch is not None:
