@@ -389,3 +389,20 @@ def test_extract_then_apply_is_the_truncated_fine_tune(cli, tmp_path, llama):
             assert np.abs(ours[key].double().numpy() - expected).max() < 1e-5, key
         else:
             assert torch.equal(ours[key], value), key
+
+
+def test_a_module_both_factored_and_saved_whole_is_refused(cli, tmp_path):
+    """BERT's query has a bias: saving it whole while its weight is factored would make PEFT wrap the module
+    twice. One error naming the module, exit 2, nothing written."""
+    config = llama_config()
+    base = llama_state_dict(config, seed=0)
+    tuned = {k: v + 0.01 for k, v in base.items()}
+    tuned["model.layers.0.self_attn.q_proj.bias"] = torch.ones(64)
+    base["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(64)
+    save_checkpoint(base, tmp_path / "base", 40_000, config)
+    save_checkpoint(tuned, tmp_path / "ft", 40_000, config)
+    result = cli("extract-lora", tmp_path / "base", tmp_path / "ft", tmp_path / "lora", "--rank", "2",
+                 "--modules-to-save", "bias")
+    assert result.exit_code == 2
+    assert "model.layers.0.self_attn.q_proj" in result.output and "both" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "ft"]  # no adapter, partial folder or side file

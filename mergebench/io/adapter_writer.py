@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from mergebench.errors import MergebenchError
 from mergebench.io.adapters import CONFIG_FILE, PREFIX, WEIGHTS_FILE
 from mergebench.io.artifacts import ArtifactWriter
 from mergebench.io.output_guard import check_may_replace, check_scratch, write_manifest
@@ -95,6 +96,10 @@ class AdapterWriter(ArtifactWriter):
         """The PEFT config of what was written (every module's scale 1: see the module docstring)."""
         ranks = {key.removesuffix(".weight"): rank for key, (rank, _) in self.report.items() if rank is not None}
         whole = sorted(key.rsplit(".", 1)[0] for key, (rank, _) in self.report.items() if rank is None)
+        both = sorted(set(ranks) & set(whole))
+        if both:  # PEFT wraps a module one way or the other
+            raise MergebenchError(f"{self.path}: module '{both[0]}' would be both a LoRA target and saved whole "
+                                  f"(modules_to_save); keep its other tensors out of modules_to_save")
         r = Counter(ranks.values()).most_common(1)[0][0] if ranks else 1
         odd = {re.escape(module): rank for module, rank in sorted(ranks.items()) if rank != r}
         return {**self.template, "peft_type": "LORA", "r": r, "lora_alpha": r, "use_rslora": False, "use_dora": False,
