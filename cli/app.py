@@ -453,6 +453,29 @@ def extract_lora(
 
 
 @app.command()
+def record(
+    model: Annotated[Path, typer.Argument(help="a Hugging Face model folder (causal LM or sequence classifier)")],
+    data: Annotated[Path, typer.Argument(help="a text file (one example per line) or JSONL with text (and label)")],
+    out: Annotated[Path, typer.Option("--out", help="the folder to write fisher.safetensors / gram.safetensors in")],
+    stats: Annotated[str, typer.Option(help="fisher, gram or both (comma-separated)")] = "fisher,gram",
+    labels: Annotated[str, typer.Option(help="Fisher of the given labels, or of labels sampled from the model")
+                      ] = "given",
+    max_examples: Annotated[int | None, typer.Option(help="read at most this many examples")] = None,
+    max_length: Annotated[int, typer.Option(help="truncate each example to this many tokens")] = 512,
+    seed: Annotated[int, typer.Option(help="seed of the sampled labels")] = 0,
+    force: Annotated[bool, _flag("--force", help="replace statistics files mergebench wrote")] = False,
+) -> None:
+    """Record a model's diagonal Fisher and RegMean Gram matrices on local data, for fisher and regmean merges."""
+    with _user_errors():
+        import mergebench as mb
+
+        written = mb.record(model, data, out, stats=tuple(s.strip() for s in stats.split(",") if s.strip()),
+                            labels=labels, max_examples=max_examples, max_length=max_length, seed=seed, force=force)
+    for name, path in written.items():
+        console.print(f"wrote {name}: {escape(str(path))}", highlight=False)
+
+
+@app.command()
 def diff(
     checkpoints: Annotated[list[Path], typer.Argument(help="the base, then one or more fine-tunes of it")],
     masks: Annotated[float | None, typer.Option("--masks", help="also the Jaccard overlap of per-tensor top-k masks "

@@ -168,6 +168,17 @@ def extract_lora(base: str | os.PathLike[str], fine_tuned: str | os.PathLike[str
     return node.save(out, device=device, dtype=dtype, force=force)
 
 
+def record(model: str | os.PathLike[str], data: str | os.PathLike[str], out: str | os.PathLike[str], *,
+           stats: tuple[str, ...] = ("fisher", "gram"), labels: str = "given", max_examples: int | None = None,
+           max_length: int = 512, seed: int = 0, force: bool = False) -> dict[str, Path]:
+    """A Hugging Face model's diagonal Fisher and/or Gram matrices on a local data file (``mergebench record``),
+    written as ``OUT/fisher.safetensors`` and ``OUT/gram.safetensors`` for ``fisher``, ``wise_ft`` and
+    ``regmean``. Any ``torch.nn.Module``: ``mergebench.io.statistics.record_statistics``."""
+    from mergebench.analysis.record import record as record_model
+
+    return record_model(model, data, out, tuple(stats), labels, max_examples, max_length, seed, force)
+
+
 def call_operator(op: Operator, kwargs: dict[str, Any]) -> Any:
     """``ops.NAME(**slots, **params)``: lazy if any input is a ModelRef or LazyNode, else computed now."""
     slot_names = {slot for sig in op.signatures for slot in sig.slots}
@@ -238,9 +249,9 @@ def _eager(op: Operator, inputs: dict[str, Any], params: dict[str, Any], common:
         accepted = [t for t in signature.slots[slot] if is_list_type(t) == is_list]
         value_type = element_type(accepted[0]) if accepted else CHECKPOINT
         if is_list:
-            refs[slot] = [sources.add(f"{slot}_{i}", v) for i, v in enumerate(value)]
+            refs[slot] = [sources.add(f"{slot}_{i}", v, value_type) for i, v in enumerate(value)]
         else:
-            refs[slot] = sources.add(slot, value)
+            refs[slot] = sources.add(slot, value, value_type)
         model_types.update(dict.fromkeys([refs[slot]] if not is_list else refs[slot], value_type))
     node = {"op": op.name, "inputs": refs, "params": params, **common}
     output: dict[str, Any] = {"from": "result", "path": MEMORY_PATH}
@@ -282,13 +293,15 @@ class _MemorySources(dict):
         super().__init__()
         self.bare: set[str] = set()
 
-    def add(self, name: str, value: Any) -> str:
+    def add(self, name: str, value: Any, value_type: str = CHECKPOINT) -> str:
+        """A state dict (or a bare tensor) as a source of the type its slot takes (a Mask, a Gram, ...)."""
         if isinstance(value, torch.Tensor):
             value = {EAGER_TENSOR_KEY: value}
             self.bare.add(name)
         if not _is_state_dict(value):
             raise MergebenchError(f"input '{name}': expected a tensor or a state dict, got {type(value).__name__}")
         self[name] = StateDictSource(value, name)
+        self[name].value_type = value_type
         return name
 
     @property

@@ -10,8 +10,12 @@ SEQUENCE = "Sequence"  # ordered checkpoints of one training run, with their ste
 MASK = "Mask"  # per key, a boolean tensor (an artifact file: mergebench.io.artifacts)
 SPARSE_DELTA = "SparseDelta"  # per key, a delta stored as indices and values (an artifact file)
 ACTIVATIONS = "Activations"  # per layer, [samples, neurons] recorded on shared inputs (an artifact file)
+FISHER = "Fisher"  # per parameter, its diagonal Fisher information on the user's data (an artifact file)
+GRAM = "Gram"  # per linear layer, XᵀX of its inputs on the user's data, [in, in] (an artifact file)
 ADAPTER = "Adapter"  # per key, a low-rank update (a PEFT LoRA folder: mergebench.io.adapters)
-FILE_ARTIFACTS = (MASK, SPARSE_DELTA, ACTIVATIONS)  # one .safetensors file each
+FILE_ARTIFACTS = (MASK, SPARSE_DELTA, ACTIVATIONS, FISHER, GRAM)  # one .safetensors file each
+# dense float32 tensors stored as recorded, by tensor-name prefix and the suffix that makes a layer a model key
+DENSE_STATISTICS = {ACTIVATIONS: ("activations/", ".weight"), GRAM: ("gram/", ".weight"), FISHER: ("fisher/", "")}
 ARTIFACT_TYPES = (*FILE_ARTIFACTS, ADAPTER)  # typed inputs and outputs that are not checkpoints
 
 

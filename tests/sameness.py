@@ -31,6 +31,7 @@ import yaml  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 
 import mergebench as mb  # noqa: E402
+from mergebench.io.statistics import record_statistics, save_statistics  # noqa: E402
 from mergebench.synthetic import llama_config, llama_state_dict, save_checkpoint  # noqa: E402
 
 ROOT = Path("/tmp/mergebench-sameness")
@@ -52,7 +53,14 @@ def _inputs() -> None:
         g = torch.Generator().manual_seed(100 + i)
         shapes = {"0.weight": (300, 64), "0.bias": (300,), "2.weight": (300, 300), "2.bias": (300,),
                   "4.weight": (10, 300), "4.bias": (10,)}
-        save_checkpoint({k: torch.randn(s, generator=g) * 0.1 for k, s in shapes.items()}, ROOT / f"mlp{i}")
+        state = {k: torch.randn(s, generator=g) * 0.1 for k, s in shapes.items()}
+        save_checkpoint(state, ROOT / f"mlp{i}")
+        mlp = torch.nn.Sequential(torch.nn.Linear(64, 300), torch.nn.ReLU(), torch.nn.Linear(300, 300), torch.nn.ReLU(),
+                                  torch.nn.Linear(300, 10))
+        mlp.load_state_dict(state)
+        inputs = torch.randn(48, 64, generator=g)
+        save_statistics(record_statistics(mlp, [inputs[:24], inputs[24:]], logits=lambda m, b: m(b), seed=i),
+                        ROOT / f"stats{i}")
     vocab = {"[UNK]": 0, "hello": 1, "world": 2, "merge": 3}
     small = llama_config(hidden=16, intermediate=32, layers=1, heads=2, kv_heads=1, vocab=4)
     for i, added in enumerate(([], ["<|im_start|>", "soup"])):
@@ -174,8 +182,18 @@ LORA = {  # adapters extracted (exact and randomized SVD), merged as adapters, a
     "outputs": [{"from": "ties", "path": "lora/ties"}, {"from": "cat", "path": "lora/cat"},
                 {"from": "back", "path": "lora/back"}],
 }
+STATISTICS = {  # Fisher and RegMean from statistics recorded here (per-example gradients, Gram matrices)
+    "models": {"mlp1": "mlp1", "mlp2": "mlp2", **{f"{kind}{i}": f"stats{i}/{kind}.safetensors"
+                                                  for kind in ("fisher", "gram") for i in (1, 2)}},
+    "nodes": {"fisher": _node("fisher", {"models": ["mlp1", "mlp2"], "fishers": ["fisher1", "fisher2"]},
+                              weights=[2, 1]),
+              "regmean": _node("regmean", {"models": ["mlp1", "mlp2"], "grams": ["gram1", "gram2"]}),
+              "wise": _node("wise_ft", {"zero_shot": "mlp1", "fine_tuned": "mlp2", "fishers": ["fisher1", "fisher2"]},
+                            alpha=0.3)},
+    "outputs": [{"from": name, "path": f"statistics/{name}"} for name in ("fisher", "regmean", "wise")],
+}
 RECIPES = {"llama": LLAMA, "artifacts": ARTIFACTS, "sequences": SEQUENCES, "mlps": MLPS, "vocab": VOCAB,
-           "stack": STACK, "methods": METHODS, "lora": LORA}
+           "stack": STACK, "methods": METHODS, "lora": LORA, "statistics": STATISTICS}
 
 
 def run_all(ray: bool) -> dict[str, str]:

@@ -14,6 +14,7 @@ import torch
 
 from conftest import run_merge, write_recipe
 from mergebench.io.activations import record_activations, save_activations
+from mergebench.io.statistics import record_statistics, save_statistics
 from mergebench.operators.base import CHECKPOINT, REGISTRY, list_of
 from mergebench.synthetic import llama_config, llama_state_dict, save_checkpoint
 
@@ -60,6 +61,12 @@ SPECIAL: dict[str, tuple[dict, str]] = {
                     "c": {"op": "lora_merge", "inputs": {"adapters": ["e1", "e2"]}, "params": {"combination": "cat"}},
                     "x": {"op": "apply", "inputs": {"base": "base", "delta": ["m", "c"]}, "params": {"scale": 0.5}}},
                    "x"),
+    "fisher": ({"x": {"op": "fisher", "inputs": {"models": ["mlp_a", "mlp_b"], "fishers": ["fisher_a", "fisher_b"]}},
+                "y": {"op": "wise_ft", "inputs": {"zero_shot": "mlp_a", "fine_tuned": "mlp_b",
+                                                  "fishers": ["fisher_a", "fisher_b"]}, "params": {"alpha": 0.4}}},
+               "x y"),
+    "regmean": ({"x": {"op": "regmean", "inputs": {"models": ["mlp_a", "mlp_b"], "grams": ["gram_a", "gram_b"]},
+                       "params": {"alpha": 0.7}}}, "x"),
     "slerp": ({"x": {"op": "slerp", "inputs": {"a": "ft1", "b": "ft2"}, "params": {"t": 0.3}}}, "x"),
     "stack": ({"s": {"op": "slerp", "inputs": {"a": "ft1", "b": "ft2"}, "params": {"t": [0.2, 0.9]}},
                "x": {"op": "stack", "inputs": {"models": ["base", "s"]},
@@ -153,6 +160,9 @@ def inputs(tmp_path_factory) -> Path:
         save_checkpoint({k: v.detach() for k, v in mlp.state_dict().items()}, folder / f"mlp_{name}")
         save_activations(record_activations(mlp, torch.randn(64, 8), MLP_LAYERS), folder / f"acts_{name}.safetensors",
                          model=f"mlp_{name}")
+        inputs = torch.randn(32, 8)
+        save_statistics(record_statistics(mlp, [inputs[:16], inputs[16:]], logits=lambda m, b: m(b)),
+                        folder / f"stats_{name}")
     return folder
 
 
@@ -160,6 +170,8 @@ def _case_doc(inputs: Path, out: Path, nodes: dict, written: str) -> dict:
     models = {name: str(inputs / name) for name in ("base", "ft1", "ft2", "mlp_a", "mlp_b")}
     models.update({"run": str(inputs / "run" / "checkpoint-*"), "acts_a": str(inputs / "acts_a.safetensors"),
                    "acts_b": str(inputs / "acts_b.safetensors")})
+    models.update({f"{kind}_{m}": str(inputs / f"stats_{m}" / f"{kind}.safetensors") for kind in ("fisher", "gram")
+                   for m in "ab"})
     used = {ref for node in nodes.values() for refs in node["inputs"].values()
             for ref in ([refs] if isinstance(refs, str) else refs)}
     outputs = [{"from": name.removesuffix(".safetensors"), "path": str(out / name),

@@ -19,7 +19,7 @@ from mergebench.io.safetensors_format import TensorInfo
 from mergebench.io.sources import Source, open_source
 from mergebench.io.tokenizers import TOKENIZER_FILE, read_vocab
 from mergebench.io.writer import PlannedTensor
-from mergebench.operators.base import ACTIVATIONS, ARTIFACT_TYPES, CHECKPOINT, Params
+from mergebench.operators.base import ACTIVATIONS, ARTIFACT_TYPES, CHECKPOINT, GRAM, Params
 from mergebench.recipe import Node, Output, Recipe, primary_model
 from mergebench.recipe.schedules import position
 from mergebench.surgery.layers import block_index_for
@@ -263,8 +263,9 @@ class Graph:
         source = self.sources.get(name)
         return source.value_type if source is not None else None
 
-    def is_activations(self, name: str) -> bool:
-        return self._value_type(name) == ACTIVATIONS
+    def is_layer_statistics(self, name: str) -> bool:
+        """Activations or a Gram file: listed under a layer's weight key, in shapes of their own."""
+        return self._value_type(name) in (ACTIVATIONS, GRAM)
 
     def is_artifact(self, name: str) -> bool:
         return self._value_type(name) in ARTIFACT_TYPES
@@ -313,7 +314,7 @@ class Graph:
             return
         expanded = [m for r in node.refs() for m in ([member for _, member in self.recipe.sequences[r]]
                                                      if r in self.recipe.sequences else [r])]
-        refs = [r for r in expanded if not self.is_artifact(r) and not self.is_activations(r)
+        refs = [r for r in expanded if not self.is_artifact(r)
                 and not (r in self.nodes and self.nodes[r].result in ARTIFACT_TYPES)]
         for other in refs[1:]:
             a, b = set(self.keys_of(refs[0])), set(self.keys_of(other))
@@ -347,8 +348,8 @@ class Graph:
                 continue
             info = reference.info(key)
             for model in models[1:]:
-                if key not in self.sources[model].keys or self.is_activations(model):
-                    continue  # an artifact that leaves the key out (all-False / zero there), or a layer's activations
+                if key not in self.sources[model].keys or self.is_layer_statistics(model):
+                    continue  # an artifact that leaves the key out (all-False / zero there), or a layer's statistics
                 other = self.sources[model].info(key)
                 # masks (bool) sit beside weights by design; the recipe's types already checked them
                 kinds_differ = other.is_floating != info.is_floating and torch.bool not in (other.dtype, info.dtype)

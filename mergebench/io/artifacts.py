@@ -12,7 +12,10 @@ In a recipe an artifact is a model like any other; its type (Mask or SparseDelta
 An *Activations* file holds, per layer of a chain, what that layer output on inputs shared by the
 models being aligned (``activations/LAYER``, float32 ``[samples, neurons]``; mergebench.io.activations
 records them). As a source it lists each under the layer's weight key (``LAYER.weight``), so the
-alignment planning pass sees a layer's activations beside its weights.
+alignment planning pass sees a layer's activations beside its weights. *Gram* (``gram/LAYER``, the
+``[in, in]`` XᵀX of a linear layer's inputs, under ``LAYER.weight``) and *Fisher* files (``fisher/K``,
+a parameter's diagonal Fisher, under ``K``) are recorded statistics stored the same way
+(mergebench.io.statistics).
 """
 
 from __future__ import annotations
@@ -33,10 +36,10 @@ from mergebench.io.checkpoint import Checkpoint, file_states, sampled_fingerprin
 from mergebench.io.output_guard import check_may_replace
 from mergebench.io.safetensors_format import TensorInfo, encode_header, read_header
 from mergebench.surgery.layers import BlockIndex
-from mergebench.value_types import ACTIVATIONS, MASK, SPARSE_DELTA
+from mergebench.value_types import ACTIVATIONS, DENSE_STATISTICS, FISHER, GRAM, MASK, SPARSE_DELTA
 
 FORMATS = {MASK: "mergebench.mask/1", SPARSE_DELTA: "mergebench.sparse_delta/1",
-           ACTIVATIONS: "mergebench.io.activations/1"}
+           ACTIVATIONS: "mergebench.io.activations/1", FISHER: "mergebench.fisher/1", GRAM: "mergebench.gram/1"}
 TYPES = {name: value_type for value_type, name in FORMATS.items()}
 
 
@@ -59,15 +62,20 @@ class ArtifactSource:
         metadata = read_header(self.path).metadata
         self.value_type = TYPES.get(metadata.get("format", ""))
         if self.value_type is None:
-            raise MergebenchError(f"{self.path}: not a mergebench mask, sparse delta or activations file")
+            raise MergebenchError(f"{self.path}: not a mergebench mask, sparse delta, activations, Fisher or Gram file")
         self.metadata = metadata
         self._shapes: dict[str, tuple[int, ...]] = {}
-        if self.value_type == ACTIVATIONS:
+        self._stored: dict[str, str] = {}  # model key -> tensor name, for dense statistics
+        if self.value_type in DENSE_STATISTICS:
+            prefix, suffix = DENSE_STATISTICS[self.value_type]
             for name in self._file.keys:
                 info = self._file.info(name)
-                if not name.startswith("activations/") or len(info.shape) != 2 or not info.is_floating:
-                    raise MergebenchError(f"{self.path}: '{name}' is not activations/LAYER of shape [samples, neurons]")
-                self._shapes[name[len("activations/"):] + ".weight"] = info.shape
+                if not name.startswith(prefix) or not info.is_floating or not _dense_shape_ok(self.value_type,
+                                                                                              info.shape):
+                    raise MergebenchError(f"{self.path}: '{name}' is not {prefix}NAME {DENSE_SHAPES[self.value_type]}")
+                key = (name[len(prefix):] + suffix).lstrip(".")  # a model that is one layer: 'weight'
+                self._shapes[key] = info.shape
+                self._stored[key] = name
         stored = set(self._file.keys)
         for name, value in metadata.items():
             if name.startswith("shape/"):
@@ -99,8 +107,8 @@ class ArtifactSource:
     def read(self, key: str) -> torch.Tensor:
         shape = self._shapes[key]
         numel = math.prod(shape)
-        if self.value_type == ACTIVATIONS:
-            return self._file.read(f"activations/{key.removesuffix('.weight')}").to(torch.float32)
+        if self.value_type in DENSE_STATISTICS:
+            return self._file.read(self._stored[key]).to(torch.float32)
         if self.value_type == MASK:
             packed = self._file.read(f"mask/{key}").numpy()
             bits = np.unpackbits(packed, count=numel, bitorder="big")
@@ -115,7 +123,7 @@ class ArtifactSource:
 
     def stored_entries(self, key: str) -> int:
         """How many entries of a key the file stores (set bits of a mask, indices of a sparse delta)."""
-        if self.value_type == ACTIVATIONS:
+        if self.value_type in DENSE_STATISTICS:
             return math.prod(self._shapes[key])
         if self.value_type == MASK:
             return int(self.read(key).sum())
@@ -140,6 +148,17 @@ class _Entry:
     shape: tuple[int, ...]
     offset: int  # where its bytes are in the side file
     nbytes: int
+
+
+DENSE_SHAPES = {ACTIVATIONS: "of shape [samples, neurons]", GRAM: "of shape [in, in]", FISHER: "(float)"}
+
+
+def _dense_shape_ok(value_type: str, shape: tuple[int, ...]) -> bool:
+    if value_type == ACTIVATIONS:
+        return len(shape) == 2
+    if value_type == GRAM:
+        return len(shape) == 2 and shape[0] == shape[1]
+    return True
 
 
 MAX_ARTIFACT_ELEMENTS = 2**40  # far beyond any real tensor, well inside int64 arithmetic
@@ -193,8 +212,9 @@ class ArtifactWriter:
         self._finished_elsewhere = True
 
     def write(self, key: str, value: torch.Tensor) -> int:
-        if self.value_type == ACTIVATIONS:  # ``key`` is a layer; the values are kept as they are
-            return self._add(key, f"activations/{key}", value.detach().to("cpu", torch.float32))
+        if self.value_type in DENSE_STATISTICS:  # ``key`` names the statistic (a layer); the values are kept as is
+            prefix = DENSE_STATISTICS[self.value_type][0]
+            return self._add(key, f"{prefix}{key}", value.detach().to("cpu", torch.float32))
         flat = value.detach().to("cpu").reshape(-1)
         self._shapes[key] = json.dumps(list(value.shape))
         self.dense_bytes += flat.numel() * 4
