@@ -456,7 +456,8 @@ def extract_lora(
 def record(
     model: Annotated[Path, typer.Argument(help="a Hugging Face model folder (causal LM or sequence classifier)")],
     data: Annotated[Path, typer.Argument(help="a text file (one example per line) or JSONL with text (and label)")],
-    out: Annotated[Path, typer.Option("--out", help="the folder to write fisher.safetensors / gram.safetensors in")],
+    out: Annotated[Path | None, typer.Option("--out", help="the folder to write fisher.safetensors / gram.safetensors "
+                                                           "in (default ./MODEL-stats)")] = None,
     stats: Annotated[str, typer.Option(help="fisher, gram or both (comma-separated)")] = "fisher,gram",
     labels: Annotated[str, typer.Option(help="Fisher of the given labels, or of labels sampled from the model")
                       ] = "given",
@@ -469,7 +470,8 @@ def record(
     with _user_errors():
         import mergebench as mb
 
-        written = mb.record(model, data, out, stats=tuple(s.strip() for s in stats.split(",") if s.strip()),
+        chosen = tuple(s.strip() for s in stats.split(",") if s.strip())
+        written = mb.record(model, data, out or Path(f"{model.resolve().name}-stats"), stats=chosen,
                             labels=labels, max_examples=max_examples, max_length=max_length, seed=seed, force=force)
     for name, path in written.items():
         console.print(f"wrote {name}: {escape(str(path))}", highlight=False)

@@ -229,3 +229,33 @@ def test_record_command_on_a_real_classifier_feeds_fisher_and_regmean(cli, tmp_p
     (tmp_path / "bad.jsonl").write_text('{"text": "fine", "label": 0}\n{"text": "no label"}\n')
     result = cli("record", tmp_path / "clf0", tmp_path / "bad.jsonl", "--out", tmp_path / "s")
     assert result.exit_code == 2 and "bad.jsonl:2" in result.output and "label" in result.output
+
+
+def test_record_on_a_causal_lm_sums_each_example_s_token_losses(tmp_path):
+    """A tiny Llama with a word-level tokenizer: the Fisher of a one-example file is the square of the gradient
+    of transformers' own loss times the number of predicted tokens; the Gram matrices cover every linear layer."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    import mergebench as mb
+    from mergebench.synthetic import llama_config, llama_state_dict
+
+    words = ["[UNK]", "the", "cat", "sat", "on", "mat", "a", "dog", "ran"]
+    config = llama_config(vocab=len(words))
+    folder = save_checkpoint(llama_state_dict(config, seed=0), tmp_path / "lm", 10**9, config)
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                              "unk_token": "[UNK]"}))
+    (tmp_path / "one.txt").write_text("the cat sat on the mat\n")
+    written = mb.record(folder, tmp_path / "one.txt", tmp_path / "stats")
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    ids = torch.tensor([[1, 2, 3, 4, 1, 5]])
+    (model(input_ids=ids, labels=ids).loss * 5).backward()
+    fisher = ArtifactSource(written["fisher"])
+    for key in ("lm_head.weight", "model.layers.1.mlp.down_proj.weight", "model.norm.weight"):
+        expected = dict(model.named_parameters())[key].grad.square()
+        torch.testing.assert_close(fisher.read(key), expected, rtol=1e-4, atol=1e-9)
+    gram = ArtifactSource(written["gram"])
+    assert len(gram.keys) == 2 * 7 + 1 and gram.metadata["examples"] == "1"
