@@ -139,7 +139,7 @@ CASES = {
     "mask tensor missing": (lambda r: ["inspect", _mask_file(r, {SHAPE: "[8]"}, {"other": torch.zeros(1)})],
                             "has no tensor 'mask/model.norm.weight'"),
     "wrong format tag": (lambda r: ["overlap", _mask_file(r, {}), _mask_file(r, {"format": "mergebench.nothing"})],
-                         "not a mergebench mask, sparse delta or activations file"),
+                         "not a mergebench mask, sparse delta, activations, Fisher or Gram file"),
     "bad mask in overlap": (lambda r: ["overlap", _mask_file(r, {SHAPE: "[-3]"}), _mask_file(r, {SHAPE: "[-3]"})],
                             "is not a shape"),
     "bad mask as an input": (lambda r: ["run", _node(r, {"op": "graft", "inputs": {
