@@ -17,6 +17,7 @@ from mergebench.engine.layout import Layouts, RenamedNode, RenamedSource, expand
 from mergebench.errors import MergebenchError
 from mergebench.io.safetensors_format import TensorInfo
 from mergebench.io.sources import Source, open_source
+from mergebench.io.tied_heads import HEAD_KEYS, materialise_heads, tied_pair
 from mergebench.io.tokenizers import TOKENIZER_FILE, read_vocab
 from mergebench.io.writer import PlannedTensor
 from mergebench.operators.base import ACTIVATIONS, ARTIFACT_TYPES, CHECKPOINT, GRAM, Params
@@ -63,6 +64,9 @@ class Graph:
         for name, path in recipe.models.items():
             if name not in self.sources:
                 self.sources[name] = open_source(path, allow_pickle, recipe.adapters.get(name))
+        weights = [name for name in recipe.models if self.sources[name].value_type == CHECKPOINT]
+        untie = any(out.tie_word_embeddings is False for out in recipe.outputs)
+        self.sources = materialise_heads(self.sources, weights, everywhere=untie)
         self.vocab = self._plan_vocab()
         self.layouts = Layouts()
         expand_layouts(recipe, self.sources, self.keys_of, self.layouts)
@@ -297,6 +301,8 @@ class Graph:
                 self.sources[m] for m in (primary, *models) if key in self.sources[m].keys).info(key)
             if out.kind != CHECKPOINT and not info.is_floating and info.dtype != torch.bool:
                 continue  # integer buffers have no place in a mask or a sparse delta
+            if out.tie_word_embeddings and HEAD_KEYS.search(key) and tied_pair(list(keys)) is not None:
+                continue  # a tied output stores no head: transformers ties it to the embedding
             dtype = DTYPES[out.dtype] if out.dtype and info.is_floating else info.dtype
             shape = (self.vocab.size, *info.shape[1:]) if self.is_embedding(key, primary) else info.shape
             tensors.append(PlannedTensor(key, dtype, shape))

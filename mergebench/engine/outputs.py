@@ -17,9 +17,10 @@ from mergebench.errors import MergebenchError
 from mergebench.io.adapter_writer import AdapterWriter, adapter_identity
 from mergebench.io.adapters import AdapterSource
 from mergebench.io.artifacts import ArtifactWriter
-from mergebench.io.output_files import copy_model_files, layer_config, model_card, update_config
+from mergebench.io.output_files import copy_model_files, layer_config, model_card, read_config_field, update_config
 from mergebench.io.output_guard import artifact_recipe, committed_identity
 from mergebench.io.safetensors_format import DTYPE_NAMES
+from mergebench.io.tied_heads import HEAD_KEYS, tied_pair
 from mergebench.io.tokenizers import write_tokenizer
 from mergebench.io.writer import CheckpointWriter
 from mergebench.recipe import MEMORY_PATH
@@ -161,6 +162,10 @@ def write_companions(graph: Graph, plan: OutputPlan, writer: CheckpointWriter) -
         update_config(writer.partial, {"vocab_size": graph.vocab.size})
         notes.append(f"Vocabulary: `{graph.vocab.source}` ({len(graph.vocab.tokens)} tokens, {graph.vocab.size} "
                      f"embedding rows); {FALLBACK_RULE}.")
+    tied = tied_output(plan)
+    if tied is not None and folder is not None and read_config_field(writer.partial, "tie_word_embeddings") != tied:
+        update_config(writer.partial, {"tie_word_embeddings": tied})
+        notes.append(f"Head: {'tied to the input embedding' if tied else 'its own tensor (untied)'}.")
     layers = graph.output_layers(plan)
     if layers is not None and folder is not None:
         update_config(writer.partial, layer_config(folder, [(graph.sources[m].folder, i) for m, i in layers]))
@@ -171,6 +176,14 @@ def write_companions(graph: Graph, plan: OutputPlan, writer: CheckpointWriter) -
     card = model_card(recipe.resolved, recipe.sha256, plan.index, fingerprints, version(), notes)
     (writer.partial / "README.md").write_text(card)
     return skipped
+
+
+def tied_output(plan: OutputPlan) -> bool | None:
+    """Whether the output's head is tied to its embedding (it stores none); None for a model without either."""
+    keys = [t.key for t in plan.tensors]
+    if tied_pair(keys) is None:
+        return None
+    return not any(HEAD_KEYS.search(key) for key in keys)
 
 
 def _dominant_float_dtype(plan: OutputPlan) -> str | None:

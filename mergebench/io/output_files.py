@@ -13,6 +13,7 @@ import shutil
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -102,6 +103,12 @@ def update_config(dest: Path, fields: dict) -> None:
         doc = read_json_object(path)
         doc.update(fields)
         path.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def read_config_field(dest: Path, name: str) -> Any:
+    """A field of a copied ``config.json`` (None without the file or the field)."""
+    path = dest / "config.json"
+    return read_json_object(path).get(name) if path.exists() else None
 
 
 def layer_config(folder: Path, layers: list[tuple[Path | None, int]]) -> dict:

@@ -1,8 +1,8 @@
 """Opening an input by its path: the one place that knows every kind of source.
 
-A path is a mask or sparse-delta artifact (told by its metadata), a PEFT adapter folder, safetensors
-weights (a file, a folder or a sharded index), or — only when allowed and nothing else is there —
-pickled weights; weights with an adapter applied are a checkpoint too. The engine,
+A path is a mask or sparse-delta artifact (told by its metadata), a GGUF file, a PEFT adapter folder,
+safetensors weights (a file, a folder or a sharded index), or — only when allowed and nothing else is
+there — pickled weights; weights with an adapter applied are a checkpoint too. The engine,
 the CLI and the analyses open inputs here and see them through ``Source`` alone.
 """
 
@@ -14,6 +14,7 @@ from pathlib import Path
 from mergebench.io.adapters import AdaptedCheckpoint, AdapterSource, is_adapter
 from mergebench.io.artifacts import ArtifactSource, artifact_type
 from mergebench.io.checkpoint import Checkpoint, PickledCheckpoint, Source, _pickled_files
+from mergebench.io.gguf_source import GGUFCheckpoint
 
 __all__ = ["Source", "open_source"]
 
@@ -27,6 +28,8 @@ def open_source(path: str | os.PathLike[str], allow_pickle: bool = False,
         return AdaptedCheckpoint(open_source(path, allow_pickle), adapter)
     if artifact_type(path):
         return ArtifactSource(path)
+    if path.suffix == ".gguf" and path.is_file():
+        return GGUFCheckpoint(path)
     if path.is_dir() and is_adapter(path):
         return AdapterSource(path)
     if allow_pickle and path.exists():

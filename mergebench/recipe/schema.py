@@ -67,6 +67,9 @@ class OutputSpec(_Strict):
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     shard_size: int | str = "5GB"
     copy_files_from: str | None = None
+    tie_word_embeddings: bool | None = Field(
+        None, description="write the head tied to the input embedding (true: no lm_head tensor), untied (false), "
+                          "or by default untied exactly when some input has its own head")
 
     @field_validator("shard_size")
     @classmethod
@@ -172,6 +175,7 @@ class Output:
     shard_size: int
     copy_files_from: str | None
     kind: str = CHECKPOINT  # or Mask / SparseDelta: an artifact file rather than a checkpoint folder
+    tie_word_embeddings: bool | None = None  # None: untied exactly when some input has its own head
 
 
 @dataclass(frozen=True)

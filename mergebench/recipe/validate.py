@@ -379,7 +379,7 @@ def _check_output(i: int, out: OutputSpec, nodes: dict[str, Node], models: dict[
         copy_from = _primary_model(copy_from, nodes, sequences)
     if copy_from is not None and copy_from not in models:
         raise where.error((*loc, "copy_files_from"), f"copy_files_from names '{copy_from}', which is not a model")
-    return Output(out.from_, path, out.dtype, parse_size(out.shard_size), copy_from, kind)
+    return Output(out.from_, path, out.dtype, parse_size(out.shard_size), copy_from, kind, out.tie_word_embeddings)
 
 
 def _output_path(base_dir: Path, given: str) -> Path:

