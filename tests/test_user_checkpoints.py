@@ -132,3 +132,40 @@ def test_unsupported_gguf_architecture_is_one_clear_error(cli, tmp_path):
     (tmp_path / "r.yaml").write_text(json.dumps(doc))
     result = cli("run", tmp_path / "r.yaml", "--quiet")
     assert result.exit_code == 2 and "odd.gguf" in result.output and "'mamba' is not read" in result.output
+
+
+def test_fp8_block_scaled_weights_are_dequantized_on_read(cli, tmp_path):
+    """DeepSeek-V3's FP8 layout on the tiny Llama (blocks of 32 × 32): each weight reads as float8 × its block's
+    scale in bf16, the scales are hidden, and the output is a plain checkpoint transformers loads."""
+    config = llama_config()
+    state = llama_state_dict(config, seed=0)
+    stored, expected = {}, {}
+    for key, value in state.items():
+        if value.dim() == 2 and ".layers." in key:
+            blocks = value.reshape(value.shape[0] // 32, 32, value.shape[1] // 32, 32)
+            scale = blocks.abs().amax(dim=(1, 3)) / 448
+            quantized = (blocks / scale[:, None, :, None]).reshape(value.shape).to(torch.float8_e4m3fn)
+            stored[key], stored[key + "_scale_inv"] = quantized, scale
+            dequantized = quantized.float().reshape(blocks.shape) * scale[:, None, :, None]
+            expected[key] = dequantized.reshape(value.shape).to(torch.bfloat16)
+        else:
+            stored[key] = expected[key] = value.to(torch.bfloat16)
+    quantization = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [32, 32]}
+    save_checkpoint(stored, tmp_path / "fp8", 10**9, {**config, "torch_dtype": "bfloat16",
+                                                       "quantization_config": quantization})
+    from mergebench.io.sources import open_source
+
+    source = open_source(tmp_path / "fp8")
+    assert sorted(source.keys) == sorted(expected)
+    assert all(torch.equal(source.read(k), expected[k]) for k in expected)
+    assert source.info("model.layers.0.mlp.up_proj.weight").dtype == torch.bfloat16
+    save_checkpoint({k: v.to(torch.bfloat16) for k, v in state.items()}, tmp_path / "plain", 10**9, config)
+    doc = {"models": {"q": str(tmp_path / "fp8"), "p": str(tmp_path / "plain")},
+           "nodes": {"avg": {"op": "linear", "inputs": {"models": ["q", "p"]}}},
+           "outputs": [{"from": "avg", "path": "out", "dtype": "float32"}]}
+    merged = run_merge(cli, tmp_path, doc)["out"]
+    key = "model.layers.1.self_attn.o_proj.weight"
+    torch.testing.assert_close(merged[key], (expected[key].float() + state[key].to(torch.bfloat16).float()) / 2)
+    assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
+    transformers = pytest.importorskip("transformers")
+    transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")

@@ -17,6 +17,7 @@ from mergebench.errors import MergebenchError
 from mergebench.io.adapter_writer import AdapterWriter, adapter_identity
 from mergebench.io.adapters import AdapterSource
 from mergebench.io.artifacts import ArtifactWriter
+from mergebench.io.fp8 import FP8BlockCheckpoint
 from mergebench.io.output_files import copy_model_files, layer_config, model_card, read_config_field, update_config
 from mergebench.io.output_guard import artifact_recipe, committed_identity
 from mergebench.io.safetensors_format import DTYPE_NAMES
@@ -162,6 +163,9 @@ def write_companions(graph: Graph, plan: OutputPlan, writer: CheckpointWriter) -
         update_config(writer.partial, {"vocab_size": graph.vocab.size})
         notes.append(f"Vocabulary: `{graph.vocab.source}` ({len(graph.vocab.tokens)} tokens, {graph.vocab.size} "
                      f"embedding rows); {FALLBACK_RULE}.")
+    if isinstance(source, FP8BlockCheckpoint) and read_config_field(writer.partial, "quantization_config"):
+        update_config(writer.partial, {}, remove=("quantization_config",))
+        notes.append("Weights: dequantized from FP8 block scales.")
     tied = tied_output(plan)
     if tied is not None and folder is not None and read_config_field(writer.partial, "tie_word_embeddings") != tied:
         update_config(writer.partial, {"tie_word_embeddings": tied})

@@ -96,12 +96,15 @@ def _config_with_dtype(config: Path, dtype_name: str) -> str:
     return json.dumps(doc, indent=2) + "\n"
 
 
-def update_config(dest: Path, fields: dict) -> None:
-    """Set fields of a copied ``config.json`` (e.g. ``vocab_size`` after vocabulary surgery)."""
+def update_config(dest: Path, fields: dict, remove: tuple[str, ...] = ()) -> None:
+    """Set (and ``remove``) fields of a copied ``config.json`` (``vocab_size`` after vocabulary surgery, a
+    dequantized model's ``quantization_config``)."""
     path = dest / "config.json"
     if path.exists():
         doc = read_json_object(path)
         doc.update(fields)
+        for name in remove:
+            doc.pop(name, None)
         path.write_text(json.dumps(doc, indent=2) + "\n")
 
 
