@@ -169,3 +169,31 @@ def test_fp8_block_scaled_weights_are_dequantized_on_read(cli, tmp_path):
     assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
     transformers = pytest.importorskip("transformers")
     transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+
+
+def test_native_recipes_take_repo_ids_from_the_local_cache_with_revisions(cli, tmp_path, monkeypatch,
+                                                                         tied_and_untied):
+    """``org/name`` is the snapshot refs/main names, ``org/name@v1`` the one tag v1 names, ``org/name@COMMIT``
+    that snapshot; an uncached id is one error naming it and the command that fetches it (nothing downloads)."""
+    import shutil
+
+    _, untied, _, untied_state = tied_and_untied
+    repo = tmp_path / "hub" / "models--tiny-org--tiny" / "snapshots"
+    shutil.copytree(untied, repo / "aaaa1111")
+    other = {k: v + 1 for k, v in untied_state.items()}
+    save_checkpoint(other, repo / "bbbb2222", 10**9, llama_config())
+    (repo.parent / "refs").mkdir()
+    (repo.parent / "refs" / "main").write_text("aaaa1111")
+    (repo.parent / "refs" / "v1").write_text("bbbb2222\n")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    for reference, expected in (("tiny-org/tiny", untied_state), ("tiny-org/tiny@v1", other),
+                                ("tiny-org/tiny@bbbb2222", other)):
+        merged = _average(tmp_path, cli, {"m": reference})
+        assert torch.equal(merged["lm_head.weight"], expected["lm_head.weight"]), reference
+    doc = {"models": {"m": "tiny-org/missing@v2"}, "nodes": {"x": {"op": "linear", "inputs": {"models": ["m"]}}},
+           "outputs": [{"from": "x", "path": "never"}]}
+    (tmp_path / "r.yaml").write_text(json.dumps(doc))
+    result = cli("run", tmp_path / "r.yaml", "--quiet")
+    message = " ".join(result.output.split())
+    assert result.exit_code == 2 and "tiny-org/missing@v2" in message
+    assert "huggingface-cli download tiny-org/missing --revision v2" in message

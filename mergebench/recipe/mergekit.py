@@ -12,12 +12,12 @@ keys after them from the last, as mergekit plans them.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mergebench.errors import MergebenchError
+from mergebench.io.hub_cache import cached_snapshot, is_repo_id
 from mergebench.recipe.yaml_lines import Locator
 
 MERGEKIT_KEYS = {"merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype",
@@ -175,24 +175,15 @@ def work_model(work: _Translation, reference: Any, where: tuple[Any, ...]) -> st
 
 
 def resolve_model(reference: str, base_dir: Path, where: Locator, loc: tuple[Any, ...]) -> str:
-    """A local path as it is; a repo id (``org/name``) from the local Hugging Face cache, or one clear error."""
+    """A local path as it is; a repo id (``org/name[@revision]``) from the local Hugging Face cache; else one error."""
     local = base_dir / reference
     if local.exists():
         return str(local.resolve())
-    parts = reference.split("/")
-    if len(parts) == 2 and all(parts) and parts[0] not in (".", "..") and not reference.startswith("~"):
-        hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache" /
-                                                                            "huggingface")) / "hub")
-        snapshots = hub / f"models--{parts[0]}--{parts[1]}" / "snapshots"
-        ref_file = hub / f"models--{parts[0]}--{parts[1]}" / "refs" / "main"
-        if ref_file.is_file() and (snapshots / ref_file.read_text().strip()).is_dir():
-            return str(snapshots / ref_file.read_text().strip())
-        found = sorted(snapshots.glob("*")) if snapshots.is_dir() else []
-        if found:
-            return str(found[-1])
-        raise where.error(loc, f"model '{reference}' is neither a local path nor in the Hugging Face cache "
-                               f"({hub}); mergebench does not download: fetch it first (huggingface-cli download "
-                               f"{reference})")
+    if is_repo_id(reference):
+        try:
+            return str(cached_snapshot(reference))
+        except MergebenchError as exc:
+            raise where.error(loc, str(exc)) from None
     raise where.error(loc, f"model '{reference}' is not a path that exists ({local})")
 
 

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from mergebench.errors import MergebenchError
 from mergebench.io.adapters import is_adapter
 from mergebench.io.artifacts import artifact_type
+from mergebench.io.hub_cache import is_repo_id
 from mergebench.io.sequences import is_glob, resolve_sequence, step_of
 from mergebench.operators.base import (
     ADAPTER,
@@ -32,7 +33,7 @@ from mergebench.operators.base import (
     is_list_type,
     list_of,
 )
-from mergebench.recipe.mergekit import is_mergekit, translate
+from mergebench.recipe.mergekit import is_mergekit, resolve_model, translate
 from mergebench.recipe.schedules import ParamSchedules, ScheduleError, split_schedules
 from mergebench.recipe.schema import (
     MEMORY_PATH,
@@ -116,7 +117,7 @@ def build_recipe(
         if name in in_memory:
             models[name] = entry
         elif isinstance(entry, str) and not is_glob(entry):
-            models[name] = str((base_dir / entry).resolve())
+            models[name] = _model_path(entry, base_dir, where, ("models", name))
             kind = artifact_type(models[name]) or (ADAPTER if is_adapter(models[name]) else None)
             if kind:
                 artifact_types[name] = kind
@@ -151,13 +152,22 @@ def build_recipe(
     return Recipe(file, models, sequences, nodes, outputs, spec.seed, resolved, spec.tokenizer, adapters)
 
 
+def _model_path(reference: str, base_dir: Path, where: Locator, loc: tuple[Any, ...]) -> str:
+    """A model's absolute path: a local path (which need not exist yet: opening it says so), or a repo id
+    that is not a local path, from the Hugging Face cache."""
+    local = base_dir / reference
+    if not local.exists() and is_repo_id(reference):
+        return resolve_model(reference, base_dir, where, loc)
+    return str(local.resolve())
+
+
 def _adapted(name: str, entry: AdaptedSpec, spec: RecipeSpec, base_dir: Path, where: Locator) -> tuple[str, str]:
     """(base path, adapter path) of a model given as a base with an adapter; the base may name another model."""
     base = spec.models.get(entry.base)
     if base is not None and not isinstance(base, str):
         raise where.error(("models", name, "base"), f"base '{entry.base}' must be a model given by its path")
-    base_path = str((base_dir / (base if base is not None else entry.base)).resolve())
-    adapter_path = str((base_dir / entry.adapter).resolve())
+    base_path = _model_path(base if base is not None else entry.base, base_dir, where, ("models", name, "base"))
+    adapter_path = _model_path(entry.adapter, base_dir, where, ("models", name, "adapter"))
     if not is_adapter(adapter_path):
         raise where.error(("models", name, "adapter"), f"{adapter_path} is not a PEFT adapter folder (it has no "
                                                         f"adapter_config.json)")
