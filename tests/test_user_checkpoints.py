@@ -197,3 +197,52 @@ def test_native_recipes_take_repo_ids_from_the_local_cache_with_revisions(cli, t
     message = " ".join(result.output.split())
     assert result.exit_code == 2 and "tiny-org/missing@v2" in message
     assert "huggingface-cli download tiny-org/missing --revision v2" in message
+
+
+@pytest.fixture
+def sentencepiece_models(tmp_path):
+    """Two tiny Llamas with only a SentencePiece tokenizer.model (trained here): ``sp0`` has its 60 pieces,
+    ``sp1`` adds two tokens (in tokenizer_config.json's added_tokens_decoder) and two embedding rows."""
+    spm = pytest.importorskip("sentencepiece")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(["the cat sat on the mat", "a dog ran in the park", "merging models is fun"] * 40))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=60,
+                                   model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    added = {"60": {"content": "<|im_start|>", "special": True, "lstrip": False, "rstrip": False,
+                    "normalized": False, "single_word": False},
+             "61": {"content": "soup", "special": False, "lstrip": False, "rstrip": False, "normalized": True,
+                    "single_word": False}}
+    folders = []
+    for i, extra in enumerate(({}, added)):
+        config = llama_config(vocab=60 + len(extra))
+        folder = save_checkpoint(llama_state_dict(config, seed=i), tmp_path / f"sp{i}", 10**9, config)
+        (folder / "tokenizer.model").write_bytes((tmp_path / "sp.model").read_bytes())
+        (folder / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+            "added_tokens_decoder": extra}))
+        folders.append(folder)
+    return folders
+
+
+def test_sentencepiece_only_tokenizers_merge_by_token(cli, tmp_path, sentencepiece_models):
+    """No tokenizer.json anywhere: the vocabularies come from tokenizer.model (sentencepiece) and the added tokens;
+    a union output gets the tokenizer.json transformers converts the base's to, with the new tokens at their ids."""
+    transformers = pytest.importorskip("transformers")
+    from mergebench.io.tokenizers import read_vocab
+
+    sp0, sp1 = sentencepiece_models
+    reference = transformers.AutoTokenizer.from_pretrained(sp1)
+    assert read_vocab(sp1) == reference.convert_ids_to_tokens(list(range(len(reference))))
+    doc = {"models": {"a": str(sp0), "b": str(sp1)}, "tokenizer": {"source": "union"},
+           "nodes": {"avg": {"op": "linear", "inputs": {"models": ["a", "b"]}}},
+           "outputs": [{"from": "avg", "path": "out"}]}
+    merged = run_merge(cli, tmp_path, doc)["out"]
+    assert merged["model.embed_tokens.weight"].shape[0] == 62
+    a, b = read_checkpoint(sp0), read_checkpoint(sp1)
+    torch.testing.assert_close(merged["model.embed_tokens.weight"][5],
+                               (a["model.embed_tokens.weight"][5] + b["model.embed_tokens.weight"][5]) / 2)
+    torch.testing.assert_close(merged["model.embed_tokens.weight"][60], b["model.embed_tokens.weight"][60])
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert len(tokenizer) == 62 and tokenizer.convert_tokens_to_ids("<|im_start|>") == 60
+    assert tokenizer.convert_tokens_to_ids("soup") == 61
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == 62

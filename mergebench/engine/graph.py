@@ -18,7 +18,7 @@ from mergebench.errors import MergebenchError
 from mergebench.io.safetensors_format import TensorInfo
 from mergebench.io.sources import Source, open_source
 from mergebench.io.tied_heads import HEAD_KEYS, materialise_heads, tied_pair
-from mergebench.io.tokenizers import TOKENIZER_FILE, read_vocab
+from mergebench.io.tokenizers import SENTENCEPIECE_FILE, TOKENIZER_FILE, has_tokenizer, read_vocab
 from mergebench.io.writer import PlannedTensor
 from mergebench.operators.base import ACTIVATIONS, ARTIFACT_TYPES, CHECKPOINT, GRAM, Params
 from mergebench.recipe import Node, Output, Recipe, primary_model
@@ -143,7 +143,7 @@ class Graph:
         folders = {name: src.folder for name, src in self.sources.items()
                    if not self.is_artifact(name)}
         vocabs = {name: read_vocab(folder) for name, folder in folders.items()
-                  if folder is not None and (folder / TOKENIZER_FILE).exists()}
+                  if folder is not None and has_tokenizer(folder)}
         spec = self.recipe.tokenizer
         if spec is None:
             difference = first_difference(vocabs) if len(vocabs) > 1 else None
@@ -153,7 +153,8 @@ class Graph:
             return None
         lacking = sorted(set(folders) - set(vocabs))
         if lacking:
-            raise MergebenchError(f"{self.recipe.file}: tokenizer surgery needs a {TOKENIZER_FILE} in every model; "
+            raise MergebenchError(f"{self.recipe.file}: tokenizer surgery needs a tokenizer ({TOKENIZER_FILE} or "
+                                  f"{SENTENCEPIECE_FILE}) in every model; "
                                   f"'{lacking[0]}' ({self.sources[lacking[0]].label}) has none")
         base = primary_model(self.recipe, self.recipe.outputs[0].node)
         return plan_vocab(spec.source, base, vocabs, spec.pad_to_multiple_of, spec.embeddings)

@@ -1,5 +1,8 @@
-"""A model folder's tokenizer files: the vocabulary read from ``tokenizer.json``, and the output's
-tokenizer written for the vocabulary that vocabulary surgery chose (mergebench.surgery.vocab)."""
+"""A model folder's tokenizer files: the vocabulary read from ``tokenizer.json`` (or, for a SentencePiece-only
+folder, from ``tokenizer.model`` through the ``sentencepiece`` library, with the added tokens its
+``added_tokens.json`` and ``tokenizer_config.json`` list), and the output's tokenizer written for the
+vocabulary that vocabulary surgery chose (mergebench.surgery.vocab). A union vocabulary over a
+SentencePiece-only tokenizer is written as a ``tokenizer.json`` that ``transformers`` converts it to."""
 
 from __future__ import annotations
 
@@ -7,15 +10,24 @@ import json
 from pathlib import Path
 
 from mergebench.errors import MergebenchError
-from mergebench.io.reading import read_json_object, read_text
+from mergebench.io.reading import read_json_object, require_regular_file
 from mergebench.surgery.vocab import VocabPlan
 
 TOKENIZER_FILE = "tokenizer.json"
+SENTENCEPIECE_FILE = "tokenizer.model"
+COPIED = (TOKENIZER_FILE, SENTENCEPIECE_FILE, "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+
+
+def has_tokenizer(folder: Path) -> bool:
+    return (folder / TOKENIZER_FILE).exists() or (folder / SENTENCEPIECE_FILE).exists()
 
 
 def read_vocab(folder: Path) -> list[str]:
-    """Token strings by id, from a fast tokenizer's ``tokenizer.json`` (model vocabulary + added tokens)."""
+    """Token strings by id: a fast tokenizer's ``tokenizer.json`` (model vocabulary + added tokens), else a
+    SentencePiece ``tokenizer.model`` with its added tokens."""
     path = folder / TOKENIZER_FILE
+    if not path.exists():
+        return _sentencepiece_vocab(folder)
     doc = read_json_object(path, "tokenizer file")
     by_id: dict[int, str] = {}
     vocab = (doc.get("model") or {}).get("vocab")
@@ -32,15 +44,57 @@ def read_vocab(folder: Path) -> list[str]:
     return [by_id[i] for i in range(len(by_id))]
 
 
+def _sentencepiece_vocab(folder: Path) -> list[str]:
+    """Pieces by id from ``tokenizer.model``, then the added tokens (``added_tokens.json``: token -> id;
+    ``tokenizer_config.json``: ``added_tokens_decoder``, id -> {content})."""
+    try:
+        import sentencepiece
+    except ImportError:
+        raise MergebenchError(f"{folder}: reading its SentencePiece tokenizer needs the sentencepiece package "
+                              f"(pip install sentencepiece)") from None
+    processor = sentencepiece.SentencePieceProcessor()
+    try:
+        processor.Load(str(folder / SENTENCEPIECE_FILE))
+    except (OSError, RuntimeError) as exc:
+        raise MergebenchError(f"{folder / SENTENCEPIECE_FILE}: not a SentencePiece model ({exc})") from None
+    by_id = {i: processor.IdToPiece(i) for i in range(processor.GetPieceSize())}
+    if (folder / "added_tokens.json").exists():
+        by_id.update({int(i): token for token, i in read_json_object(folder / "added_tokens.json",
+                                                                     "added tokens").items()})
+    if (folder / "tokenizer_config.json").exists():
+        decoder = read_json_object(folder / "tokenizer_config.json", "tokenizer config").get("added_tokens_decoder")
+        by_id.update({int(i): entry["content"] for i, entry in (decoder or {}).items()})
+    if sorted(by_id) != list(range(len(by_id))):
+        raise MergebenchError(f"{folder}: token ids are not 0..{len(by_id) - 1} (SentencePiece and added tokens)")
+    return [by_id[i] for i in range(len(by_id))]
+
+
+def _converted_tokenizer(folder: Path) -> str:
+    """The ``tokenizer.json`` that ``transformers`` converts a slow (SentencePiece) tokenizer folder into."""
+    try:
+        import transformers
+    except ImportError:
+        raise MergebenchError(f"{folder}: writing a union vocabulary over its SentencePiece tokenizer converts it "
+                              f"with transformers (pip install transformers sentencepiece)") from None
+    try:
+        return transformers.AutoTokenizer.from_pretrained(folder).backend_tokenizer.to_str()
+    except (OSError, ValueError, AttributeError, ImportError) as exc:
+        raise MergebenchError(f"{folder}: transformers could not convert its tokenizer ({exc})") from None
+
+
 def write_tokenizer(plan: VocabPlan, folders: dict[str, Path], dest: Path) -> None:
     """The output's tokenizer files: the chosen model's for ``base`` or a model; for ``union`` the base's
     tokenizer with the new tokens appended as added tokens (special flags kept from where they came)."""
     owner = plan.base if plan.source in ("base", "union") else plan.source
-    for name in (TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json"):
-        if (folders[owner] / name).exists():
-            (dest / name).write_text(read_text(folders[owner] / name, "tokenizer file"))
+    for name in COPIED:
+        source = folders[owner] / name
+        if source.exists():
+            require_regular_file(source, "tokenizer file")
+            (dest / name).write_bytes(source.read_bytes())
     if plan.source != "union" or len(plan.tokens) == plan.vocab_sizes[plan.base]:
         return
+    if not (dest / TOKENIZER_FILE).exists():
+        (dest / TOKENIZER_FILE).write_text(_converted_tokenizer(folders[owner]))
     added = {}
     for folder in folders.values():
         if (folder / TOKENIZER_FILE).exists():
