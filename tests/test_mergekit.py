@@ -487,6 +487,10 @@ def test_convert_prints_a_native_recipe_that_runs_to_the_same_tensors(cli, zoo, 
     ("merge_method: ties\nbase_model: ./base\nmodels:\n  - model: ./a\n    parameters:\n      weight: 1\n"
      "      density: [0.5, 1.5]\n", "bad.yml:7: 'density' of model 'a' must lie in [0, 1]"),
     ("merge_method: linear\nmodels:\n  - model: ./a+./no-lora\n", "is not a path that exists"),
+    ("merge_method: linear\nchat_template: chatml\nmodels:\n  - model: ./a\n    parameters: {weight: 1}\n",
+     "built-in templates are not shipped"),
+    ("merge_method: linear\ntokenizer:\n  source: union\n  tokens:\n    x: {source: {kind: zero}}\n"
+     "models:\n  - model: ./a\n    parameters: {weight: 1}\n", "only a model as its source is translated"),
     ("merge_method: slerp\nbase_model: ./a\nslices:\n  - sources:\n      - {model: ./a, layer_range: [0, 2]}\n"
      "      - {model: ./b, layer_range: [0, 3]}\nparameters: {t: 0.5}\n", "spans the same number of layers"),
 ])

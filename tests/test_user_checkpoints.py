@@ -246,3 +246,74 @@ def test_sentencepiece_only_tokenizers_merge_by_token(cli, tmp_path, sentencepie
     assert len(tokenizer) == 62 and tokenizer.convert_tokens_to_ids("<|im_start|>") == 60
     assert tokenizer.convert_tokens_to_ids("soup") == 61
     assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == 62
+
+
+@pytest.fixture
+def chat_models(tmp_path):
+    """Three tiny Llamas with word-level tokenizers: ``a`` and ``b`` add <|im_start|> (rows of their own), ``c``
+    does not; ``a`` and ``c`` share a chat template, ``b`` has another."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    folders = {}
+    for i, (name, added, template) in enumerate((("a", True, "A {{ messages }}"), ("b", True, "B {{ messages }}"),
+                                                 ("c", False, "A {{ messages }}"))):
+        tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "world": 2, "merge": 3}, unk_token="[UNK]"))
+        tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        tokenizer.add_special_tokens(["<|im_start|>"] if added else [])
+        config = llama_config(hidden=16, intermediate=32, layers=1, heads=2, kv_heads=1, vocab=5 if added else 4)
+        folder = save_checkpoint(llama_state_dict(config, seed=i), tmp_path / name, 10**9, config)
+        tokenizer.save(str(folder / "tokenizer.json"))
+        (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                                  "chat_template": template}))
+        folders[name] = folder
+    return folders
+
+
+def test_per_token_sources_and_forced_tokens(cli, tmp_path, chat_models):
+    rows = {name: read_checkpoint(folder)["model.embed_tokens.weight"] for name, folder in chat_models.items()}
+    models = {name: str(folder) for name, folder in chat_models.items()}
+    doc = {"models": models, "tokenizer": {"source": "union", "tokens": {"<|im_start|>": {"source": "b"}}},
+           "nodes": {"avg": {"op": "linear", "inputs": {"models": ["a", "b", "c"]}}},
+           "outputs": [{"from": "avg", "path": "out"}]}
+    merged = run_merge(cli, tmp_path, doc)["out"]["model.embed_tokens.weight"]
+    # c lacks the token: it takes b's row (by default it would take the base a's)
+    torch.testing.assert_close(merged[4], (rows["a"][4] + 2 * rows["b"][4]) / 3)
+    forced = {"models": {"a": models["a"], "b": models["b"]},
+              "tokenizer": {"source": "base", "tokens": {"hello": {"source": "b", "force": True}}},
+              "nodes": {"avg": {"op": "linear", "inputs": {"models": ["a", "b"]}}},
+              "outputs": [{"from": "avg", "path": "forced"}]}
+    merged = run_merge(cli, tmp_path, forced, recipe="forced.yaml")["forced"]["model.embed_tokens.weight"]
+    assert torch.equal(merged[1], rows["b"][1])  # every input takes b's row: the average is that row
+    torch.testing.assert_close(merged[2], (rows["a"][2] + rows["b"][2]) / 2)
+    doc["tokenizer"]["tokens"] = {"<|im_start|>": {"source": "c"}}
+    (tmp_path / "bad.yaml").write_text(json.dumps({**doc, "outputs": [{"from": "avg", "path": "never"}]}))
+    result = cli("run", tmp_path / "bad.yaml", "--quiet")
+    assert result.exit_code == 2 and "'c', whose vocabulary lacks it" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize(("choice", "expected"), [("b", "B {{ messages }}"), ("auto", "A {{ messages }}"),
+                                                  ("{% for m in messages %}{{ m }}{% endfor %}", None)])
+def test_chat_template_choice(cli, tmp_path, chat_models, choice, expected):
+    doc = {"models": {name: str(folder) for name, folder in chat_models.items()}, "tokenizer": {"source": "union"},
+           "chat_template": choice, "nodes": {"avg": {"op": "linear", "inputs": {"models": ["a", "b", "c"]}}},
+           "outputs": [{"from": "avg", "path": "out"}]}
+    run_merge(cli, tmp_path, doc)
+    written = (tmp_path / "out" / "chat_template.jinja").read_text()
+    assert written == (expected or choice)
+    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["chat_template"] == written
+    transformers = pytest.importorskip("transformers")
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "out").chat_template == written
+
+
+def test_mergekit_tokenizer_block_and_chat_template(cli, tmp_path, chat_models):
+    import yaml
+
+    config = {"merge_method": "linear", "dtype": "float32", "chat_template": "auto",
+              "tokenizer": {"source": "union", "tokens": {"<|im_start|>": {"source": "b", "force": True}}},
+              "models": [{"model": str(chat_models[n]), "parameters": {"weight": 1.0}} for n in ("a", "b")]}
+    (tmp_path / "mk.yml").write_text(yaml.safe_dump(config))
+    result = cli("run", tmp_path / "mk.yml", "--out", tmp_path / "out", "--quiet")
+    assert result.exit_code == 0, result.output
+    merged = read_checkpoint(tmp_path / "out")["model.embed_tokens.weight"]
+    assert torch.equal(merged[4], read_checkpoint(chat_models["b"])["model.embed_tokens.weight"][4])
+    assert (tmp_path / "out" / "chat_template.jinja").read_text() == "A {{ messages }}"

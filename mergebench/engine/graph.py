@@ -18,7 +18,13 @@ from mergebench.errors import MergebenchError
 from mergebench.io.safetensors_format import TensorInfo
 from mergebench.io.sources import Source, open_source
 from mergebench.io.tied_heads import HEAD_KEYS, materialise_heads, tied_pair
-from mergebench.io.tokenizers import SENTENCEPIECE_FILE, TOKENIZER_FILE, has_tokenizer, read_vocab
+from mergebench.io.tokenizers import (
+    SENTENCEPIECE_FILE,
+    TOKENIZER_FILE,
+    has_tokenizer,
+    read_chat_template,
+    read_vocab,
+)
 from mergebench.io.writer import PlannedTensor
 from mergebench.operators.base import ACTIVATIONS, ARTIFACT_TYPES, CHECKPOINT, GRAM, Params
 from mergebench.recipe import Node, Output, Recipe, primary_model
@@ -68,6 +74,10 @@ class Graph:
         untie = any(out.tie_word_embeddings is False for out in recipe.outputs)
         self.sources = materialise_heads(self.sources, weights, everywhere=untie)
         self.vocab = self._plan_vocab()
+        template = recipe.chat_template
+        if template in recipe.models and read_chat_template(self.sources[template].folder) is None:
+            raise MergebenchError(f"{recipe.file}: chat_template names '{template}' ({self.sources[template].label}), "
+                                  f"which has no chat template")
         self.layouts = Layouts()
         expand_layouts(recipe, self.sources, self.keys_of, self.layouts)
         self.sources.update(self.layouts.renamed_sources)
@@ -76,6 +86,7 @@ class Graph:
             self._check_inputs_agree(self.nodes[name])
             self._check_schedules(self.nodes[name])
         self.outputs = [plan for i, out in enumerate(recipe.outputs) for plan in self._plan_output(i, out)]
+        self._check_token_sources()
         self.keys = self._key_order()
         self.key_lists = {name: self.keys_of(node.origin if isinstance(node, RenamedNode) else name)
                           for name, node in self.nodes.items()}
@@ -157,7 +168,11 @@ class Graph:
                                   f"{SENTENCEPIECE_FILE}) in every model; "
                                   f"'{lacking[0]}' ({self.sources[lacking[0]].label}) has none")
         base = primary_model(self.recipe, self.recipe.outputs[0].node)
-        return plan_vocab(spec.source, base, vocabs, spec.pad_to_multiple_of, spec.embeddings)
+        sources = {token: (s.source, s.force) for token, s in spec.tokens.items()}
+        try:
+            return plan_vocab(spec.source, base, vocabs, spec.pad_to_multiple_of, spec.embeddings, sources)
+        except MergebenchError as exc:
+            raise MergebenchError(f"{self.recipe.file}: {exc}") from None
 
     def is_embedding(self, key: str, model: str) -> bool:
         """Whether a model's tensor has one row per token of its vocabulary (and is rearranged to the output's)."""
@@ -313,6 +328,16 @@ class Graph:
             return [OutputPlan(out, index, None, out.path, primary, models, tuple(tensors), dtypes)]
         return [OutputPlan(out, index, i, out.path / f"step-{step}", primary, models, tuple(tensors), dtypes)
                 for i, step in enumerate(node.series_steps)]
+
+    def _check_token_sources(self) -> None:
+        """A token's rows come from a model the output merges (a model it does not read would be ignored)."""
+        if self.vocab is None:
+            return
+        for plan in self.outputs:
+            for row, (source, _) in self.vocab.token_sources.items():
+                if source not in plan.models:
+                    raise MergebenchError(f"{self.recipe.file}: tokenizer.tokens: {self.vocab.tokens[row]!r} takes its "
+                                          f"rows from '{source}', which output '{plan.output.node}' does not merge")
 
     def _check_inputs_agree(self, node: Node) -> None:
         """A node's weight inputs have the same keys (artifacts and adapters, read or made, may leave keys out; a

@@ -22,7 +22,7 @@ from mergebench.io.output_files import copy_model_files, layer_config, model_car
 from mergebench.io.output_guard import artifact_recipe, committed_identity
 from mergebench.io.safetensors_format import DTYPE_NAMES
 from mergebench.io.tied_heads import HEAD_KEYS, tied_pair
-from mergebench.io.tokenizers import write_tokenizer
+from mergebench.io.tokenizers import read_chat_template, write_chat_template, write_tokenizer
 from mergebench.io.writer import CheckpointWriter
 from mergebench.recipe import MEMORY_PATH
 from mergebench.surgery.layers import INPUT_EMBEDDINGS
@@ -166,6 +166,12 @@ def write_companions(graph: Graph, plan: OutputPlan, writer: CheckpointWriter) -
     if isinstance(source, FP8BlockCheckpoint) and read_config_field(writer.partial, "quantization_config"):
         update_config(writer.partial, {}, remove=("quantization_config",))
         notes.append("Weights: dequantized from FP8 block scales.")
+    template = _chat_template(graph, plan)
+    if template is not None:
+        write_chat_template(writer.partial, template)
+        choice = graph.recipe.chat_template
+        notes.append("Chat template: " + ("the most common among the inputs" if choice == "auto" else
+                                          f"`{choice}`'s" if choice in graph.recipe.models else "the recipe's") + ".")
     tied = tied_output(plan)
     if tied is not None and folder is not None and read_config_field(writer.partial, "tie_word_embeddings") != tied:
         update_config(writer.partial, {"tie_word_embeddings": tied})
@@ -180,6 +186,22 @@ def write_companions(graph: Graph, plan: OutputPlan, writer: CheckpointWriter) -
     card = model_card(recipe.resolved, recipe.sha256, plan.index, fingerprints, version(), notes)
     (writer.partial / "README.md").write_text(card)
     return skipped
+
+
+def _chat_template(graph: Graph, plan: OutputPlan) -> str | None:
+    """The template the recipe's ``chat_template`` chooses for this output: a model's, the most common among
+    the output's inputs (``auto``; the first in recipe order on a tie), or the text given; None to keep the
+    copied one."""
+    choice = graph.recipe.chat_template
+    if choice is None:
+        return None
+    if choice in graph.recipe.models:
+        return read_chat_template(graph.sources[choice].folder)  # the graph checked that it has one
+    if choice != "auto":
+        return choice
+    templates = [read_chat_template(graph.sources[m].folder) for m in graph.recipe_models(plan.models)]
+    counts = Counter(t for t in templates if t is not None)
+    return max(counts, key=lambda t: (counts[t], -templates.index(t))) if counts else None
 
 
 def tied_output(plan: OutputPlan) -> bool | None:

@@ -116,3 +116,36 @@ def write_tokenizer(plan: VocabPlan, folders: dict[str, Path], dest: Path) -> No
             for entry in new_entries:
                 config["added_tokens_decoder"][str(entry["id"])] = {k: v for k, v in entry.items() if k != "id"}
             config_path.write_text(json.dumps(config, ensure_ascii=False, indent=2))
+
+
+TEMPLATE_FILE = "chat_template.jinja"
+
+
+def read_chat_template(folder: Path | None) -> str | None:
+    """A model's chat template: ``chat_template.jinja``, else ``chat_template.json``'s, else the
+    ``chat_template`` of ``tokenizer_config.json`` (its ``default`` entry when it names several)."""
+    if folder is None:
+        return None
+    if (folder / TEMPLATE_FILE).exists():
+        require_regular_file(folder / TEMPLATE_FILE, "chat template")
+        return (folder / TEMPLATE_FILE).read_text()
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        if (folder / name).exists():
+            template = read_json_object(folder / name, "tokenizer file").get("chat_template")
+            if isinstance(template, list):  # [{name, template}, ...]
+                named = {entry.get("name"): entry.get("template") for entry in template if isinstance(entry, dict)}
+                template = named.get("default", next(iter(named.values()), None))
+            if isinstance(template, str):
+                return template
+    return None
+
+
+def write_chat_template(dest: Path, template: str) -> None:
+    """The output's chat template, as ``chat_template.jinja`` and in its ``tokenizer_config.json`` if it has one."""
+    (dest / TEMPLATE_FILE).write_text(template)
+    config_path = dest / "tokenizer_config.json"
+    if config_path.exists():
+        config = read_json_object(config_path, "tokenizer config")
+        config["chat_template"] = template
+        config_path.write_text(json.dumps(config, ensure_ascii=False, indent=2))
+

@@ -104,9 +104,7 @@ def translate(data: dict[str, Any], where: Locator, base_dir: Path, out: str | N
     if unknown:
         raise where.error((unknown[0],), f"'{unknown[0]}' is not a mergekit config key (known: "
                                          f"{', '.join(sorted(MERGEKIT_KEYS))})")
-    for unsupported, why in (("modules", "multi-module configs"), ("chat_template", "chat templates"),
-                             ("embed_slerp", "embed_slerp"), ("tokenizer", "the 'tokenizer' block (use "
-                                                                             "tokenizer_source)")):
+    for unsupported, why in (("modules", "multi-module configs"), ("embed_slerp", "embed_slerp")):
         if data.get(unsupported) is not None:
             raise where.error((unsupported,), f"{why} are not translated yet; remove '{unsupported}' or write a "
                                               f"native recipe")
@@ -149,7 +147,49 @@ def translate(data: dict[str, Any], where: Locator, base_dir: Path, out: str | N
     if tokenizer is not None:
         recipe["tokenizer"] = {"source": tokenizer if tokenizer in ("base", "union")
                                else work_model(work, tokenizer, ("tokenizer_source",))}
+    if data.get("tokenizer") is not None:
+        recipe["tokenizer"] = _tokenizer(work, data["tokenizer"])
+    template = data.get("chat_template")
+    if template is not None:
+        recipe["chat_template"] = _chat_template(work, template)
     return recipe
+
+
+def _tokenizer(work: _Translation, block: Any) -> dict[str, Any]:
+    """mergekit's ``tokenizer: {source, tokens, pad_to_multiple_of}``; a token takes a model's rows (``force``)."""
+    if not isinstance(block, dict):
+        raise work.where.error(("tokenizer",), "the tokenizer block is {source, tokens, pad_to_multiple_of}")
+    extra = sorted(set(block) - {"source", "tokens", "pad_to_multiple_of"})
+    if extra:
+        raise work.where.error(("tokenizer", extra[0]), f"'{extra[0]}' is not a key of mergekit's tokenizer block")
+    source = block.get("source", "base")
+    native: dict[str, Any] = {"source": source if source in ("base", "union")
+                              else work_model(work, source, ("tokenizer", "source"))}
+    if block.get("pad_to_multiple_of") is not None:
+        native["pad_to_multiple_of"] = block["pad_to_multiple_of"]
+    tokens = {}
+    for token, entry in (block.get("tokens") or {}).items():
+        where = ("tokenizer", "tokens", token)
+        if not isinstance(entry, dict) or not isinstance(entry.get("source"), str):
+            raise work.where.error(where, f"token {token!r}: only a model as its source is translated ({{source: "
+                                          f"MODEL, force: BOOL}}; not {{kind: zero}} or model_token)")
+        tokens[token] = {"source": work_model(work, entry["source"], (*where, "source")),
+                         "force": bool(entry.get("force", False))}
+    if tokens:
+        native["tokens"] = tokens
+    return native
+
+
+def _chat_template(work: _Translation, template: Any) -> str:
+    """``auto``, a Jinja template, or a model reference; mergekit's built-in template names are not shipped here."""
+    if not isinstance(template, str):
+        raise work.where.error(("chat_template",), "chat_template is auto, a Jinja template or a model")
+    if template == "auto" or "{{" in template or "{%" in template:
+        return template
+    if template in work.names or (work.base_dir / template).exists():
+        return work_model(work, template, ("chat_template",))
+    raise work.where.error(("chat_template",), f"chat_template '{template}': mergekit's built-in templates are not "
+                                               f"shipped; give the Jinja text, 'auto' or a model")
 
 
 def work_model(work: _Translation, reference: Any, where: tuple[Any, ...]) -> str:
@@ -166,6 +206,10 @@ def work_model(work: _Translation, reference: Any, where: tuple[Any, ...]) -> st
         name = f"{Path(model.rstrip('/')).name}+{Path(lora.rstrip('/')).name}"
     else:
         entry = resolve_model(reference, work.base_dir, work.where, where)
+        same = [name for name, path in work.models.items() if path == entry]
+        if same:  # another spelling of a model already named (./b and /abs/b)
+            work.names[reference] = same[0]
+            return same[0]
         name = Path(reference.rstrip("/")).name or "model"
     while name in work.models or name in ("merged", "merge") or name.startswith("slice"):
         name += "_"

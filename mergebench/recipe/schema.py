@@ -91,12 +91,22 @@ class AdaptedSpec(_Strict):
     adapter: str = Field(description="the PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
 
 
+class TokenSourceSpec(_Strict):
+    """Where one token's embedding rows come from (mergebench.surgery.vocab)."""
+
+    source: str = Field(description="the model whose rows the token takes")
+    force: bool = Field(False, description="take them even where every input has the token (default: only where "
+                                           "an input lacks it)")
+
+
 class TokenizerSpec(_Strict):
     """How to merge models whose vocabularies differ (mergebench.surgery.vocab)."""
 
-    source: str = Field(description="base, union, or a model's name: the output vocabulary")
+    source: str = Field("base", description="base, union, or a model's name: the output vocabulary")
     pad_to_multiple_of: int | None = Field(None, ge=1)
     embeddings: str | None = Field(None, description="regex of embedding-like keys (default: the usual names)")
+    tokens: dict[str, TokenSourceSpec] = Field(default_factory=dict, description="per token: the model its rows "
+                                                                                 "come from")
 
 
 class RecipeSpec(_Strict):
@@ -105,6 +115,8 @@ class RecipeSpec(_Strict):
     outputs: list[OutputSpec] = Field(min_length=1)
     seed: int = 0
     tokenizer: TokenizerSpec | None = None
+    chat_template: str | None = Field(None, description="the output's chat template: a model's name, 'auto' (the "
+                                                        "most common among the inputs) or a Jinja template")
 
 
 @dataclass(frozen=True)
@@ -191,6 +203,7 @@ class Recipe:
     resolved: dict[str, Any]  # the recipe as run (after --set, paths absolute), for provenance
     tokenizer: TokenizerSpec | None = None
     adapters: dict[str, str] = field(default_factory=dict)  # model name -> adapter applied to its path
+    chat_template: str | None = None  # a model's name, 'auto', or a Jinja template (semantics §0.11)
 
     @property
     def sha256(self) -> str:

@@ -149,7 +149,19 @@ def build_recipe(
                                                    f"or a model")
     if spec.tokenizer and spec.tokenizer.embeddings:
         _compile(spec.tokenizer.embeddings, where, ("tokenizer", "embeddings"))
-    return Recipe(file, models, sequences, nodes, outputs, spec.seed, resolved, spec.tokenizer, adapters)
+    for token, token_spec in (spec.tokenizer.tokens if spec.tokenizer else {}).items():
+        if token_spec.source not in models:
+            raise where.error(("tokenizer", "tokens", token, "source"), f"token {token!r} takes its rows from "
+                                                                        f"'{token_spec.source}', which is not a model")
+    template = spec.chat_template
+    if template is not None and template != "auto" and template not in models and not _is_jinja(template):
+        raise where.error(("chat_template",), f"chat_template '{template}' is not a model's name, 'auto' or a Jinja "
+                                              f"template (one with {{{{ }}}} or {{% %}})")
+    return Recipe(file, models, sequences, nodes, outputs, spec.seed, resolved, spec.tokenizer, adapters, template)
+
+
+def _is_jinja(text: str) -> bool:
+    return "{{" in text or "{%" in text
 
 
 def _model_path(reference: str, base_dir: Path, where: Locator, loc: tuple[Any, ...]) -> str:
