@@ -168,7 +168,7 @@ class Graph:
                                   f"{SENTENCEPIECE_FILE}) in every model; "
                                   f"'{lacking[0]}' ({self.sources[lacking[0]].label}) has none")
         base = primary_model(self.recipe, self.recipe.outputs[0].node)
-        sources = {token: (s.source, s.force) for token, s in spec.tokens.items()}
+        sources = {token: (s.source, s.force) for token, s in (spec.tokens or {}).items()}
         try:
             return plan_vocab(spec.source, base, vocabs, spec.pad_to_multiple_of, spec.embeddings, sources)
         except MergebenchError as exc:

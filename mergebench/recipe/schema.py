@@ -105,8 +105,7 @@ class TokenizerSpec(_Strict):
     source: str = Field("base", description="base, union, or a model's name: the output vocabulary")
     pad_to_multiple_of: int | None = Field(None, ge=1)
     embeddings: str | None = Field(None, description="regex of embedding-like keys (default: the usual names)")
-    tokens: dict[str, TokenSourceSpec] = Field(default_factory=dict, description="per token: the model its rows "
-                                                                                 "come from")
+    tokens: dict[str, TokenSourceSpec] | None = Field(None, description="per token: the model its rows come from")
 
 
 class RecipeSpec(_Strict):

@@ -149,7 +149,7 @@ def build_recipe(
                                                    f"or a model")
     if spec.tokenizer and spec.tokenizer.embeddings:
         _compile(spec.tokenizer.embeddings, where, ("tokenizer", "embeddings"))
-    for token, token_spec in (spec.tokenizer.tokens if spec.tokenizer else {}).items():
+    for token, token_spec in ((spec.tokenizer.tokens or {}) if spec.tokenizer else {}).items():
         if token_spec.source not in models:
             raise where.error(("tokenizer", "tokens", token, "source"), f"token {token!r} takes its rows from "
                                                                         f"'{token_spec.source}', which is not a model")
