@@ -317,3 +317,57 @@ def test_mergekit_tokenizer_block_and_chat_template(cli, tmp_path, chat_models):
     merged = read_checkpoint(tmp_path / "out")["model.embed_tokens.weight"]
     assert torch.equal(merged[4], read_checkpoint(chat_models["b"])["model.embed_tokens.weight"][4])
     assert (tmp_path / "out" / "chat_template.jinja").read_text() == "A {{ messages }}"
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "gemma"])
+def test_gguf_names_and_rotary_rows_round_trip(tmp_path, arch):
+    """A tiny model written as GGUF the way llama.cpp's converter writes it, under gguf-py's own name map (query
+    and key rows permuted for Llama; Qwen2 with its attention biases; Gemma's norms plus 1), some tensors as
+    Q8_0: read back under the Hugging Face names, equal to the weights (to Q8_0's rounding where quantized)."""
+    gguf = pytest.importorskip("gguf")
+    from mergebench.io.sources import open_source
+
+    heads, kv_heads, hidden = 4, 2, 64
+    config = llama_config(hidden=hidden, heads=heads, kv_heads=kv_heads)
+    state = llama_state_dict(config, seed=3)
+    if arch == "qwen2":
+        for i in range(2):
+            for proj, width in (("q", hidden), ("k", hidden // heads * kv_heads), ("v", hidden // heads * kv_heads)):
+                state[f"model.layers.{i}.self_attn.{proj}_proj.bias"] = torch.randn(width)
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), 2)
+    if arch == "gemma":  # Gemma ties its head: llama.cpp writes no output tensor
+        del state["lm_head.weight"]
+
+    def permute(weight, n_head):  # llama.cpp convert_hf_to_gguf.py, LlamaModel.permute
+        return weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(
+            weight.shape)
+
+    writer = gguf.GGUFWriter(str(tmp_path / "m.gguf"), arch)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    expected = {}
+    for key, value in state.items():
+        stem, _, kind = key.rpartition(".")
+        stored = value
+        if arch == "llama" and key.endswith(("q_proj.weight", "k_proj.weight")):
+            stored = permute(value, heads if "q_proj" in key else kv_heads)
+        if arch == "gemma" and key.endswith("norm.weight"):
+            stored = value + 1
+            value = stored - 1  # float32 arithmetic both ways
+        if key.endswith("mlp.up_proj.weight"):  # quantized: the reference is its own round trip
+            data = gguf.quants.quantize(stored.numpy(), gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(f"{names.get_name(stem)}.{kind}", data, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            expected[key] = torch.from_numpy(gguf.quants.dequantize(data, gguf.GGMLQuantizationType.Q8_0))
+        else:
+            writer.add_tensor(f"{names.get_name(stem)}.{kind}", stored.numpy())
+            expected[key] = value
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    source = open_source(tmp_path / "m.gguf")
+    assert sorted(source.keys) == sorted(state)
+    for key in state:
+        assert torch.equal(source.read(key), expected[key].reshape(state[key].shape)), key
+    up = "model.layers.0.mlp.up_proj.weight"
+    assert (source.read(up) - state[up]).abs().max() < state[up].abs().max() / 100  # Q8_0 is close

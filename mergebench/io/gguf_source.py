@@ -3,10 +3,12 @@ its Hugging Face name.
 
 The ``gguf`` package reads the file (memory-mapped) and dequantizes every type it knows (F32, F16,
 BF16, Q8_0, Q4_0/1, Q5_0/1 and the K-quants). Names follow llama.cpp's conversion backwards for the
-architectures whose Hugging Face layout is the Llama one: ``llama`` (Llama, Mistral), ``mistral`` and
-``qwen2``. llama.cpp permutes the rows of a Llama model's query and key projections for its rotary
-layout; they are permuted back here (as ``transformers`` does when it loads a GGUF file), so the
-tensors equal ``transformers``' dequantized model bit for bit. The file carries no ``config.json``
+architectures whose Hugging Face layout is the Llama one: ``llama`` (Llama, Mistral), ``mistral``,
+``qwen2`` and ``gemma``. llama.cpp permutes the rows of a Llama model's query and key projections for
+its rotary layout; they are permuted back here (as ``transformers`` does when it loads a GGUF file), so
+the tensors equal ``transformers``' dequantized model bit for bit. For Gemma, whose RMSNorm scales by
+1 + w, llama.cpp stores every ``norm.weight`` plus 1 (``GemmaModel`` in ``convert_hf_to_gguf.py``);
+the 1 is taken off again. The file carries no ``config.json``
 or tokenizer folder: an output takes its companion files from a Hugging Face folder
 (``copy_files_from``).
 """
@@ -26,8 +28,9 @@ from mergebench.io.checkpoint import file_states, sampled_fingerprint
 from mergebench.io.safetensors_format import TensorInfo
 from mergebench.value_types import CHECKPOINT
 
-ARCHITECTURES = ("llama", "mistral", "qwen2")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma")
 PERMUTED = ("llama", "mistral")  # query and key rows permuted by llama.cpp's converter
+NORM_OFFSET = {"gemma": 1.0}  # added to every norm weight by llama.cpp's converter
 _BLOCK = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
           "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
           "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
@@ -113,6 +116,8 @@ class GGUFCheckpoint:
         data = data.reshape(shape)
         if self.architecture in PERMUTED and key.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
             data = _unpermute(data, self.heads if "q_proj" in key else self.kv_heads)
+        if self.architecture in NORM_OFFSET and key.endswith("norm.weight"):
+            data = data - NORM_OFFSET[self.architecture]
         return data.contiguous()
 
     def fingerprint(self) -> str:
