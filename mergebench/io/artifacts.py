@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from mergebench.errors import MergebenchError
-from mergebench.io.checkpoint import Checkpoint, file_states, sampled_fingerprint
+from mergebench.io.checkpoint import Checkpoint, OneFileIdentity
 from mergebench.io.output_guard import check_may_replace
 from mergebench.io.safetensors_format import TensorInfo, encode_header, read_header
 from mergebench.surgery.layers import BlockIndex
@@ -51,7 +51,7 @@ def artifact_type(path: str | os.PathLike[str]) -> str | None:
     return TYPES.get(read_header(path).metadata.get("format", ""))
 
 
-class ArtifactSource:
+class ArtifactSource(OneFileIdentity):
     """A Mask or SparseDelta file seen as a source: ``read(key)`` gives the dense bool mask or float32 delta."""
 
     def __init__(self, path: str | os.PathLike[str]):
@@ -129,15 +129,6 @@ class ArtifactSource:
             return int(self.read(key).sum())
         return self._file.info(f"sparse/{key}/indices").numel
 
-    def fingerprint(self) -> str:
-        return sampled_fingerprint([self.path])
-
-    def file_states(self) -> dict[str, list[int]]:
-        return file_states([self.path])
-
-    @property
-    def total_bytes(self) -> int:
-        return self.path.stat().st_size
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,38 @@ class Source(Protocol):
     def file_states(self) -> dict[str, list[int]]: ...
 
 
+class OneFileIdentity:
+    """``fingerprint``, ``file_states`` and ``total_bytes`` of a source stored in the one file ``self.path``."""
+
+    path: Path
+
+    def fingerprint(self) -> str:
+        return sampled_fingerprint([self.path])
+
+    def file_states(self) -> dict[str, list[int]]:
+        return file_states([self.path])
+
+    @property
+    def total_bytes(self) -> int:
+        return self.path.stat().st_size
+
+
+class InnerIdentity:
+    """The same for a view of another source (``self.inner``): its files are the view's."""
+
+    inner: Source
+
+    def fingerprint(self) -> str | None:
+        return self.inner.fingerprint()
+
+    def file_states(self) -> dict[str, list[int]]:
+        return self.inner.file_states()
+
+    @property
+    def total_bytes(self) -> int:
+        return self.inner.total_bytes
+
+
 class Checkpoint:
     """A safetensors checkpoint on disk; opening it reads and validates headers only.
 

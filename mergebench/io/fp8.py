@@ -14,7 +14,7 @@ import math
 import torch
 
 from mergebench.errors import MergebenchError
-from mergebench.io.checkpoint import Checkpoint
+from mergebench.io.checkpoint import Checkpoint, InnerIdentity
 from mergebench.io.reading import read_json_object
 from mergebench.io.safetensors_format import TensorInfo
 
@@ -27,7 +27,7 @@ def has_block_scales(checkpoint: Checkpoint) -> bool:
     return any(key.endswith(SCALE_SUFFIX) for key in checkpoint.keys)
 
 
-class FP8BlockCheckpoint:
+class FP8BlockCheckpoint(InnerIdentity):
     """A safetensors checkpoint whose float8 weights read dequantized by their block scales."""
 
     mappable = False  # dequantized tensors are computed, not seen in the file
@@ -80,12 +80,3 @@ class FP8BlockCheckpoint:
         expanded = scale.repeat_interleave(self.block[0], 0)[:rows].repeat_interleave(self.block[1], 1)[:, :cols]
         return (weight * expanded).to(DEQUANTIZED)
 
-    def fingerprint(self) -> str:
-        return self.inner.fingerprint()
-
-    def file_states(self) -> dict[str, list[int]]:
-        return self.inner.file_states()
-
-    @property
-    def total_bytes(self) -> int:
-        return self.inner.total_bytes

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from mergebench.errors import MergebenchError
-from mergebench.io.checkpoint import file_states, sampled_fingerprint
+from mergebench.io.checkpoint import OneFileIdentity
 from mergebench.io.safetensors_format import TensorInfo
 from mergebench.value_types import CHECKPOINT
 
@@ -48,7 +48,7 @@ def hf_name(name: str) -> str | None:
     return f"{_OUTSIDE[stem]}.{kind}" if stem in _OUTSIDE else None
 
 
-class GGUFCheckpoint:
+class GGUFCheckpoint(OneFileIdentity):
     """A ``.gguf`` file read tensor by tensor; ``info`` gives each tensor's dequantized dtype and shape."""
 
     value_type = CHECKPOINT
@@ -120,15 +120,6 @@ class GGUFCheckpoint:
             data = data - NORM_OFFSET[self.architecture]
         return data.contiguous()
 
-    def fingerprint(self) -> str:
-        return sampled_fingerprint([self.path])
-
-    def file_states(self) -> dict[str, list[int]]:
-        return file_states([self.path])
-
-    @property
-    def total_bytes(self) -> int:
-        return self.path.stat().st_size
 
 
 def _unpermute(weight: torch.Tensor, heads: int) -> torch.Tensor:

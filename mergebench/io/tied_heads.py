@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from mergebench.io.checkpoint import Source
+from mergebench.io.checkpoint import InnerIdentity, Source
 from mergebench.io.reading import read_json_object
 from mergebench.io.safetensors_format import TensorInfo
 
@@ -46,7 +46,7 @@ def says_untied(folder: Path | None) -> bool:
     return config.get("tie_word_embeddings", text.get("tie_word_embeddings")) is False
 
 
-class TiedHeadSource:
+class TiedHeadSource(InnerIdentity):
     """A checkpoint whose head reads as its input embedding (keys, dtypes and files otherwise its own)."""
 
     def __init__(self, inner: Source, head: str, embedding: str):
@@ -78,15 +78,6 @@ class TiedHeadSource:
     def mappable(self) -> bool:
         return bool(getattr(self.inner, "mappable", False))
 
-    def fingerprint(self) -> str | None:
-        return self.inner.fingerprint()
-
-    def file_states(self) -> dict[str, list[int]]:
-        return self.inner.file_states()
-
-    @property
-    def total_bytes(self) -> int:
-        return self.inner.total_bytes
 
 
 def materialise_heads(sources: Mapping[str, Source], names: list[str], everywhere: bool) -> dict[str, Source]:
