@@ -190,7 +190,8 @@ def sweep(
     grid: Annotated[list[str], typer.Option("--grid", help="NODE.PARAM=START:STOP:STEP or NODE.PARAM=V1,V2,... "
                                                            "(repeatable: the product is swept)")],
     eval_command: Annotated[str | None, typer.Option("--eval", help="command run on each output ({out} is its "
-                                                                    "path); its last line is a JSON object")] = None,
+                                                                    "path; its last line is a JSON object), or "
+                                                                    "built-in evaluators: 'ppl:FILE mc:FILE'")] = None,
     out: Annotated[Path | None, typer.Option(help="folder for the points, results.csv and sweep.png")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
     force: Annotated[bool, _flag("--force", help="replace existing outputs")] = False,
@@ -414,6 +415,20 @@ def extract(
     written = result.outputs[0]
     console.print(f"wrote {written['path']} ({_size(written['bytes'])}) in {result.summary.seconds:.2f} s",
                   highlight=False)
+
+
+@app.command("eval")
+def eval_model(
+    model: Annotated[Path, typer.Argument(help="a Hugging Face model folder")],
+    specs: Annotated[list[str], typer.Argument(help="ppl:FILE, mc:FILE, cls:FILE, cls-logreg:FILE, lm-eval:TASKS")],
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N")] = "cpu",
+) -> None:
+    """Evaluate a model with built-in evaluators on local files; prints the metrics as one JSON object."""
+    with _user_errors():
+        from mergebench.evaluation import evaluate
+
+        metrics = evaluate(model, specs, device=device)
+    print(json.dumps(metrics))
 
 
 @app.command("extract-lora")

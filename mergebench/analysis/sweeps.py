@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import functools
 import itertools
 import json
 import re
@@ -170,8 +171,12 @@ def run_sweep(
 
     ``executor="ray"``: each point, its merge then its evaluation, is a Ray task needing ``resources``
     (``num_cpus``, ``num_gpus``); the outputs folder must be on storage the cluster's nodes share.
+    ``evaluate`` is a callable, a command with ``{out}`` or built-in evaluator specs (``ppl:FILE``, ...;
+    several joined by spaces: mergebench.evaluation).
     """
     recipe_path, out_dir = Path(recipe_path), Path(out_dir)
+    if isinstance(evaluate, str) and "{out}" not in evaluate:
+        evaluate = built_in(evaluate.split(), device)
     grid_size(grid, max_points)
     data, lines = read_recipe_data(recipe_path, mergekit_out="merged")
     expanded, points = expand(data, grid, out_dir)
@@ -232,6 +237,14 @@ def _run_points_on_ray(points: list[SweepPoint], recipes: list[Recipe], evaluate
     done = ray.get([task.remote(point, recipe, evaluate, device, force) for point, recipe in zip(points, recipes)])
     for point, result in zip(points, done):
         point.metrics, point.error = result.metrics, result.error
+
+
+def built_in(specs: list[str], device: str) -> Evaluator:
+    """The evaluator that runs mergebench's built-in evaluators (checked now, before any merge) on a point."""
+    from mergebench.evaluation import evaluate, parse_spec
+
+    evaluators = [parse_spec(spec) for spec in specs]
+    return functools.partial(evaluate, specs=evaluators, device="cpu" if device == "auto" else device)
 
 
 def _evaluate(point: SweepPoint, evaluate: Evaluator | str) -> None:

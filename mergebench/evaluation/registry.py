@@ -1,0 +1,64 @@
+"""Evaluator specs (``KIND:ARGUMENT``) and running several on one model folder."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from mergebench.errors import MergebenchError
+
+
+class Evaluator(Protocol):
+    """Metrics of one model: ``kind`` says which model class it needs (``causal_lm`` or ``encoder``)."""
+
+    kind: str
+
+    def __call__(self, model: torch.nn.Module, tokenizer: object) -> dict[str, float]: ...
+
+
+def parse_spec(spec: str) -> Evaluator:
+    """``ppl:FILE``, ``mc:FILE``, ``cls:FILE`` (``cls-logreg:FILE`` for the probe) or ``lm-eval:TASK[,TASK]``."""
+    from mergebench.evaluation.choice import MultipleChoice
+    from mergebench.evaluation.classification import Classification
+    from mergebench.evaluation.harness import LmEval
+    from mergebench.evaluation.perplexity import Perplexity
+
+    kinds = {"ppl": lambda a: Perplexity(Path(a)), "mc": lambda a: MultipleChoice(Path(a)),
+             "cls": lambda a: Classification(Path(a), "prototype"),
+             "cls-logreg": lambda a: Classification(Path(a), "logreg"),
+             "lm-eval": lambda a: LmEval(tuple(t for t in a.split(",") if t))}
+    kind, sep, argument = spec.partition(":")
+    if not sep or kind not in kinds or not argument:
+        raise MergebenchError(f"evaluator '{spec}': expected KIND:ARGUMENT with KIND one of {', '.join(kinds)}")
+    return kinds[kind](argument)
+
+
+def evaluate(model: str | os.PathLike[str], specs: Iterable[str | Evaluator], device: str = "cpu",
+             dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """Every evaluator's metrics on the model folder ``model`` (loaded once per model class it needs)."""
+    try:
+        import transformers
+    except ImportError:
+        raise MergebenchError("evaluation loads models with transformers: pip install transformers") from None
+    transformers.utils.logging.disable_progress_bar()  # the metrics are the output
+    evaluators = [parse_spec(s) if isinstance(s, str) else s for s in specs]
+    path = Path(model)
+    if not (path / "config.json").is_file():
+        raise MergebenchError(f"{path}: not a Hugging Face model folder (no config.json)")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    loaders = {"causal_lm": transformers.AutoModelForCausalLM, "encoder": transformers.AutoModel}
+    loaded: dict[str, torch.nn.Module] = {}
+    metrics: dict[str, float] = {}
+    for evaluator in evaluators:
+        if evaluator.kind == "harness":
+            metrics.update(evaluator(path, device))
+            continue
+        if evaluator.kind not in loaded:
+            loaded[evaluator.kind] = loaders[evaluator.kind].from_pretrained(path, dtype=dtype).to(device).eval()
+        with torch.no_grad():
+            metrics.update(evaluator(loaded[evaluator.kind], tokenizer))
+    return metrics
