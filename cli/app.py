@@ -417,6 +417,34 @@ def extract(
                   highlight=False)
 
 
+@app.command()
+def search(
+    recipe: RecipeArg,
+    space: Annotated[list[str], typer.Option("--space", help="NODE.PARAM=LOW:HIGH[:log] (repeatable)")],
+    evaluate: Annotated[str, typer.Option("--eval", help="built-in evaluators ('ppl:FILE mc:FILE') or a command "
+                                                         "with {out}")],
+    objective: Annotated[list[str], typer.Option("--objective", help="METRIC[:min|max] (one, or two for a "
+                                                                     "Pareto front)")],
+    trials: Annotated[int, typer.Option(help="completed trials the study should reach")] = 40,
+    sampler: Annotated[str, typer.Option(help="tpe or cmaes")] = "tpe",
+    seed: Annotated[int, typer.Option(help="the sampler's seed")] = 0,
+    out: Annotated[Path | None, typer.Option(help="folder of the study (study.db), trials.csv, best.yaml")] = None,
+    keep: Annotated[bool, _flag("--keep", help="keep every trial's merged model")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+) -> None:
+    """Search merge parameters with Optuna (each trial a merge and an evaluation); rerun to resume."""
+    with _user_errors():
+        from mergebench.analysis.search import parse_objective, parse_space, run_search
+
+        out_dir = out or Path(f"search-{recipe.stem}")
+        result = run_search(recipe, [parse_space(s) for s in space], out_dir, evaluate,
+                            [parse_objective(o) for o in objective], trials, sampler, seed, device, keep)
+    for best in result.best:
+        console.print(f"trial {best['number']}: {json.dumps(best['params'])} -> {json.dumps(best['metrics'])}",
+                      highlight=False)
+    console.print(f"{len(result.trials)} trials in {out_dir}; best recipe: {result.best_recipe}", highlight=False)
+
+
 @app.command("eval")
 def eval_model(
     model: Annotated[Path, typer.Argument(help="a Hugging Face model folder")],

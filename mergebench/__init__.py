@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["MergebenchError", "extract", "extract_lora", "load", "plan", "record", "run", "sweep"]
+__all__ = ["MergebenchError", "extract", "extract_lora", "load", "plan", "record", "run", "search", "sweep"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("extract", "extract_lora", "load", "plan", "record", "run", "sweep"):
+    if name in ("extract", "extract_lora", "load", "plan", "record", "run", "search", "sweep"):
         from mergebench import api
 
         return getattr(api, name)

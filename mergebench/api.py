@@ -112,6 +112,20 @@ def sweep(recipe_path: str | os.PathLike[str], grid: Mapping[str, list[Any]], ou
                      address=address, resources=dict(resources or {}), max_points=max_points)
 
 
+def search(recipe_path: str | os.PathLike[str], space: Mapping[str, tuple[float, float]],
+           out_dir: str | os.PathLike[str], evaluate: Callable[[Path], dict[str, float]] | str,
+           objectives: list[str], trials: int = 40, sampler: str = "tpe", seed: int = 0, device: str = "auto",
+           keep: bool = False) -> Any:
+    """Optuna search over ``space`` ({"node.param": (low, high)}) for ``objectives`` ("metric[:min|max]"), each
+    trial a merge scored by ``evaluate`` (a callable on the output folder, built-in specs, or a command);
+    resumable from ``out_dir/study.db`` (mergebench.analysis.search)."""
+    from mergebench.analysis.search import Space, parse_objective, run_search
+
+    spaces = [Space(target, float(low), float(high)) for target, (low, high) in space.items()]
+    return run_search(recipe_path, spaces, out_dir, evaluate, [parse_objective(o) for o in objectives], trials,
+                      sampler, seed, device, keep)
+
+
 @dataclass(frozen=True)
 class RunPlan:
     """What a run of a recipe would do, without reading a weight: the planned graph (models, nodes in

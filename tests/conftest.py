@@ -53,6 +53,25 @@ def read_checkpoint(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+WORDS = ["[UNK]", "the", "cat", "sat", "on", "mat", "a", "dog", "ran", "merge", "models", "yes", "no"]
+
+
+def tiny_lm(folder: Path, seed: int = 0) -> Path:
+    """A tiny Llama with a word-level tokenizer (one token per word, no special tokens added)."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    config = llama_config(vocab=len(WORDS))
+    save_checkpoint(llama_state_dict(config, seed=seed), folder, 10**9, config)
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                              "unk_token": "[UNK]"}))
+    return folder
+
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

@@ -203,7 +203,7 @@ def run_sweep(
         if evaluate is not None:
             for point in points:
                 if point.error is None:
-                    _evaluate(point, evaluate)
+                    evaluate_point(point, evaluate)
     write_results(points, out_dir / "results.csv")
     if plot and evaluate is not None and any(p.metrics for p in points):
         plot_results(points, out_dir / "sweep.png")
@@ -224,7 +224,7 @@ def _point_task(point: SweepPoint, recipe: Recipe, evaluate: Evaluator | str | N
     """One point on a Ray worker: its merge, then its evaluation."""
     point.error = _merge_point(recipe, device, force)
     if point.error is None and evaluate is not None:
-        _evaluate(point, evaluate)
+        evaluate_point(point, evaluate)
     return point
 
 
@@ -247,7 +247,8 @@ def built_in(specs: list[str], device: str) -> Evaluator:
     return functools.partial(evaluate, specs=evaluators, device="cpu" if device == "auto" else device)
 
 
-def _evaluate(point: SweepPoint, evaluate: Evaluator | str) -> None:
+def evaluate_point(point: SweepPoint, evaluate: Evaluator | str) -> None:
+    """Score one merged point: a callable, or a command with {out} whose last line is a JSON object."""
     if callable(evaluate):
         try:
             point.metrics = {k: float(v) for k, v in evaluate(point.outputs[0]).items()}

@@ -4,7 +4,7 @@ Examples ``{"text": ..., "label": ...}`` (and optionally ``"split": "train" | "t
 fifth example is a test example). Embeddings are the attention-masked mean of the last hidden states (the
 sentence-transformers pooling of MiniLM-style models), L2-normalised. ``prototype``: the class whose mean
 training embedding is nearest in cosine; ``logreg``: scikit-learn's logistic regression on the training
-embeddings. Metric ``cls_acc`` on the test examples.
+embeddings. Metric ``cls_acc`` (``cls_logreg_acc``) on the test examples.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ class Classification:
         train = [i for i, t in enumerate(test) if not t]
         held = [i for i, t in enumerate(test) if t]
         predicted = self.fit_predict(embeddings[train], [labels[i] for i in train], embeddings[held])
-        return {"cls_acc": sum(p == labels[i] for p, i in zip(predicted, held)) / len(held)}
+        name = "cls_acc" if self.method == "prototype" else "cls_logreg_acc"
+        return {name: sum(p == labels[i] for p, i in zip(predicted, held)) / len(held)}
 
     def embed(self, model: torch.nn.Module, tokenizer: object, texts: list[str]) -> torch.Tensor:
         device = next(model.parameters()).device

@@ -52,13 +52,27 @@ def evaluate(model: str | os.PathLike[str], specs: Iterable[str | Evaluator], de
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     loaders = {"causal_lm": transformers.AutoModelForCausalLM, "encoder": transformers.AutoModel}
     loaded: dict[str, torch.nn.Module] = {}
-    metrics: dict[str, float] = {}
+    found: list[dict[str, float]] = []
     for evaluator in evaluators:
         if evaluator.kind == "harness":
-            metrics.update(evaluator(path, device))
+            found.append(evaluator(path, device))
             continue
         if evaluator.kind not in loaded:
             loaded[evaluator.kind] = loaders[evaluator.kind].from_pretrained(path, dtype=dtype).to(device).eval()
         with torch.no_grad():
-            metrics.update(evaluator(loaded[evaluator.kind], tokenizer))
-    return metrics
+            found.append(evaluator(loaded[evaluator.kind], tokenizer))
+    return _named(evaluators, found)
+
+
+def _named(evaluators: list[Evaluator], found: list[dict[str, float]]) -> dict[str, float]:
+    """The metrics under their own names; where two evaluators give the same name (perplexity on a target
+    and on a control file), each as ``DATA.NAME``, DATA the stem of its file."""
+    counts: dict[str, int] = {}
+    for metrics in found:
+        for name in metrics:
+            counts[name] = counts.get(name, 0) + 1
+    named: dict[str, float] = {}
+    for evaluator, metrics in zip(evaluators, found):
+        stem = Path(getattr(evaluator, "path", "")).stem or type(evaluator).__name__
+        named.update({(f"{stem}.{name}" if counts[name] > 1 else name): value for name, value in metrics.items()})
+    return named
