@@ -200,6 +200,8 @@ def sweep(
     gpus_per_point: Annotated[float, typer.Option(help="GPUs each point's merge and eval needs (Ray)")] = 0.0,
     cpus_per_point: Annotated[float, typer.Option(help="CPUs each point's merge and eval needs (Ray)")] = 1.0,
     max_points: Annotated[int, typer.Option(help="refuse a grid of more points than this")] = 1000,
+    keep: Annotated[bool, _flag("--keep", help="write every point's model (built-in evaluators otherwise score "
+                                               "the points in memory)")] = False,
 ) -> None:
     """Merge every point of a parameter grid (one pass over the inputs), evaluate each, tabulate and plot.
 
@@ -212,7 +214,7 @@ def sweep(
         out_dir = out or Path(f"sweep-{recipe.stem}")
         points = run_sweep(recipe, parsed, out_dir, eval_command, device=device, force=force, executor=executor,
                            address=address, resources={"num_gpus": gpus_per_point, "num_cpus": cpus_per_point},
-                           max_points=max_points)
+                           max_points=max_points, keep=keep)
     metrics = list(dict.fromkeys(k for p in points for k in p.metrics))
     table = Table(title=f"sweep of {recipe} -> {out_dir}", title_justify="left")
     for column in ("point", *parsed, *metrics, "status"):

@@ -18,6 +18,7 @@ from mergebench.analysis.sweeps import MAX_GRID_POINTS, SweepPoint, run_sweep
 from mergebench.engine.executor import execute
 from mergebench.engine.graph import Graph
 from mergebench.engine.memory import peak_memory_estimate
+from mergebench.engine.pipeline import DictSink
 from mergebench.engine.runner import RunOptions, RunResult, run_recipe
 from mergebench.engine.stages import statistics_stages
 from mergebench.errors import MergebenchError
@@ -102,14 +103,16 @@ def run(recipe_path: str | os.PathLike[str], set: Mapping[str, Any] | None = Non
 def sweep(recipe_path: str | os.PathLike[str], grid: Mapping[str, list[Any]], out_dir: str | os.PathLike[str],
           evaluate: Callable[[Path], dict[str, float]] | str | None = None, device: str = "auto",
           force: bool = False, executor: str = "local", address: str | None = None,
-          resources: Mapping[str, float] | None = None, max_points: int = MAX_GRID_POINTS) -> list[SweepPoint]:
+          resources: Mapping[str, float] | None = None, max_points: int = MAX_GRID_POINTS,
+          keep: bool = False) -> list[SweepPoint]:
     """Merge every point of ``grid`` ({"node.param": [values]}) in one pass and score each output with
-    ``evaluate`` (a callable on the output folder returning metrics, or a shell command with ``{out}``).
+    ``evaluate`` (a callable on the output folder returning metrics, a shell command with ``{out}``, or
+    built-in evaluator specs such as ``"ppl:val.txt"``, which score each point in memory unless ``keep``).
 
     ``executor="ray"`` runs each point (merge, then evaluation) as a Ray task needing ``resources``
     ({"num_gpus": 1} for a GPU evaluation)."""
     return run_sweep(recipe_path, dict(grid), out_dir, evaluate, device=device, force=force, executor=executor,
-                     address=address, resources=dict(resources or {}), max_points=max_points)
+                     address=address, resources=dict(resources or {}), max_points=max_points, keep=keep)
 
 
 def search(recipe_path: str | os.PathLike[str], space: Mapping[str, tuple[float, float]],
@@ -276,7 +279,7 @@ def _eager(op: Operator, inputs: dict[str, Any], params: dict[str, Any], common:
     recipe = build_recipe(doc, PYTHON_SOURCE, {}, {}, base_dir=Path.cwd(), in_memory=frozenset(sources),
                           model_types=model_types, memory_sequences=sequences)
     graph = Graph(recipe, sources)
-    sink = _DictSink()
+    sink = DictSink()
     plain_tensors = bool(sources.bare)
     execute(graph, [sink], sources.device)
     values = {t.key: sink.values[t.key] for t in graph.outputs[0].tensors}  # keys finish in any order
@@ -325,12 +328,3 @@ class _MemorySources(dict):
             for key in source.keys:
                 return source.read(key).device
         return torch.device("cpu")
-
-
-class _DictSink:
-    def __init__(self) -> None:
-        self.values: dict[str, Any] = {}
-
-    def write(self, key: str, value: Any) -> int:
-        self.values[key] = value
-        return sum(v.nbytes for v in value) if isinstance(value, list) else value.nbytes

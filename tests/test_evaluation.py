@@ -122,3 +122,24 @@ def test_eval_command_and_sweep_with_a_built_in_evaluator(cli, tmp_path):
     assert rows[0].split(",")[:4] == ["point", "w.alpha", "ppl", "ppl_tokens"]
     assert float(rows[1].split(",")[2]) == pytest.approx(at_a, rel=1e-6)  # alpha 0 is model a
     assert cli("eval", a, "nope:x").exit_code == 2
+
+
+def test_sweep_points_scored_in_memory_equal_the_written_ones(tmp_path):
+    """Built-in evaluators score each point's weights in memory (no checkpoint written) with the numbers the
+    written points give (--keep)."""
+    import mergebench as mb
+
+    a, b = tiny_lm(tmp_path / "a", seed=0), tiny_lm(tmp_path / "b", seed=1)
+    (tmp_path / "text.txt").write_text("the cat sat on the mat a dog ran merge models")
+    recipe = write_recipe(tmp_path / "ties.yaml", {
+        "models": {"a": str(a), "b": str(b)},
+        "nodes": {"t": {"op": "ties", "inputs": {"base": "a", "models": ["b"]}, "params": {"density": 0.5}}},
+        "outputs": [{"from": "t", "path": "unused"}]})
+    spec = f"ppl:{tmp_path / 'text.txt'}"
+    in_memory = mb.sweep(recipe, {"t.lambda": [0.5, 1.0]}, tmp_path / "memory", evaluate=spec, device="cpu")
+    written = mb.sweep(recipe, {"t.lambda": [0.5, 1.0]}, tmp_path / "written", evaluate=spec, device="cpu",
+                       keep=True)
+    assert [p.metrics for p in in_memory] == [p.metrics for p in written]
+    assert in_memory[0].metrics["ppl"] != in_memory[1].metrics["ppl"]
+    assert sorted(p.name for p in (tmp_path / "memory").iterdir()) == ["results.csv", "sweep.png"]
+    assert all(p.outputs[0].is_dir() for p in written)

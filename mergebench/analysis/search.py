@@ -2,7 +2,8 @@
 
 ``mergebench search RECIPE --space merge.density=0.1:0.9 --eval ppl:val.txt --trials 40`` asks Optuna's
 sampler (TPE, or CMA-ES for one objective) for parameters, merges the recipe with them into
-``OUT/trial-N`` (removed after its evaluation unless ``keep``), evaluates it, and tells the study. The
+``OUT/trial-N`` (removed after its evaluation unless ``keep``; built-in evaluators score it in memory
+instead, without writing it), evaluates it, and tells the study. The
 study lives in ``OUT/study.db``: a killed search resumes where it stopped and runs only the trials still
 missing. ``OUT/trials.csv`` is rewritten after every trial; the best parameters are written as a plain
 recipe (``OUT/best.yaml``); two objectives give their Pareto front (``OUT/pareto.png``).
@@ -19,7 +20,15 @@ from typing import Any
 
 import yaml
 
-from mergebench.analysis.sweeps import Evaluator, SweepPoint, built_in, evaluate_point, expand
+from mergebench.analysis.sweeps import (
+    BuiltIn,
+    Evaluator,
+    SweepPoint,
+    built_in,
+    evaluate_point,
+    expand,
+    score_in_memory,
+)
 from mergebench.engine.runner import RunOptions, run_recipe
 from mergebench.errors import MergebenchError
 from mergebench.io.output_guard import check_replaceable
@@ -100,9 +109,14 @@ def run_search(recipe_path: str | Path, spaces: list[Space], out_dir: str | Path
     while len(study.get_trials(states=(complete,))) < trials:
         trial = study.ask()
         params = {s.target: trial.suggest_float(s.target, s.low, s.high, log=s.log) for s in spaces}
-        point = _merge(data, lines, recipe_path, params, out_dir / f"trial-{trial.number:03d}", device)
-        if point.error is None:
-            evaluate_point(point, evaluate)
+        in_memory = isinstance(evaluate, BuiltIn) and not keep
+        if in_memory:
+            point = SweepPoint(trial.number, params, [])
+            score_in_memory(point, data, lines, recipe_path, out_dir, evaluate, device)
+        else:
+            point = _merge(data, lines, recipe_path, params, out_dir / f"trial-{trial.number:03d}", device)
+            if point.error is None:
+                evaluate_point(point, evaluate)
         missing = [o.metric for o in objectives if o.metric not in point.metrics]
         if point.error is not None or missing:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
@@ -111,7 +125,7 @@ def run_search(recipe_path: str | Path, spaces: list[Space], out_dir: str | Path
         for name, value in point.metrics.items():
             trial.set_user_attr(name, value)
         study.tell(trial, [point.metrics[o.metric] for o in objectives])
-        if not keep:
+        if not keep and not in_memory:
             check_replaceable(point.outputs[0], artifact=False)  # only what the merge wrote goes
             shutil.rmtree(point.outputs[0], ignore_errors=True)
         _write_trials(study, out_dir / "trials.csv")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import functools
 import itertools
 import json
 import re
@@ -25,9 +24,12 @@ from typing import Any
 
 import yaml
 
-from mergebench.engine.runner import RunOptions, run_recipe
+from mergebench.engine.executor import execute
+from mergebench.engine.graph import Graph
+from mergebench.engine.pipeline import DictSink
+from mergebench.engine.runner import RunOptions, resolve_device, run_recipe
 from mergebench.errors import MergebenchError
-from mergebench.recipe import Recipe, build_recipe, read_recipe_data
+from mergebench.recipe import MEMORY_PATH, Recipe, build_recipe, read_recipe_data
 
 Evaluator = Callable[[Path], dict[str, float]]
 GRID_TOLERANCE = Decimal("1e-9")
@@ -166,8 +168,13 @@ def run_sweep(
     address: str | None = None,
     resources: dict[str, float] | None = None,
     max_points: int = MAX_GRID_POINTS,
+    keep: bool = True,
 ) -> list[SweepPoint]:
     """Merge every grid point (one pass when it can), evaluate each, write results.csv and sweep.png.
+
+    With built-in evaluators and ``keep=False``, each point is merged into memory and scored there, one
+    point at a time: no checkpoint is written (each point reads the inputs again; for models that fit in
+    memory).
 
     ``executor="ray"``: each point, its merge then its evaluation, is a Ray task needing ``resources``
     (``num_cpus``, ``num_gpus``); the outputs folder must be on storage the cluster's nodes share.
@@ -188,7 +195,10 @@ def run_sweep(
         single["outputs"] = [{**o, "path": str(p.resolve())} for o, p in zip(single["outputs"], point.outputs)]
         return build_recipe(single, recipe_path, lines, {}, base_dir=base_dir)
 
-    if executor == "ray":
+    if isinstance(evaluate, BuiltIn) and not keep and executor == "local":
+        for point in points:
+            score_in_memory(point, data, lines, recipe_path, out_dir, evaluate, device)
+    elif executor == "ray":
         _run_points_on_ray(points, [single_point(p) for p in points], evaluate, device, force, address,
                            resources or {})
     elif executor != "local":
@@ -208,6 +218,22 @@ def run_sweep(
     if plot and evaluate is not None and any(p.metrics for p in points):
         plot_results(points, out_dir / "sweep.png")
     return points
+
+
+def score_in_memory(point: SweepPoint, data: dict[str, Any], lines: dict, recipe_path: Path, out_dir: Path,
+                     evaluate: BuiltIn, device: str) -> None:
+    """Merge one point into memory and score its weights in the architecture of the output's primary model."""
+    single, _ = expand(data, {t: [v] for t, v in point.params.items()}, out_dir)
+    single["outputs"] = [{**single["outputs"][0], "path": MEMORY_PATH}]
+    point.outputs = [Path(MEMORY_PATH)]
+    try:
+        graph = Graph(build_recipe(single, recipe_path, lines, {}, base_dir=recipe_path.resolve().parent))
+        sink = DictSink()
+        execute(graph, [sink], resolve_device(device))
+        folder = graph.sources[graph.outputs[0].primary].folder
+        point.metrics = {k: float(v) for k, v in evaluate.on_weights(sink.values, folder).items()}
+    except MergebenchError as exc:
+        point.error = str(exc)
 
 
 def _merge_point(recipe: Recipe, device: str, force: bool) -> str | None:
@@ -239,12 +265,32 @@ def _run_points_on_ray(points: list[SweepPoint], recipes: list[Recipe], evaluate
         point.metrics, point.error = result.metrics, result.error
 
 
-def built_in(specs: list[str], device: str) -> Evaluator:
-    """The evaluator that runs mergebench's built-in evaluators (checked now, before any merge) on a point."""
-    from mergebench.evaluation import evaluate, parse_spec
+@dataclass(frozen=True)
+class BuiltIn:
+    """mergebench's built-in evaluators (mergebench.evaluation) as a sweep's evaluator: on a written point,
+    or on a point's weights in memory."""
 
-    evaluators = [parse_spec(spec) for spec in specs]
-    return functools.partial(evaluate, specs=evaluators, device="cpu" if device == "auto" else device)
+    specs: tuple[str, ...]
+    device: str
+
+    def __call__(self, path: Path) -> dict[str, float]:
+        from mergebench.evaluation import evaluate
+
+        return evaluate(path, self.specs, self.device)
+
+    def on_weights(self, state: dict[str, Any], folder: Path) -> dict[str, float]:
+        from mergebench.evaluation import evaluate_state
+
+        return evaluate_state(state, folder, self.specs, self.device)
+
+
+def built_in(specs: list[str], device: str) -> BuiltIn:
+    """Built-in evaluator specs, each checked now (before any merge)."""
+    from mergebench.evaluation import parse_spec
+
+    for spec in specs:
+        parse_spec(spec)
+    return BuiltIn(tuple(specs), "cpu" if device == "auto" else device)
 
 
 def evaluate_point(point: SweepPoint, evaluate: Evaluator | str) -> None:

@@ -31,6 +31,17 @@ class Sink(Protocol):
     def write(self, key: str, value: Value) -> int: ...
 
 
+class DictSink:
+    """A sink keeping every key's value in memory (an eager call, a sweep point scored without writing)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+
+    def write(self, key: str, value: Value) -> int:
+        self.values[key] = value
+        return sum(v.nbytes for v in value) if isinstance(value, list) else value.nbytes
+
+
 def compute_threads(device: torch.device) -> int:
     """Keys computed at once: one per thread torch may use, at most ``COMPUTE_THREADS`` (``GPU_COMPUTE_THREADS``).
 

@@ -11,6 +11,6 @@ installed and its data is local). ``mergebench eval MODEL SPEC...``, ``sweep --e
 
 from __future__ import annotations
 
-from mergebench.evaluation.registry import evaluate, parse_spec
+from mergebench.evaluation.registry import evaluate, evaluate_state, parse_spec
 
-__all__ = ["evaluate", "parse_spec"]
+__all__ = ["evaluate", "evaluate_state", "parse_spec"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -40,25 +40,60 @@ def parse_spec(spec: str) -> Evaluator:
 def evaluate(model: str | os.PathLike[str], specs: Iterable[str | Evaluator], device: str = "cpu",
              dtype: torch.dtype = torch.float32) -> dict[str, float]:
     """Every evaluator's metrics on the model folder ``model`` (loaded once per model class it needs)."""
+    path = _model_folder(model)
+    return _run(list(specs), path, lambda loader: loader.from_pretrained(path, dtype=dtype), device, path)
+
+
+def evaluate_state(state: dict[str, torch.Tensor], folder: str | os.PathLike[str], specs: Iterable[str | Evaluator],
+                   device: str = "cpu") -> dict[str, float]:
+    """The same metrics for weights held in memory, in the architecture and tokenizer of the model folder
+    ``folder`` (a merge evaluated without writing it: the sweep's points)."""
+    path = _model_folder(folder)
+
+    def build(loader: Any) -> torch.nn.Module:
+        import transformers
+
+        model = loader.from_config(transformers.AutoConfig.from_pretrained(path), dtype=torch.float32)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        tied = set(getattr(model, "_tied_weights_keys", None) or [])
+        lacking = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
+        if lacking or unexpected:
+            raise MergebenchError(f"the merged weights do not fit {path}'s architecture (missing "
+                                  f"{lacking[:3]}, unexpected {unexpected[:3]})")
+        model.tie_weights()
+        return model
+
+    return _run(list(specs), path, build, device, None)
+
+
+def _model_folder(model: str | os.PathLike[str]) -> Path:
+    path = Path(model)
+    if not (path / "config.json").is_file():
+        raise MergebenchError(f"{path}: not a Hugging Face model folder (no config.json)")
+    return path
+
+
+def _run(specs: list[str | Evaluator], folder: Path, build: Any, device: str, written: Path | None
+         ) -> dict[str, float]:
+    """Each evaluator on the model ``build(loader)`` makes (once per model class); the harness needs ``written``."""
     try:
         import transformers
     except ImportError:
         raise MergebenchError("evaluation loads models with transformers: pip install transformers") from None
     transformers.utils.logging.disable_progress_bar()  # the metrics are the output
     evaluators = [parse_spec(s) if isinstance(s, str) else s for s in specs]
-    path = Path(model)
-    if not (path / "config.json").is_file():
-        raise MergebenchError(f"{path}: not a Hugging Face model folder (no config.json)")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     loaders = {"causal_lm": transformers.AutoModelForCausalLM, "encoder": transformers.AutoModel}
     loaded: dict[str, torch.nn.Module] = {}
     found: list[dict[str, float]] = []
     for evaluator in evaluators:
         if evaluator.kind == "harness":
-            found.append(evaluator(path, device))
+            if written is None:
+                raise MergebenchError("lm-eval reads a model folder: keep the outputs written (--keep)")
+            found.append(evaluator(written, device))
             continue
         if evaluator.kind not in loaded:
-            loaded[evaluator.kind] = loaders[evaluator.kind].from_pretrained(path, dtype=dtype).to(device).eval()
+            loaded[evaluator.kind] = build(loaders[evaluator.kind]).to(device).eval()
         with torch.no_grad():
             found.append(evaluator(loaded[evaluator.kind], tokenizer))
     return _named(evaluators, found)
