@@ -21,7 +21,7 @@ class Perplexity:
     kind = "causal_lm"
 
     def __init__(self, path: Path, window: int | None = None, stride: int | None = None,
-                 max_tokens: int | None = None, batch_size: int = 4):
+                 max_tokens: int | None = None, batch_size: int = 8):
         self.path, self.window, self.stride, self.max_tokens, self.batch_size = path, window, stride, max_tokens, \
             batch_size
 
@@ -34,17 +34,16 @@ class Perplexity:
         window = self.window or min(int(getattr(model.config, "max_position_embeddings", 1024) or 1024), 1024)
         stride = self.stride or max(1, window // 2)
         device = next(model.parameters()).device
-        total, scored = 0.0, 0
+        spans, scored = [], 0  # (document's tokens, begin, end, new), in order, up to max_tokens
         for text in self.documents():
             ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
-            spans = list(_windows(len(ids), window, stride))
-            for start in range(0, len(spans), self.batch_size):
-                batch = spans[start:start + self.batch_size]
-                for (_, _, new), nll in zip(batch, _window_nll(model, ids, batch, device)):
-                    if self.max_tokens is not None and scored + new > self.max_tokens:
-                        return _result(total, scored)
-                    total, scored = total + nll, scored + new
-        return _result(total, scored)
+            for begin, end, new in _windows(len(ids), window, stride):
+                if self.max_tokens is not None and scored + new > self.max_tokens:
+                    break
+                spans.append((ids, begin, end, new))
+                scored += new
+        total = sum(_window_nll(model, spans, self.batch_size, device))
+        return {"ppl": math.exp(total / scored) if scored else float("nan"), "ppl_tokens": float(scored)}
 
 
 def _windows(length: int, window: int, stride: int):
@@ -59,22 +58,21 @@ def _windows(length: int, window: int, stride: int):
             break
 
 
-def _window_nll(model: torch.nn.Module, ids: torch.Tensor, spans: list[tuple[int, int, int]],
+def _window_nll(model: torch.nn.Module, spans: list[tuple[torch.Tensor, int, int, int]], batch_size: int,
                 device: torch.device) -> list[float]:
-    """Σ NLL of the last ``new`` tokens of each window; windows of one length run as one batch (no padding)."""
+    """Σ NLL of the last ``new`` tokens of each window; windows of one length (of any document) run in batches
+    of ``batch_size``, without padding."""
     results = [0.0] * len(spans)
     by_length: dict[int, list[int]] = {}
-    for i, (begin, end, _) in enumerate(spans):
+    for i, (_, begin, end, _) in enumerate(spans):
         by_length.setdefault(end - begin, []).append(i)
-    for indices in by_length.values():
-        inputs = torch.stack([ids[spans[i][0]:spans[i][1]] for i in indices]).to(device)
-        logits = model(input_ids=inputs).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), inputs[:, 1:].reshape(-1),
-                                                reduction="none").reshape(len(indices), -1)
-        for row, i in enumerate(indices):
-            results[i] = float(nll[row, -spans[i][2]:].double().sum())
+    for same in by_length.values():
+        for start in range(0, len(same), batch_size):
+            indices = same[start:start + batch_size]
+            inputs = torch.stack([spans[i][0][spans[i][1]:spans[i][2]] for i in indices]).to(device)
+            logits = model(input_ids=inputs).logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), inputs[:, 1:].reshape(-1),
+                                                    reduction="none").reshape(len(indices), -1)
+            for row, i in enumerate(indices):
+                results[i] = float(nll[row, -spans[i][3]:].double().sum())
     return results
-
-
-def _result(total: float, scored: int) -> dict[str, float]:
-    return {"ppl": math.exp(total / scored) if scored else float("nan"), "ppl_tokens": float(scored)}

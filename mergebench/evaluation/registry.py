@@ -52,8 +52,10 @@ def evaluate_state(state: dict[str, torch.Tensor], folder: str | os.PathLike[str
 
     def build(loader: Any) -> torch.nn.Module:
         import transformers
+        from transformers.initialization import no_init_weights
 
-        model = loader.from_config(transformers.AutoConfig.from_pretrained(path), dtype=torch.float32)
+        with no_init_weights():  # every weight is about to be replaced: no random initialisation
+            model = loader.from_config(transformers.AutoConfig.from_pretrained(path), dtype=torch.float32)
         missing, unexpected = model.load_state_dict(state, strict=False)
         tied = set(getattr(model, "_tied_weights_keys", None) or [])
         lacking = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
