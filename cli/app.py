@@ -433,14 +433,24 @@ def search(
     out: Annotated[Path | None, typer.Option(help="folder of the study (study.db), trials.csv, best.yaml")] = None,
     keep: Annotated[bool, _flag("--keep", help="keep every trial's merged model")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+    executor: ExecutorOpt = "local",
+    address: AddressOpt = None,
+    parallel: Annotated[int, typer.Option(help="trials at a time on Ray")] = 2,
+    gpus_per_trial: Annotated[float, typer.Option(help="GPUs each trial's merge and eval needs (Ray)")] = 0.0,
+    cpus_per_trial: Annotated[float, typer.Option(help="CPUs each trial's merge and eval needs (Ray)")] = 1.0,
 ) -> None:
     """Search merge parameters with Optuna (each trial a merge and an evaluation); rerun to resume."""
     with _user_errors():
-        from mergebench.analysis.search import parse_objective, parse_space, run_search
+        from mergebench.analysis.search import Parallel, parse_objective, parse_space, run_search
+        from mergebench.errors import MergebenchError
 
+        if executor not in ("local", "ray"):
+            raise MergebenchError(f"--executor {executor}: expected local or ray")
         out_dir = out or Path(f"search-{recipe.stem}")
+        ray = Parallel(parallel, address, {"num_gpus": gpus_per_trial, "num_cpus": cpus_per_trial}) \
+            if executor == "ray" else None
         result = run_search(recipe, [parse_space(s) for s in space], out_dir, evaluate,
-                            [parse_objective(o) for o in objective], trials, sampler, seed, device, keep)
+                            [parse_objective(o) for o in objective], trials, sampler, seed, device, keep, ray)
     for best in result.best:
         console.print(f"trial {best['number']}: {json.dumps(best['params'])} -> {json.dumps(best['metrics'])}",
                       highlight=False)
@@ -452,11 +462,20 @@ def eval_model(
     model: Annotated[Path, typer.Argument(help="a Hugging Face model folder")],
     specs: Annotated[list[str], typer.Argument(help="ppl:FILE, mc:FILE, cls:FILE, cls-logreg:FILE, lm-eval:TASKS")],
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N")] = "cpu",
+    max_tokens: Annotated[int | None, typer.Option(help="perplexity: score at most this many tokens")] = None,
+    window: Annotated[int | None, typer.Option(help="perplexity: tokens per window (default min(1024, the "
+                                                    "model's positions))")] = None,
+    stride: Annotated[int | None, typer.Option(help="perplexity: tokens a window advances (default half one)")
+                      ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="perplexity: windows per forward pass (default 8)")] = None,
 ) -> None:
     """Evaluate a model with built-in evaluators on local files; prints the metrics as one JSON object."""
     with _user_errors():
         from mergebench.evaluation import evaluate
 
+        given = {"max_tokens": max_tokens, "window": window, "stride": stride, "batch_size": batch_size}
+        query = "&".join(f"{k}={v}" for k, v in given.items() if v is not None)
+        specs = [f"{s}{'&' if '?' in s else '?'}{query}" if query and s.startswith("ppl:") else s for s in specs]
         metrics = evaluate(model, specs, device=device)
     print(json.dumps(metrics))
 

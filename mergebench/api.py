@@ -118,15 +118,20 @@ def sweep(recipe_path: str | os.PathLike[str], grid: Mapping[str, list[Any]], ou
 def search(recipe_path: str | os.PathLike[str], space: Mapping[str, tuple[float, float]],
            out_dir: str | os.PathLike[str], evaluate: Callable[[Path], dict[str, float]] | str,
            objectives: list[str], trials: int = 40, sampler: str = "tpe", seed: int = 0, device: str = "auto",
-           keep: bool = False) -> Any:
+           keep: bool = False, executor: str = "local", parallel: int = 1, address: str | None = None,
+           resources: Mapping[str, float] | None = None) -> Any:
     """Optuna search over ``space`` ({"node.param": (low, high)}) for ``objectives`` ("metric[:min|max]"), each
     trial a merge scored by ``evaluate`` (a callable on the output folder, built-in specs, or a command);
-    resumable from ``out_dir/study.db`` (mergebench.analysis.search)."""
-    from mergebench.analysis.search import Space, parse_objective, run_search
+    resumable from ``out_dir/study.db``; ``executor="ray"`` runs ``parallel`` trials at a time as Ray tasks
+    (mergebench.analysis.search)."""
+    from mergebench.analysis.search import Parallel, Space, parse_objective, run_search
 
+    if executor not in ("local", "ray"):
+        raise MergebenchError(f"--executor {executor}: expected local or ray")
     spaces = [Space(target, float(low), float(high)) for target, (low, high) in space.items()]
+    ray = Parallel(parallel, address, dict(resources or {})) if executor == "ray" else None
     return run_search(recipe_path, spaces, out_dir, evaluate, [parse_objective(o) for o in objectives], trials,
-                      sampler, seed, device, keep)
+                      sampler, seed, device, keep, ray)
 
 
 @dataclass(frozen=True)

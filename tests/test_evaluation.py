@@ -122,6 +122,11 @@ def test_eval_command_and_sweep_with_a_built_in_evaluator(cli, tmp_path):
     assert rows[0].split(",")[:4] == ["point", "w.alpha", "ppl", "ppl_tokens"]
     assert float(rows[1].split(",")[2]) == pytest.approx(at_a, rel=1e-6)  # alpha 0 is model a
     assert cli("eval", a, "nope:x").exit_code == 2
+    result = cli("eval", a, f"ppl:{tmp_path / 'text.txt'}", "--max-tokens", "4", "--window", "3", "--stride", "2")
+    capped = json.loads(next(line for line in result.output.splitlines() if line.startswith("{")))
+    assert result.exit_code == 0 and capped["ppl_tokens"] <= 4
+    result = cli("eval", a, f"ppl:{tmp_path / 'text.txt'}?window=0")
+    assert result.exit_code == 2 and "positive integer" in result.output
 
 
 def test_sweep_points_scored_in_memory_equal_the_written_ones(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import sys
@@ -117,3 +118,31 @@ def test_without_ray_the_flag_names_the_extra(tmp_path, cli, llama_models, monke
     assert result.exit_code == 2
     assert "pip install 'mergebench[ray]'" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_search_trials_run_side_by_side_as_tasks(tmp_path, cli, llama_models, ray_cluster):
+    """Two trials at a time on Ray: the study reaches its trials with every trial scored, each trial's model
+    removed once scored; the same seed gives the first trials the local search gives."""
+    pytest.importorskip("optuna")
+    folders, _, _ = llama_models(torch.float32)
+    recipe = write_recipe(tmp_path / "wise.yaml", {
+        "models": {"zs": str(folders["base"]), "ft": str(folders["ft1"])},
+        "nodes": {"wise": {"op": "wise_ft", "inputs": {"zero_shot": "zs", "fine_tuned": "ft"}}},
+        "outputs": [{"from": "wise", "path": "out"}],
+    })
+    scorer = tmp_path / "score.py"
+    scorer.write_text("import json, sys\nfrom safetensors.torch import load_file\nfrom pathlib import Path\n"
+                      "t = {k: v for f in sorted(Path(sys.argv[1]).glob('*.safetensors')) for k, v in "
+                      "load_file(f).items()}\nprint(json.dumps({'norm': float(t['model.norm.weight'].sum())}))\n")
+    rows = {}
+    for executor in ("local", "ray"):
+        out = tmp_path / f"search-{executor}"
+        result = cli("search", recipe, "--space", "wise.alpha=0:1", "--eval", f"{sys.executable} {scorer} {{out}}",
+                     "--objective", "norm:max", "--trials", "4", "--out", out, "--executor", executor,
+                     "--parallel", "2", "--cpus-per-trial", "1")
+        assert result.exit_code == 0, result.output
+        with open(out / "trials.csv", newline="") as f:
+            rows[executor] = list(csv.DictReader(f))
+        assert not any(out.glob("trial-*"))
+    assert len(rows["ray"]) == 4 and all(r["state"] == "COMPLETE" and r["norm"] for r in rows["ray"])
+    assert [r["wise.alpha"] for r in rows["ray"][:2]] == [r["wise.alpha"] for r in rows["local"][:2]]

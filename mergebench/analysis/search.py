@@ -27,9 +27,10 @@ from mergebench.analysis.sweeps import (
     built_in,
     evaluate_point,
     expand,
+    merge_point,
+    run_points_on_ray,
     score_in_memory,
 )
-from mergebench.engine.runner import RunOptions, run_recipe
 from mergebench.errors import MergebenchError
 from mergebench.io.output_guard import check_replaceable
 from mergebench.recipe import build_recipe, read_recipe_data
@@ -84,10 +85,20 @@ class SearchResult:
     best_recipe: Path | None
 
 
+@dataclass(frozen=True)
+class Parallel:
+    """Trials side by side on Ray: ``trials`` asked at once, each merged and scored by a task."""
+
+    trials: int = 1
+    address: str | None = None
+    resources: dict[str, float] | None = None
+
+
 def run_search(recipe_path: str | Path, spaces: list[Space], out_dir: str | Path, evaluate: Evaluator | str,
                objectives: list[Objective], trials: int, sampler: str = "tpe", seed: int = 0, device: str = "auto",
-               keep: bool = False) -> SearchResult:
-    """Run the study to ``trials`` completed trials (resuming one already in ``out_dir``)."""
+               keep: bool = False, ray: Parallel | None = None) -> SearchResult:
+    """Run the study to ``trials`` completed trials (resuming one already in ``out_dir``); with ``ray``,
+    ``ray.trials`` at a time as Ray tasks (each writes its trial's model, removed once scored unless ``keep``)."""
     optuna = _optuna()
     if sampler not in SAMPLERS:
         raise MergebenchError(f"--sampler {sampler}: expected {' or '.join(SAMPLERS)}")
@@ -106,30 +117,40 @@ def run_search(recipe_path: str | Path, spaces: list[Space], out_dir: str | Path
     study = optuna.create_study(study_name="mergebench", storage=f"sqlite:///{out_dir / 'study.db'}",
                                 load_if_exists=True, directions=[o.direction for o in objectives], sampler=chosen)
     complete = optuna.trial.TrialState.COMPLETE
-    while len(study.get_trials(states=(complete,))) < trials:
-        trial = study.ask()
-        params = {s.target: trial.suggest_float(s.target, s.low, s.high, log=s.log) for s in spaces}
-        in_memory = isinstance(evaluate, BuiltIn) and not keep
+    in_memory = isinstance(evaluate, BuiltIn) and not keep and ray is None
+    while (done := len(study.get_trials(states=(complete,)))) < trials:
+        asked = [study.ask() for _ in range(min(ray.trials if ray else 1, trials - done))]
+        points = [SweepPoint(t.number, {s.target: t.suggest_float(s.target, s.low, s.high, log=s.log)
+                                        for s in spaces}, [out_dir / f"trial-{t.number:03d}"]) for t in asked]
         if in_memory:
-            point = SweepPoint(trial.number, params, [])
-            score_in_memory(point, data, lines, recipe_path, out_dir, evaluate, device)
+            score_in_memory(points[0], data, lines, recipe_path, out_dir, evaluate, device)
+        elif ray is not None:
+            recipes = [_recipe(data, lines, recipe_path, p.params, p.outputs[0]) for p in points]
+            run_points_on_ray(points, recipes, evaluate, device, True, ray.address, ray.resources or {})
         else:
-            point = _merge(data, lines, recipe_path, params, out_dir / f"trial-{trial.number:03d}", device)
+            point = points[0]
+            point.error = merge_point(_recipe(data, lines, recipe_path, point.params, point.outputs[0]), device, True)
             if point.error is None:
                 evaluate_point(point, evaluate)
-        missing = [o.metric for o in objectives if o.metric not in point.metrics]
-        if point.error is not None or missing:
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            reason = point.error or f"the evaluation gave no {missing[0]} (it gave {', '.join(point.metrics)})"
-            raise MergebenchError(f"trial {trial.number} ({params}): {reason}")
-        for name, value in point.metrics.items():
-            trial.set_user_attr(name, value)
-        study.tell(trial, [point.metrics[o.metric] for o in objectives])
-        if not keep and not in_memory:
-            check_replaceable(point.outputs[0], artifact=False)  # only what the merge wrote goes
-            shutil.rmtree(point.outputs[0], ignore_errors=True)
+        for trial, point in zip(asked, points):
+            _tell(study, trial, point, objectives)
+            if not keep and not in_memory and point.outputs[0].exists():
+                check_replaceable(point.outputs[0], artifact=False)  # only what the merge wrote goes
+                shutil.rmtree(point.outputs[0], ignore_errors=True)
         _write_trials(study, out_dir / "trials.csv")
     return _finish(study, data, recipe_path, out_dir, objectives)
+
+
+def _tell(study: Any, trial: Any, point: SweepPoint, objectives: list[Objective]) -> None:
+    """The trial's objectives to the study (every metric kept on the trial); a failed trial stops the search."""
+    missing = [o.metric for o in objectives if o.metric not in point.metrics]
+    if point.error is not None or missing:
+        study.tell(trial, state=_optuna().trial.TrialState.FAIL)
+        reason = point.error or f"the evaluation gave no {missing[0]} (it gave {', '.join(point.metrics)})"
+        raise MergebenchError(f"trial {trial.number} ({point.params}): {reason}")
+    for name, value in point.metrics.items():
+        trial.set_user_attr(name, value)
+    study.tell(trial, [point.metrics[o.metric] for o in objectives])
 
 
 def _optuna() -> Any:
@@ -140,18 +161,11 @@ def _optuna() -> Any:
     return optuna
 
 
-def _merge(data: dict[str, Any], lines: dict, recipe_path: Path, params: dict[str, float], out: Path,
-           device: str) -> SweepPoint:
-    """The recipe with ``params`` merged into ``out`` (its first output depending on them)."""
+def _recipe(data: dict[str, Any], lines: dict, recipe_path: Path, params: dict[str, float], out: Path) -> Any:
+    """The recipe with ``params``, its output (the first depending on them) written to ``out``."""
     single, _ = expand(data, {target: [value] for target, value in params.items()}, out.parent)
     single["outputs"] = [{**single["outputs"][0], "path": str(out.resolve())}]
-    point = SweepPoint(0, params, [out])
-    try:
-        recipe = build_recipe(single, recipe_path, lines, {}, base_dir=recipe_path.resolve().parent)
-        run_recipe(recipe, RunOptions(device=device, force=True))
-    except MergebenchError as exc:
-        point.error = str(exc)
-    return point
+    return build_recipe(single, recipe_path, lines, {}, base_dir=recipe_path.resolve().parent)
 
 
 def _write_trials(study: Any, path: Path) -> None:

@@ -199,7 +199,7 @@ def run_sweep(
         for point in points:
             score_in_memory(point, data, lines, recipe_path, out_dir, evaluate, device)
     elif executor == "ray":
-        _run_points_on_ray(points, [single_point(p) for p in points], evaluate, device, force, address,
+        run_points_on_ray(points, [single_point(p) for p in points], evaluate, device, force, address,
                            resources or {})
     elif executor != "local":
         raise MergebenchError(f"--executor {executor}: expected local or ray")
@@ -209,7 +209,7 @@ def run_sweep(
                        RunOptions(device=device, force=force))
         except MergebenchError:  # find the failing points: run them one at a time
             for point in points:
-                point.error = _merge_point(single_point(point), device, force)
+                point.error = merge_point(single_point(point), device, force)
         if evaluate is not None:
             for point in points:
                 if point.error is None:
@@ -236,7 +236,7 @@ def score_in_memory(point: SweepPoint, data: dict[str, Any], lines: dict, recipe
         point.error = str(exc)
 
 
-def _merge_point(recipe: Recipe, device: str, force: bool) -> str | None:
+def merge_point(recipe: Recipe, device: str, force: bool) -> str | None:
     """Merge one point; the error to report, if any."""
     try:
         run_recipe(recipe, RunOptions(device=device, force=force))
@@ -248,13 +248,13 @@ def _merge_point(recipe: Recipe, device: str, force: bool) -> str | None:
 def _point_task(point: SweepPoint, recipe: Recipe, evaluate: Evaluator | str | None, device: str,
                 force: bool) -> SweepPoint:
     """One point on a Ray worker: its merge, then its evaluation."""
-    point.error = _merge_point(recipe, device, force)
+    point.error = merge_point(recipe, device, force)
     if point.error is None and evaluate is not None:
         evaluate_point(point, evaluate)
     return point
 
 
-def _run_points_on_ray(points: list[SweepPoint], recipes: list[Recipe], evaluate: Evaluator | str | None,
+def run_points_on_ray(points: list[SweepPoint], recipes: list[Recipe], evaluate: Evaluator | str | None,
                        device: str, force: bool, address: str | None, resources: dict[str, float]) -> None:
     from mergebench.engine.ray_executor import connect
 

@@ -20,14 +20,20 @@ class Evaluator(Protocol):
     def __call__(self, model: torch.nn.Module, tokenizer: object) -> dict[str, float]: ...
 
 
+PERPLEXITY_OPTIONS = ("window", "stride", "max_tokens", "batch_size")
+
+
 def parse_spec(spec: str) -> Evaluator:
-    """``ppl:FILE``, ``mc:FILE``, ``cls:FILE`` (``cls-logreg:FILE`` for the probe) or ``lm-eval:TASK[,TASK]``."""
+    """``ppl:FILE``, ``mc:FILE``, ``cls:FILE`` (``cls-logreg:FILE`` for the probe) or ``lm-eval:TASK[,TASK]``.
+
+    Perplexity takes options after the file: ``ppl:FILE?window=512&max_tokens=20000&batch_size=8``."""
     from mergebench.evaluation.choice import MultipleChoice
     from mergebench.evaluation.classification import Classification
     from mergebench.evaluation.harness import LmEval
     from mergebench.evaluation.perplexity import Perplexity
 
-    kinds = {"ppl": lambda a: Perplexity(Path(a)), "mc": lambda a: MultipleChoice(Path(a)),
+    kinds = {"ppl": lambda a: Perplexity(Path(a.partition("?")[0]), **_options(spec, a.partition("?")[2])),
+             "mc": lambda a: MultipleChoice(Path(a)),
              "cls": lambda a: Classification(Path(a), "prototype"),
              "cls-logreg": lambda a: Classification(Path(a), "logreg"),
              "lm-eval": lambda a: LmEval(tuple(t for t in a.split(",") if t))}
@@ -35,6 +41,17 @@ def parse_spec(spec: str) -> Evaluator:
     if not sep or kind not in kinds or not argument:
         raise MergebenchError(f"evaluator '{spec}': expected KIND:ARGUMENT with KIND one of {', '.join(kinds)}")
     return kinds[kind](argument)
+
+
+def _options(spec: str, query: str) -> dict[str, int]:
+    options: dict[str, int] = {}
+    for item in filter(None, query.split("&")):
+        name, _, value = item.partition("=")
+        if name not in PERPLEXITY_OPTIONS or not value.isdigit() or int(value) <= 0:
+            raise MergebenchError(f"evaluator '{spec}': '{item}' is not one of {', '.join(PERPLEXITY_OPTIONS)} "
+                                  f"given a positive integer")
+        options[name] = int(value)
+    return options
 
 
 def evaluate(model: str | os.PathLike[str], specs: Iterable[str | Evaluator], device: str = "cpu",
