@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from mergebench.errors import MergebenchError
+from mergebench.evaluation.registry import tracked
 from mergebench.io.examples import read_examples
 
 
@@ -27,7 +28,7 @@ class MultipleChoice:
         device = next(model.parameters()).device
         examples = read_examples(self.path, ("question", "choices", "answer"))
         right = right_norm = 0
-        for number, example in enumerate(examples, 1):
+        for number, example in tracked(list(enumerate(examples, 1)), "multiple choice"):
             choices, answer = example["choices"], example["answer"]
             if not (isinstance(choices, list) and choices and isinstance(answer, int) and 0 <= answer < len(choices)):
                 raise MergebenchError(f"{self.path}: example {number}: 'choices' must be a list and 'answer' an index "

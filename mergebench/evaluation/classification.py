@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from mergebench.errors import MergebenchError
+from mergebench.evaluation.registry import tracked
 from mergebench.io.examples import read_examples
 
 TEST_EVERY = 5
@@ -44,7 +45,7 @@ class Classification:
     def embed(self, model: torch.nn.Module, tokenizer: object, texts: list[str]) -> torch.Tensor:
         device = next(model.parameters()).device
         parts = []
-        for start in range(0, len(texts), self.batch_size):
+        for start in tracked(range(0, len(texts), self.batch_size), "embeddings"):
             batch = tokenizer(texts[start:start + self.batch_size], padding=True, truncation=True,
                               return_tensors="pt").to(device)
             hidden = model(**batch).last_hidden_state.float()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from mergebench.evaluation.registry import tracked
 from mergebench.io.examples import read_examples
 from mergebench.io.reading import read_text
 
@@ -66,13 +67,13 @@ def _window_nll(model: torch.nn.Module, spans: list[tuple[torch.Tensor, int, int
     by_length: dict[int, list[int]] = {}
     for i, (_, begin, end, _) in enumerate(spans):
         by_length.setdefault(end - begin, []).append(i)
-    for same in by_length.values():
-        for start in range(0, len(same), batch_size):
-            indices = same[start:start + batch_size]
-            inputs = torch.stack([spans[i][0][spans[i][1]:spans[i][2]] for i in indices]).to(device)
-            logits = model(input_ids=inputs).logits[:, :-1].float()
-            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), inputs[:, 1:].reshape(-1),
-                                                    reduction="none").reshape(len(indices), -1)
-            for row, i in enumerate(indices):
-                results[i] = float(nll[row, -spans[i][3]:].double().sum())
+    batches = [same[start:start + batch_size] for same in by_length.values()
+               for start in range(0, len(same), batch_size)]
+    for indices in tracked(batches, "perplexity"):
+        inputs = torch.stack([spans[i][0][spans[i][1]:spans[i][2]] for i in indices]).to(device)
+        logits = model(input_ids=inputs).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), inputs[:, 1:].reshape(-1),
+                                                reduction="none").reshape(len(indices), -1)
+        for row, i in enumerate(indices):
+            results[i] = float(nll[row, -spans[i][3]:].double().sum())
     return results
