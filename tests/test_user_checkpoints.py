@@ -96,7 +96,7 @@ def test_a_gguf_file_merges_with_its_float_version_as_its_dequantized_model_does
     for name, first in (("from_gguf", gguf_file), ("from_float", dequantized)):
         doc = {"models": {"q": str(first), "t": str(tmp_path / "tuned")},
                "nodes": {"avg": {"op": "linear", "inputs": {"models": ["q", "t"]}}},
-               "outputs": [{"from": "avg", "path": name, "dtype": "float32", "copy_files_from": "t"}]}
+               "outputs": [{"from": "avg", "path": name, "dtype": "bfloat16", "copy_files_from": "t"}]}
         run_merge(cli, tmp_path, doc, recipe=f"{name}.yaml")
     ours, expected = read_checkpoint(tmp_path / "from_gguf"), read_checkpoint(tmp_path / "from_float")
     assert ours.keys() == expected.keys() and all(torch.equal(ours[k], expected[k]) for k in ours)

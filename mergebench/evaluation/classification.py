@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from mergebench.errors import MergebenchError
-from mergebench.evaluation.registry import tracked
+from mergebench.evaluation.progress import tracked
 from mergebench.io.examples import read_examples
 
 TEST_EVERY = 5

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from mergebench.evaluation.registry import tracked
+from mergebench.evaluation.progress import tracked
 from mergebench.io.examples import read_examples
 from mergebench.io.reading import read_text
 

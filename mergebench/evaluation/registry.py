@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import os
-import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import torch
 
@@ -22,19 +21,6 @@ class Evaluator(Protocol):
 
 
 PERPLEXITY_OPTIONS = ("window", "stride", "max_tokens", "batch_size")
-T = TypeVar("T")
-
-
-def tracked(items: Sequence[T], description: str) -> Iterable[T]:
-    """``items`` with a progress bar on a terminal (stderr), as they are; nothing printed otherwise."""
-    if not sys.stderr.isatty():
-        return items
-    from rich.console import Console
-    from rich.progress import track
-
-    return track(items, description=description, console=Console(stderr=True), transient=True)
-
-
 def parse_spec(spec: str) -> Evaluator:
     """``ppl:FILE``, ``mc:FILE``, ``cls:FILE`` (``cls-logreg:FILE`` for the probe) or ``lm-eval:TASK[,TASK]``.
 
