@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import Field, model_validator
 
@@ -199,7 +200,6 @@ def _top_magnitudes(delta: torch.Tensor, density: float) -> torch.Tensor:
 
 def _clamped(factors: LowRank, quantile: float) -> LowRank:
     """PEFT's svd_clamp: both factors' entries clipped to ± the quantile of their joint distribution."""
-    values = torch.cat([factors.up.reshape(-1), factors.down.reshape(-1)])
-    high = float(torch.quantile(values, quantile)) if values.numel() <= 1 << 24 else float(
-        torch.kthvalue(values, max(1, int(quantile * values.numel()))).values)
+    values = torch.cat([factors.up.reshape(-1), factors.down.reshape(-1)]).cpu().numpy()
+    high = float(np.quantile(values, quantile))  # torch.quantile's linear rule, without its 2²⁴-entry limit
     return LowRank(factors.down.clamp(-high, high), factors.up.clamp(-high, high), error=factors.error)

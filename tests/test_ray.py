@@ -84,7 +84,8 @@ def test_a_sequence_gives_the_local_bytes(tmp_path, cli, llama_models, ray_clust
     _local_then_ray(tmp_path, cli, recipe, ["ema"])
 
 
-def test_a_sweep_runs_its_points_as_tasks(tmp_path, cli, llama_models, ray_cluster):
+def _wise_and_scorer(tmp_path: Path, llama_models) -> tuple[Path, Path]:
+    """A WiSE-FT recipe of the tiny Llamas, and a script printing the summed final norm of an output as JSON."""
     folders, _, _ = llama_models(torch.float32)
     recipe = write_recipe(tmp_path / "wise.yaml", {
         "models": {"zs": str(folders["base"]), "ft": str(folders["ft1"])},
@@ -95,6 +96,11 @@ def test_a_sweep_runs_its_points_as_tasks(tmp_path, cli, llama_models, ray_clust
     scorer.write_text("import json, sys\nfrom safetensors.torch import load_file\nfrom pathlib import Path\n"
                       "t = {k: v for f in sorted(Path(sys.argv[1]).glob('*.safetensors')) for k, v in "
                       "load_file(f).items()}\nprint(json.dumps({'norm': float(t['model.norm.weight'].sum())}))\n")
+    return recipe, scorer
+
+
+def test_a_sweep_runs_its_points_as_tasks(tmp_path, cli, llama_models, ray_cluster):
+    recipe, scorer = _wise_and_scorer(tmp_path, llama_models)
     results = {}
     for executor in ("local", "ray"):
         out = tmp_path / f"sweep-{executor}"
@@ -124,16 +130,7 @@ def test_search_trials_run_side_by_side_as_tasks(tmp_path, cli, llama_models, ra
     """Two trials at a time on Ray: the study reaches its trials with every trial scored, each trial's model
     removed once scored; the same seed gives the first trials the local search gives."""
     pytest.importorskip("optuna")
-    folders, _, _ = llama_models(torch.float32)
-    recipe = write_recipe(tmp_path / "wise.yaml", {
-        "models": {"zs": str(folders["base"]), "ft": str(folders["ft1"])},
-        "nodes": {"wise": {"op": "wise_ft", "inputs": {"zero_shot": "zs", "fine_tuned": "ft"}}},
-        "outputs": [{"from": "wise", "path": "out"}],
-    })
-    scorer = tmp_path / "score.py"
-    scorer.write_text("import json, sys\nfrom safetensors.torch import load_file\nfrom pathlib import Path\n"
-                      "t = {k: v for f in sorted(Path(sys.argv[1]).glob('*.safetensors')) for k, v in "
-                      "load_file(f).items()}\nprint(json.dumps({'norm': float(t['model.norm.weight'].sum())}))\n")
+    recipe, scorer = _wise_and_scorer(tmp_path, llama_models)
     rows = {}
     for executor in ("local", "ray"):
         out = tmp_path / f"search-{executor}"

@@ -28,12 +28,13 @@ from mergebench.analysis.sweeps import (
     evaluate_point,
     expand,
     merge_point,
+    point_recipe,
     run_points_on_ray,
     score_in_memory,
 )
 from mergebench.errors import MergebenchError
 from mergebench.io.output_guard import check_replaceable
-from mergebench.recipe import build_recipe, read_recipe_data
+from mergebench.recipe import read_recipe_data
 
 SAMPLERS = ("tpe", "cmaes")
 MINIMISED = ("ppl", "loss", "error")  # metrics that get better as they fall, when no direction is given
@@ -118,6 +119,10 @@ def run_search(recipe_path: str | Path, spaces: list[Space], out_dir: str | Path
                                 load_if_exists=True, directions=[o.direction for o in objectives], sampler=chosen)
     complete = optuna.trial.TrialState.COMPLETE
     in_memory = isinstance(evaluate, BuiltIn) and not keep and ray is None
+
+    def written(point: SweepPoint) -> Any:  # the trial's recipe, its model written to its trial folder
+        return point_recipe(data, lines, recipe_path, point.params, out_dir, [str(point.outputs[0].resolve())])
+
     while (done := len(study.get_trials(states=(complete,)))) < trials:
         asked = [study.ask() for _ in range(min(ray.trials if ray else 1, trials - done))]
         points = [SweepPoint(t.number, {s.target: t.suggest_float(s.target, s.low, s.high, log=s.log)
@@ -125,11 +130,11 @@ def run_search(recipe_path: str | Path, spaces: list[Space], out_dir: str | Path
         if in_memory:
             score_in_memory(points[0], data, lines, recipe_path, out_dir, evaluate, device)
         elif ray is not None:
-            recipes = [_recipe(data, lines, recipe_path, p.params, p.outputs[0]) for p in points]
+            recipes = [written(point) for point in points]
             run_points_on_ray(points, recipes, evaluate, device, True, ray.address, ray.resources or {})
         else:
             point = points[0]
-            point.error = merge_point(_recipe(data, lines, recipe_path, point.params, point.outputs[0]), device, True)
+            point.error = merge_point(written(point), device, True)
             if point.error is None:
                 evaluate_point(point, evaluate)
         for trial, point in zip(asked, points):
@@ -159,13 +164,6 @@ def _optuna() -> Any:
     except ImportError:
         raise MergebenchError("search uses Optuna: pip install 'mergebench[search]'") from None
     return optuna
-
-
-def _recipe(data: dict[str, Any], lines: dict, recipe_path: Path, params: dict[str, float], out: Path) -> Any:
-    """The recipe with ``params``, its output (the first depending on them) written to ``out``."""
-    single, _ = expand(data, {target: [value] for target, value in params.items()}, out.parent)
-    single["outputs"] = [{**single["outputs"][0], "path": str(out.resolve())}]
-    return build_recipe(single, recipe_path, lines, {}, base_dir=recipe_path.resolve().parent)
 
 
 def _write_trials(study: Any, path: Path) -> None:

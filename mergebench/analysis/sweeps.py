@@ -191,9 +191,8 @@ def run_sweep(
     base_dir = recipe_path.resolve().parent
 
     def single_point(point: SweepPoint) -> Recipe:
-        single, _ = expand(data, {t: [v] for t, v in point.params.items()}, out_dir)
-        single["outputs"] = [{**o, "path": str(p.resolve())} for o, p in zip(single["outputs"], point.outputs)]
-        return build_recipe(single, recipe_path, lines, {}, base_dir=base_dir)
+        paths = [str(path.resolve()) for path in point.outputs]
+        return point_recipe(data, lines, recipe_path, point.params, out_dir, paths)
 
     if isinstance(evaluate, BuiltIn) and not keep and executor == "local":
         for point in points:
@@ -220,14 +219,20 @@ def run_sweep(
     return points
 
 
+def point_recipe(data: dict[str, Any], lines: dict, recipe_path: Path, params: dict[str, Any], out_dir: Path,
+                 paths: list[str]) -> Recipe:
+    """The recipe at one point: the swept parameters set, its outputs depending on them written to ``paths``."""
+    single, _ = expand(data, {target: [value] for target, value in params.items()}, out_dir)
+    single["outputs"] = [{**output, "path": path} for output, path in zip(single["outputs"], paths)]
+    return build_recipe(single, recipe_path, lines, {}, base_dir=recipe_path.resolve().parent)
+
+
 def score_in_memory(point: SweepPoint, data: dict[str, Any], lines: dict, recipe_path: Path, out_dir: Path,
                      evaluate: BuiltIn, device: str) -> None:
     """Merge one point into memory and score its weights in the architecture of the output's primary model."""
-    single, _ = expand(data, {t: [v] for t, v in point.params.items()}, out_dir)
-    single["outputs"] = [{**single["outputs"][0], "path": MEMORY_PATH}]
     point.outputs = [Path(MEMORY_PATH)]
     try:
-        graph = Graph(build_recipe(single, recipe_path, lines, {}, base_dir=recipe_path.resolve().parent))
+        graph = Graph(point_recipe(data, lines, recipe_path, point.params, out_dir, [MEMORY_PATH]))
         sink = DictSink()
         execute(graph, [sink], resolve_device(device))
         folder = graph.sources[graph.outputs[0].primary].folder
