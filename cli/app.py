@@ -278,6 +278,9 @@ def plan(recipe: RecipeArg, set_: SetOpt = None, allow_pickle: PickleOpt = False
         outputs.add_row(out.output.node, str(out.path), out.output.dtype or "as inputs",
                         str(len(out.tensors)), _size(out.nbytes), _size(out.output.shard_size))
     console.print(outputs)
+    for made in graph.layouts.generated.values():
+        holds = getattr(made, "preparation_bytes", 0)
+        console.print(escape(made.describe() + (f" (holds {_size(holds)} before the merge streams)" if holds else "")))
     console.print(f"{len(graph.keys)} keys, {planned.passes} pass(es); read {_size(planned.bytes_per_pass)} per "
                   f"pass, write {_size(planned.bytes_written)}; peak memory ≈ {_size(planned.peak_memory)} beyond "
                   f"the interpreter")

@@ -206,15 +206,35 @@ Passes = Callable[[Params, frozenset[str]], "tuple[StatisticsPass, ...]"]
 
 
 @dataclass(frozen=True)
+class LayoutInputs:
+    """What a layout operator plans from: its inputs by slot, each input's keys, and the shape of an
+    input's key (``shape(input, key)``)."""
+
+    slots: dict[str, str | list[str]]
+    keys: dict[str, tuple[str, ...]]
+    shape: Callable[[str, str], tuple[int, ...]]
+
+
+ConfigEdit = Callable[[dict[str, Any]], "tuple[dict[str, Any], tuple[str, ...]]"]
+
+
+@dataclass(frozen=True)
 class LayoutPlan:
     """What a layout operator returns: for each of its keys (in order) the input and that input's key it
-    is, and for each of its blocks the input and block it came from (for per-layer config lists)."""
+    is, and for each of its blocks the input and block it came from (for per-layer config lists).
+
+    A key may also come from a tensor the inputs do not hold (a MoE's router): ``generated`` names such
+    tensors' makers (``keys`` routes to the name), each a plain description the engine hands to the io
+    layer, which makes the tensors. ``config`` turns the primary input's ``config.json`` into the fields
+    the output's sets and removes (a ValueError for a config it cannot take)."""
 
     keys: dict[str, tuple[str, str]]
     layers: list[tuple[str, int]]
+    generated: dict[str, Any] = field(default_factory=dict)
+    config: ConfigEdit | None = None
 
 
-Layout = Callable[[Params, dict[str, tuple[str, ...]]], LayoutPlan]
+Layout = Callable[[Params, LayoutInputs], LayoutPlan]
 
 
 def no_passes(params: Params, slots: frozenset[str]) -> tuple[StatisticsPass, ...]:
@@ -353,15 +373,16 @@ def layout_operator(
     *,
     signatures: list[Signature],
     params: type[Params],
-    primary: Callable[[Params], str],
     check_inputs: Callable[[Params, dict[str, Any]], str | None],
+    primary: Callable[[Params], str] | None = None,
     paper: str = "",
 ) -> Callable[[Layout], Operator]:
-    """Register a layout operator: ``plan(params, {input: its keys})`` says which input key each of its keys is.
+    """Register a layout operator: ``plan(params, LayoutInputs)`` says which input key each of its keys is.
 
     It moves tensors without computing any (a stack of layer ranges), so the engine carries it out
     by renaming keys (mergebench.engine.layout); ``primary(params)`` names the input whose config and
-    files the result inherits; ``check_inputs(params, inputs)`` checks the inputs the parameters name.
+    files the result inherits (default: the first slot's); ``check_inputs(params, inputs)`` checks the
+    inputs the parameters name.
     """
 
     def register(plan: Layout) -> Operator:

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from mergebench.operators.base import (
     CHECKPOINT,
+    LayoutInputs,
     LayoutPlan,
     Params,
     Regex,
@@ -77,8 +78,9 @@ def _check_inputs(p: StackParams, inputs: dict[str, Any]) -> str | None:
     primary=lambda p: p.base_model,
     check_inputs=_check_inputs,
 )
-def stack(p: StackParams, keys: dict[str, tuple[str, ...]]) -> LayoutPlan:
+def stack(p: StackParams, inputs: LayoutInputs) -> LayoutPlan:
     """Blocks taken from layer ranges of the inputs, renumbered from 0; outside keys from base (and head)."""
+    keys = inputs.keys
     pattern = re.compile(p.block_regex)
     indices = {name: BlockIndex(names, p.block_regex) for name, names in keys.items()}
     stacks = {prefix for index in indices.values() for prefix in index.stacks}

@@ -192,8 +192,21 @@ STATISTICS = {  # Fisher and RegMean from statistics recorded here (per-example 
                             alpha=0.3)},
     "outputs": [{"from": name, "path": f"statistics/{name}"} for name in ("fisher", "regmean", "wise")],
 }
+MOE = {  # mixtures of experts: a node as an expert, seeded routers, a zero shared expert, prompt embeddings
+    "models": {**LLAMA["models"], "t": "tok1", "t2": "tok1"},
+    "nodes": {"ties": _node("ties", BM, density=0.4),
+              "mixtral": _node("moe", {"base": "base", "experts": ["ft1", "ties", "base"]}, gate_mode="random",
+                               seed=7),
+              "qwen": _node("moe", {"base": "base", "experts": ["ft2", "base"]}, gate_mode="uniform_random",
+                            architecture="qwen2_moe", experts_per_token=1),
+              "cheap": _node("moe", {"base": "t", "experts": ["t", "t2"]}, gate_mode="cheap_embed",
+                             prompts={"t": {"positive": ["hello world", "soup"]},
+                                      "t2": {"positive": ["merge"], "negative": ["world"]}})},
+    "outputs": [{"from": name, "path": f"moe/{name}"} for name in ("mixtral", "qwen", "cheap")],
+}
 RECIPES = {"llama": LLAMA, "artifacts": ARTIFACTS, "sequences": SEQUENCES, "mlps": MLPS, "vocab": VOCAB,
-           "stack": STACK, "methods": METHODS, "lora": LORA, "statistics": STATISTICS}
+           "stack": STACK, "methods": METHODS, "lora": LORA, "statistics": STATISTICS,
+           "moe": MOE}
 
 
 def run_all(ray: bool) -> dict[str, str]:

@@ -10,11 +10,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from mergebench.engine.layout import Layouts, RenamedNode, RenamedSource, expand_layouts
 from mergebench.errors import MergebenchError
+from mergebench.io.reading import read_json_object
+from mergebench.io.router import RouterSource
 from mergebench.io.safetensors_format import TensorInfo
 from mergebench.io.sources import Source, open_source
 from mergebench.io.tied_heads import HEAD_KEYS, materialise_heads, tied_pair
@@ -30,6 +33,7 @@ from mergebench.operators.base import ACTIVATIONS, ARTIFACT_TYPES, CHECKPOINT, G
 from mergebench.recipe import Node, Output, Recipe, primary_model
 from mergebench.recipe.schedules import position
 from mergebench.surgery.layers import block_index_for
+from mergebench.surgery.moe import RouterSpec
 from mergebench.surgery.vocab import VocabPlan, first_difference, plan_vocab
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -79,13 +83,17 @@ class Graph:
             raise MergebenchError(f"{recipe.file}: chat_template names '{template}' ({self.sources[template].label}), "
                                   f"which has no chat template")
         self.layouts = Layouts()
-        expand_layouts(recipe, self.sources, self.keys_of, self.layouts)
+        expand_layouts(recipe, self.sources, self.keys_of, lambda ref, key: self._layout_info(ref, key).shape,
+                       self._generated_source, self.layouts)
+        self.sources.update(self.layouts.generated)
         self.sources.update(self.layouts.renamed_sources)
         self.nodes = self._with_renamed_nodes()
         for name in recipe.nodes:
             self._check_inputs_agree(self.nodes[name])
             self._check_schedules(self.nodes[name])
         self.outputs = [plan for i, out in enumerate(recipe.outputs) for plan in self._plan_output(i, out)]
+        for plan in self.outputs:
+            self.output_config(plan, self.copied_config(plan))  # a config the layout cannot take fails here
         self._check_token_sources()
         self.keys = self._key_order()
         self.key_lists = {name: self.keys_of(node.origin if isinstance(node, RenamedNode) else name)
@@ -112,12 +120,62 @@ class Graph:
             return self.keys_of(self.recipe.sequences[ref][-1][1])
         return self.keys_of(self.nodes[ref].primary)
 
-    def output_layers(self, plan: OutputPlan) -> list[tuple[str, int]] | None:
-        """For an output a stack made: each of its blocks as (model, that model's block); else None."""
+    def _layout_info(self, ref: str, key: str) -> TensorInfo:
+        """A key's header facts as ``ref`` holds it while layouts are expanded (a node's: its primary input's)."""
+        while True:
+            source = (self.layouts.renamed_sources.get(ref) or self.layouts.generated.get(ref)
+                      or self.sources.get(ref))
+            if source is not None:
+                return source.info(key)
+            if ref in self.layouts.routes:
+                ref = self.layouts.routes[ref][key]
+            elif ref in self.recipe.sequences:
+                ref = self.recipe.sequences[ref][-1][1]
+            else:
+                ref = (self.layouts.renamed_nodes.get(ref) or self.recipe.nodes[ref]).primary
+
+    def _generated_source(self, name: str, description: object) -> Source:
+        """The source of tensors a layout plan makes: a MoE's router, in the dtype of its base's weights."""
+        if not isinstance(description, RouterSpec):
+            raise TypeError(f"{name}: no source makes {type(description).__name__}")
+        base = self.sources.get(description.base)
+        floating = next(info for key in self.keys_of(description.base)
+                        if (info := self._layout_info(description.base, key)).is_floating)
+        return RouterSource(f"{self.recipe.file}: {name}", description, base, floating.dtype)
+
+    def _layout_of(self, plan: OutputPlan) -> str | None:
+        """The layout node an output was made by (through the nodes computed on it), if any."""
         ref = plan.output.node
         while ref in self.nodes and ref not in self.layouts.layers:
             ref = self.nodes[ref].primary
-        return self._blocks_of(ref) if ref in self.layouts.layers else None
+        return ref if ref in self.layouts.layers else None
+
+    def output_layers(self, plan: OutputPlan) -> list[tuple[str, int]] | None:
+        """For an output a stack made: each of its blocks as (model, that model's block); else None."""
+        ref = self._layout_of(plan)
+        return self._blocks_of(ref) if ref is not None else None
+
+    def copied_config(self, plan: OutputPlan) -> dict[str, Any]:
+        """The config.json an output copies (empty without one)."""
+        name = plan.output.copy_files_from
+        folder = self.sources[name].folder if name else None
+        path = folder / "config.json" if folder is not None else None
+        return read_json_object(path, "model config") if path is not None and path.is_file() else {}
+
+    def output_config(self, plan: OutputPlan, config: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, ...]]:
+        """The fields an output's config sets and removes when a layout node (a MoE) made it (none otherwise);
+        ``config`` is the copied config.json."""
+        ref = self._layout_of(plan)
+        edit = self.layouts.configs.get(ref) if ref is not None else None
+        if edit is None:
+            return {}, ()
+        if not config:
+            raise MergebenchError(f"{self.recipe.file}: node '{ref}' ({self.nodes[ref].op.name}) writes its output's "
+                                  f"config.json from the copied one, and '{plan.output.copy_files_from}' has none")
+        try:
+            return edit(config)
+        except ValueError as exc:
+            raise MergebenchError(f"{self.recipe.file}: node '{ref}': {exc}") from None
 
     def _blocks_of(self, ref: str) -> list[tuple[str, int]]:
         """(model, block) of each block of a stack, through stacks of stacks and the nodes between."""
@@ -145,8 +203,10 @@ class Graph:
         return name in self.layouts.renamed_nodes
 
     def recipe_models(self, models: tuple[str, ...]) -> list[str]:
-        """The recipe's models behind ``models`` (a renamed source stands for the model it renames)."""
-        named = (self.sources[m].of if isinstance(self.sources[m], RenamedSource) else m for m in models)
+        """The recipe's models behind ``models`` (a renamed source stands for the model it renames; tensors a
+        layout made, such as a router, stand for none)."""
+        named = (self.sources[m].of if isinstance(self.sources[m], RenamedSource) else m for m in models
+                 if m not in self.layouts.generated)
         return list(dict.fromkeys(named))
 
     def _plan_vocab(self) -> VocabPlan | None:

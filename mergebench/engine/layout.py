@@ -20,7 +20,7 @@ from mergebench.errors import MergebenchError
 from mergebench.io.checkpoint import InnerIdentity
 from mergebench.io.safetensors_format import TensorInfo
 from mergebench.io.sources import Source
-from mergebench.operators.base import Params
+from mergebench.operators.base import ConfigEdit, LayoutInputs, Params
 from mergebench.recipe import Node, Recipe
 
 
@@ -84,20 +84,33 @@ class Layouts:
     renamed_nodes: dict[str, RenamedNode] = field(default_factory=dict)
     before: dict[str, list[str]] = field(default_factory=dict)  # layout node -> renamed nodes it needs first
     layers: dict[str, list[tuple[str, int]]] = field(default_factory=dict)  # layout node -> (ref, block) per block
+    generated: dict[str, Source] = field(default_factory=dict)  # tensors a plan makes (a MoE's router)
+    configs: dict[str, ConfigEdit] = field(default_factory=dict)  # layout node -> its edit of the config
 
 
 def expand_layouts(recipe: Recipe, sources: Mapping[str, Source], keys_of: Callable[[str], tuple[str, ...]],
+                   shape_of: Callable[[str, str], tuple[int, ...]], make: Callable[[str, Any], Source],
                    layouts: Layouts) -> None:
-    """Route every key of every layout node of ``recipe`` (in topological order) into ``layouts``."""
+    """Route every key of every layout node of ``recipe`` (in topological order) into ``layouts``.
+
+    ``shape_of(ref, key)`` answers the operator's shape questions; ``make(name, description)`` opens the
+    source of the tensors a plan generates (a MoE's router), added under ``NODE:NAME``."""
     for name, node in recipe.nodes.items():
         if node.op.layout is None:
             continue
         refs = node.refs()
         try:
-            plan = node.op.layout(node.params, {ref: keys_of(ref) for ref in refs})
+            plan = node.op.layout(node.params, LayoutInputs(dict(node.inputs), {ref: keys_of(ref) for ref in refs},
+                                                            shape_of))
         except ValueError as exc:
             raise MergebenchError(f"{recipe.file}: node '{name}' ({node.op.name}): {exc}") from None
-        _Renamer(recipe, sources, layouts, name).route(plan.keys, plan.layers)
+        made = {local: f"{name}:{local}" for local in plan.generated}
+        for local, description in plan.generated.items():
+            layouts.generated[made[local]] = make(made[local], description)
+        if plan.config is not None:
+            layouts.configs[name] = plan.config
+        keys = {key: (made.get(ref, ref), own) for key, (ref, own) in plan.keys.items()}
+        _Renamer(recipe, {**sources, **layouts.generated}, layouts, name).route(keys, plan.layers)
 
 
 class _Renamer:

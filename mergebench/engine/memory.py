@@ -13,7 +13,14 @@ def peak_memory_estimate(graph: Graph) -> int:
     waiting for the writer.
 
     Pooled buffers keep the size of the largest tensor they held, so a model with outsized tensors
-    (embeddings) peaks somewhat higher: medium bench models, 0.58 GB estimated, 0.75–0.77 GB measured."""
+    (embeddings) peaks somewhat higher: medium bench models, 0.58 GB estimated, 0.75–0.77 GB measured.
+    Tensors a layout makes before they stream (a MoE router run through its base model) add what making
+    them holds."""
+    preparing = sum(getattr(source, "preparation_bytes", 0) for source in graph.layouts.generated.values())
+    return preparing + _streaming_peak(graph)
+
+
+def _streaming_peak(graph: Graph) -> int:
     held = [_bytes_at(graph, key) for key in graph.keys]
     worst = 0
     for i in range(len(held)):

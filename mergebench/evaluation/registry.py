@@ -10,6 +10,7 @@ from typing import Any, Protocol
 import torch
 
 from mergebench.errors import MergebenchError
+from mergebench.io.hf_models import model_from_state
 
 
 class Evaluator(Protocol):
@@ -66,19 +67,7 @@ def evaluate_state(state: dict[str, torch.Tensor], folder: str | os.PathLike[str
     path = _model_folder(folder)
 
     def build(loader: Any) -> torch.nn.Module:
-        import transformers
-        from transformers.initialization import no_init_weights
-
-        with no_init_weights():  # every weight is about to be replaced: no random initialisation
-            model = loader.from_config(transformers.AutoConfig.from_pretrained(path), dtype=torch.float32)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        tied = set(getattr(model, "_tied_weights_keys", None) or [])
-        lacking = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
-        if lacking or unexpected:
-            raise MergebenchError(f"the merged weights do not fit {path}'s architecture (missing "
-                                  f"{lacking[:3]}, unexpected {unexpected[:3]})")
-        model.tie_weights()
-        return model
+        return model_from_state(loader, path, state, torch.float32)
 
     return _run(list(specs), path, build, device, None)
 

@@ -34,6 +34,7 @@ from mergebench.operators.base import (
     list_of,
 )
 from mergebench.recipe.mergekit import is_mergekit, resolve_model, translate
+from mergebench.recipe.mergekit_moe import is_mergekit_moe, translate_moe
 from mergebench.recipe.schedules import ParamSchedules, ScheduleError, split_schedules
 from mergebench.recipe.schema import (
     MEMORY_PATH,
@@ -61,11 +62,17 @@ def load_recipe(path: str | Path, sets: dict[str, str] | None = None, out: str |
 def convert_mergekit(file: Path, out: str | Path) -> dict[str, Any]:
     """The native recipe a mergekit config translates to, validated against its models (``mergebench convert``)."""
     data, lines = read_yaml(file)
-    if not is_mergekit(data):
-        raise MergebenchError(f"{file}: not a mergekit config (it names no merge_method)")
-    recipe = translate(data, Locator(file, lines), file.resolve().parent, str(out))
+    if not is_mergekit(data) and not is_mergekit_moe(data):
+        raise MergebenchError(f"{file}: not a mergekit config (it names no merge_method) nor a mergekit-moe one "
+                              f"(base_model and experts)")
+    recipe = _translated(data, Locator(file, lines), file.resolve().parent, str(out))
     build_recipe(copy.deepcopy(recipe), file, {}, {}, base_dir=file.resolve().parent)  # validation mutates
     return recipe
+
+
+def _translated(data: dict[str, Any], where: Locator, base_dir: Path, out: str | None) -> dict[str, Any]:
+    """The native recipe of a mergekit or mergekit-moe config."""
+    return (translate_moe if is_mergekit_moe(data) else translate)(data, where, base_dir, out)
 
 
 def read_recipe_data(file: Path, out: str | Path | None = None, mergekit_out: str | None = None
@@ -74,9 +81,9 @@ def read_recipe_data(file: Path, out: str | Path | None = None, mergekit_out: st
     ``mergekit_out`` is where a mergekit config writes when ``out`` is not given (a sweep moves it anyway)."""
     data, lines = read_yaml(file)
     where = Locator(file, lines)
-    if is_mergekit(data):
+    if is_mergekit(data) or is_mergekit_moe(data):
         target = out if out is not None else mergekit_out
-        return translate(data, where, file.resolve().parent, None if target is None else str(target)), {}
+        return _translated(data, where, file.resolve().parent, None if target is None else str(target)), {}
     if out is not None and isinstance(data, dict):
         outputs = data.get("outputs")
         if not isinstance(outputs, list) or len(outputs) != 1 or not isinstance(outputs[0], dict):
