@@ -207,12 +207,13 @@ Passes = Callable[[Params, frozenset[str]], "tuple[StatisticsPass, ...]"]
 
 @dataclass(frozen=True)
 class LayoutInputs:
-    """What a layout operator plans from: its inputs by slot, each input's keys, and the shape of an
-    input's key (``shape(input, key)``)."""
+    """What a layout operator plans from: its inputs by slot, each input's keys, the shape of an input's
+    key (``shape(input, key)``) and the node's seed (for what it draws)."""
 
     slots: dict[str, str | list[str]]
     keys: dict[str, tuple[str, ...]]
     shape: Callable[[str, str], tuple[int, ...]]
+    seed: int = 0
 
 
 ConfigEdit = Callable[[dict[str, Any]], "tuple[dict[str, Any], tuple[str, ...]]"]

@@ -57,7 +57,6 @@ class MoeParams(Params):
     architecture: Literal["auto", "mixtral", "qwen2_moe"] = Field(
         "auto", description="output layout; auto: qwen2_moe with a shared expert or a base with q/k/v biases, "
                             "else mixtral")
-    seed: int = Field(0, description="seed of the random router draws")
     gate_dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="dtype the base runs in for the hidden modes")
 
@@ -134,7 +133,7 @@ def moe(p: MoeParams, inputs: LayoutInputs) -> LayoutPlan:
     plan.update({key: ("router", key) for key, _ in zeros})
     shared_intermediate = _check_experts([shared], blocks, hidden, inputs) if shared is not None else None
     spec = RouterSpec(
-        base=base, mode=p.gate_mode, seed=p.seed, hidden=hidden,
+        base=base, mode=p.gate_mode, seed=inputs.seed, hidden=hidden,
         router_keys=tuple(router_key(architecture, prefix) for prefix, _ in blocks),
         rows=tuple((name, _prompts(p, name)) for name in experts),
         shared_keys=tuple(shared_gate_key(prefix) for prefix, _ in blocks) if shared is not None else (),

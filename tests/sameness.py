@@ -195,8 +195,8 @@ STATISTICS = {  # Fisher and RegMean from statistics recorded here (per-example 
 MOE = {  # mixtures of experts: a node as an expert, seeded routers, a zero shared expert, prompt embeddings
     "models": {**LLAMA["models"], "t": "tok1", "t2": "tok1"},
     "nodes": {"ties": _node("ties", BM, density=0.4),
-              "mixtral": _node("moe", {"base": "base", "experts": ["ft1", "ties", "base"]}, gate_mode="random",
-                               seed=7),
+              "mixtral": {**_node("moe", {"base": "base", "experts": ["ft1", "ties", "base"]}, gate_mode="random"),
+                          "seed": 7},
               "qwen": _node("moe", {"base": "base", "experts": ["ft2", "base"]}, gate_mode="uniform_random",
                             architecture="qwen2_moe", experts_per_token=1),
               "cheap": _node("moe", {"base": "t", "experts": ["t", "t2"]}, gate_mode="cheap_embed",

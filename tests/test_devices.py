@@ -74,7 +74,7 @@ SPECIAL: dict[str, tuple[dict, str]] = {
                                            {"model": "s", "layers": [0, 2]}]}}}, "x"),
     "moe": ({"t": {"op": "ties", "inputs": TASKS, "params": {"density": 0.3}},
              "x": {"op": "moe", "inputs": {"base": "base", "experts": ["ft1", "t", "base"]},
-                   "params": {"gate_mode": "random", "seed": 1}}}, "x"),
+                   "params": {"gate_mode": "random"}, "seed": 1}}, "x"),
     "nearswap": ({"x": {"op": "nearswap", "inputs": {"base": "base", "model": "ft1"}, "params": {"t": 0.01}}}, "x"),
     "nuslerp": ({"x": {"op": "nuslerp", "inputs": {"models": ["ft1", "ft2"]}, "params": {"weights": [1, 2]}},
                  "y": {"op": "nuslerp", "inputs": {"base": "base", "models": ["ft1", "ft2"]},

@@ -24,10 +24,10 @@ MERGEKIT_MOE = str(Path(MERGEKIT_YAML).with_name("mergekit-moe")) if MERGEKIT_YA
 
 
 def moe_recipe(models: dict[str, Path], experts: list[str], out: Path, **params) -> dict:
-    shared = params.pop("shared", None)
+    shared, seed = params.pop("shared", None), params.pop("seed", None)
     inputs = {"base": "base", "experts": experts, **({"shared": shared} if shared else {})}
-    return {"models": {name: str(path) for name, path in models.items()},
-            "nodes": {"moe": {"op": "moe", "inputs": inputs, "params": params}},
+    node = {"op": "moe", "inputs": inputs, "params": params, **({"seed": seed} if seed is not None else {})}
+    return {"models": {name: str(path) for name, path in models.items()}, "nodes": {"moe": node},
             "outputs": [{"from": "moe", "path": str(out)}]}
 
 
@@ -78,6 +78,17 @@ def test_each_expert_is_its_dense_mlp_bit_for_bit(cli, tmp_path, llama_models):
     again = run_merge(cli, tmp_path, moe_recipe(folders, ["ft1", "ft2", "base"], tmp_path / "again",
                                                 gate_mode="random", seed=3), recipe="again.yaml")
     assert all(torch.equal(v, again[str(tmp_path / "again")][k]) for k, v in written.items())
+
+
+def test_eager_call_on_state_dicts_gives_the_written_tensors(cli, tmp_path, llama_models):
+    from mergebench import operators as ops
+
+    folders, states, _ = llama_models()
+    written = run_merge(cli, tmp_path, moe_recipe(folders, ["ft1", "base"], tmp_path / "moe", gate_mode="random",
+                                                  seed=2))[str(tmp_path / "moe")]
+    eager = ops.moe(base=states["base"], experts=[states["ft1"], states["base"]], gate_mode="random", seed=2)
+    assert eager.keys() == written.keys()
+    assert [k for k in eager if not torch.equal(eager[k], written[k])] == []
 
 
 def test_one_expert_is_the_base_with_the_experts_mlp(cli, tmp_path, llama_models):

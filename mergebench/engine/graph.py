@@ -30,7 +30,7 @@ from mergebench.io.tokenizers import (
 )
 from mergebench.io.writer import PlannedTensor
 from mergebench.operators.base import ACTIVATIONS, ARTIFACT_TYPES, CHECKPOINT, GRAM, Params
-from mergebench.recipe import Node, Output, Recipe, primary_model
+from mergebench.recipe import MEMORY_PATH, Node, Output, Recipe, primary_model
 from mergebench.recipe.schedules import position
 from mergebench.surgery.layers import block_index_for
 from mergebench.surgery.moe import RouterSpec
@@ -92,8 +92,9 @@ class Graph:
             self._check_inputs_agree(self.nodes[name])
             self._check_schedules(self.nodes[name])
         self.outputs = [plan for i, out in enumerate(recipe.outputs) for plan in self._plan_output(i, out)]
-        for plan in self.outputs:
-            self.output_config(plan, self.copied_config(plan))  # a config the layout cannot take fails here
+        for plan in self.outputs:  # a config the layout cannot take fails here (a state dict in memory has none)
+            if str(plan.path) != MEMORY_PATH:
+                self.output_config(plan, self.copied_config(plan))
         self._check_token_sources()
         self.keys = self._key_order()
         self.key_lists = {name: self.keys_of(node.origin if isinstance(node, RenamedNode) else name)

@@ -101,7 +101,7 @@ def expand_layouts(recipe: Recipe, sources: Mapping[str, Source], keys_of: Calla
         refs = node.refs()
         try:
             plan = node.op.layout(node.params, LayoutInputs(dict(node.inputs), {ref: keys_of(ref) for ref in refs},
-                                                            shape_of))
+                                                            shape_of, node.seed))
         except ValueError as exc:
             raise MergebenchError(f"{recipe.file}: node '{name}' ({node.op.name}): {exc}") from None
         made = {local: f"{name}:{local}" for local in plan.generated}
