@@ -253,11 +253,12 @@ def plan(recipe: RecipeArg, set_: SetOpt = None, allow_pickle: PickleOpt = False
         planned = mb.plan(recipe, _parse_sets(set_ or []), allow_pickle=allow_pickle, out=out)
     graph = planned.graph
     models = Table(title="models", title_justify="left")
-    for column in ("name", "path", "tensors", "size"):
+    for column in ("name", "path", "tensors", "size", "reads"):
         models.add_column(column)
     for name in graph.recipe.models:
         source = graph.sources[name]
-        models.add_row(name, source.label, str(len(source.keys)), _size(source.total_bytes))
+        models.add_row(name, source.label, str(len(source.keys)), _size(source.total_bytes),
+                       str(planned.reads.get(name, 0)))
     console.print(models)
     nodes = Table(title="nodes (in evaluation order)", title_justify="left")
     for column in ("node", "operator", "inputs", "result", "params"):

@@ -20,7 +20,7 @@ from mergebench.engine.graph import Graph
 from mergebench.engine.memory import peak_memory_estimate
 from mergebench.engine.pipeline import DictSink
 from mergebench.engine.runner import RunOptions, RunResult, run_recipe
-from mergebench.engine.stages import statistics_stages
+from mergebench.engine.stages import reads_per_model, statistics_stages
 from mergebench.errors import MergebenchError
 from mergebench.io.checkpoint import StateDictSource
 from mergebench.operators.base import (
@@ -145,6 +145,7 @@ class RunPlan:
     bytes_per_pass: int
     bytes_written: int
     peak_memory: int
+    reads: dict[str, int]  # how many times each model is read (statistics passes and the main pass)
 
 
 def plan(recipe_path: str | os.PathLike[str], set: Mapping[str, Any] | None = None,
@@ -152,7 +153,7 @@ def plan(recipe_path: str | os.PathLike[str], set: Mapping[str, Any] | None = No
     """Check a recipe against its inputs' headers and plan it (``mergebench plan``); writes nothing."""
     graph = Graph(load_recipe(recipe_path, dict(set or {}), out), allow_pickle=allow_pickle)
     return RunPlan(graph, 1 + len(statistics_stages(graph)), graph.bytes_to_read,
-                   sum(o.nbytes for o in graph.outputs), peak_memory_estimate(graph))
+                   sum(o.nbytes for o in graph.outputs), peak_memory_estimate(graph), reads_per_model(graph))
 
 
 def extract(base: str | os.PathLike[str], fine_tuned: str | os.PathLike[str], out: str | os.PathLike[str], *,

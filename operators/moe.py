@@ -27,6 +27,7 @@ from mergebench.surgery.moe import (
     ATTENTION_BIAS,
     MLP_ANY,
     MLP_KEY,
+    PROJECTIONS,
     PROMPTED_MODES,
     Prompts,
     RouterSpec,
@@ -116,21 +117,11 @@ def moe(p: MoeParams, inputs: LayoutInputs) -> LayoutPlan:
     zeros: list[tuple[str, tuple[int, ...]]] = []
     for prefix, _ in blocks:
         for e, expert in enumerate(experts):
-            for projection in ("gate_proj", "up_proj", "down_proj"):
+            for projection in PROJECTIONS:
                 plan[expert_key(architecture, prefix, projection, e)] = (expert, f"{prefix}mlp.{projection}.weight")
         plan[router_key(architecture, prefix)] = ("router", router_key(architecture, prefix))
         if architecture == "qwen2_moe":
-            for projection in ("gate_proj", "up_proj", "down_proj"):
-                own = f"{prefix}mlp.{projection}.weight"
-                if shared is not None:
-                    plan[shared_key(prefix, projection)] = (shared, own)
-                else:
-                    zeros.append((shared_key(prefix, projection), (hidden, 1) if projection == "down_proj"
-                                  else (1, hidden)))
-            if shared is None:
-                zeros.append((shared_gate_key(prefix), (1, hidden)))
-            plan[shared_gate_key(prefix)] = ("router", shared_gate_key(prefix))
-    plan.update({key: ("router", key) for key, _ in zeros})
+            zeros.extend(_route_shared_expert(plan, prefix, shared, hidden))
     shared_intermediate = _check_experts([shared], blocks, hidden, inputs) if shared is not None else None
     spec = RouterSpec(
         base=base, mode=p.gate_mode, seed=inputs.seed, hidden=hidden,
@@ -142,6 +133,23 @@ def moe(p: MoeParams, inputs: LayoutInputs) -> LayoutPlan:
     return LayoutPlan(plan, [(base, block) for _, block in blocks], {"router": spec},
                       lambda config: moe_config(config, architecture, len(experts), p.experts_per_token,
                                                 intermediate, shared_intermediate, qkv_bias))
+
+
+def _route_shared_expert(plan: dict[str, tuple[str, str]], prefix: str, shared: str | None, hidden: int
+                         ) -> list[tuple[str, tuple[int, ...]]]:
+    """Route one block's Qwen2-MoE shared expert: the shared model's MLP, or (none given) zeros of width 1,
+    which add nothing; its gate comes from the router. Returns the keys written as zeros, with their shapes."""
+    zeros = []
+    for projection in PROJECTIONS:
+        if shared is not None:
+            plan[shared_key(prefix, projection)] = (shared, f"{prefix}mlp.{projection}.weight")
+        else:
+            zeros.append((shared_key(prefix, projection), (hidden, 1) if projection == "down_proj" else (1, hidden)))
+    if shared is None:
+        zeros.append((shared_gate_key(prefix), (1, hidden)))
+    plan[shared_gate_key(prefix)] = ("router", shared_gate_key(prefix))
+    plan.update({key: ("router", key) for key, _ in zeros})
+    return zeros
 
 
 def _prompts(p: MoeParams, name: str) -> Prompts | None:
@@ -187,7 +195,7 @@ def _check_experts(experts: list[str], blocks: list[tuple[str, int]], hidden: in
         if count != len(blocks):
             raise ValueError(f"expert '{expert}' has {count} blocks and the base {len(blocks)}")
         for prefix, _ in blocks:
-            for projection in ("gate_proj", "up_proj", "down_proj"):
+            for projection in PROJECTIONS:
                 key = f"{prefix}mlp.{projection}.weight"
                 if key not in held:
                     raise ValueError(f"expert '{expert}' has no '{key}': not a Llama-style model like the base")

@@ -139,6 +139,14 @@ def test_plan_and_extract_from_python(tmp_path, llama_models):
         "outputs": [{"from": "t", "path": "out"}]})
     planned = mb.plan(recipe)
     assert planned.passes == 4 and planned.bytes_written == sum(v.nbytes for v in states["base"].values())
+    assert planned.reads == {"base": 4, "ft1": 4, "ft2": 4}  # three statistics passes and the merge
+    mixed = write_recipe(tmp_path / "mixed.yaml", {
+        "models": {k: str(v) for k, v in folders.items()},
+        "nodes": {"g": {"op": "ties", "inputs": {"base": "base", "models": ["ft1"]}},
+                  "p": {"op": "ties", "inputs": {"base": "base", "models": ["ft2"]},
+                        "params": {"scope": "per_tensor"}}},
+        "outputs": [{"from": "g", "path": "out-g"}, {"from": "p", "path": "out-p"}]})
+    assert mb.plan(mixed).reads == {"base": 4, "ft1": 4, "ft2": 1}  # ft2 counts in no global statistic
     assert not (tmp_path / "out").exists()  # a plan writes nothing
     mb.extract(folders["base"], folders["ft1"], tmp_path / "ft1.safetensors", proportion=0.1)
     sparse = load_artifact(tmp_path / "ft1.safetensors")

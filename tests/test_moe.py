@@ -312,6 +312,10 @@ def test_mergekit_moe_config_is_the_native_recipe(cli, tmp_path):
     expected = run_merge(cli, tmp_path, native)[str(tmp_path / "native")]
     got = read_checkpoint(translated)
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+    converted = cli("convert", path, "--out", tmp_path / "converted")
+    assert converted.exit_code == 0, converted.output
+    node = yaml.safe_load(converted.output)["nodes"]["moe"]
+    assert (node["op"], node["inputs"]["experts"], node["params"]["experts_per_token"]) == ("moe", ["lm", "lm2"], 1)
 
 
 @pytest.mark.skipif(MERGEKIT_MOE is None or not Path(MERGEKIT_MOE).exists(),
@@ -354,7 +358,7 @@ def test_four_smollm2_experts_load_and_generate_as_the_dense_model(cli, tmp_path
     """4 × SmolLM2-135M (hidden-state routers from four prompt sets) loads as a Mixtral and, its experts
     being the same model, generates what SmolLM2 generates."""
     folder = tmp_path / "smollm2"
-    _, tokenizer = save_smollm2(folder, torch.bfloat16)
+    save_smollm2(folder, torch.bfloat16)
     topics = {"code": "def fibonacci(n): return", "math": "The integral of x squared is",
               "story": "Once upon a time, a dragon", "chat": "Hello! How are you today?"}
     models = {"base": folder, **dict.fromkeys(topics, folder)}
@@ -364,6 +368,7 @@ def test_four_smollm2_experts_load_and_generate_as_the_dense_model(cli, tmp_path
     moe = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     dense = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     assert type(moe).__name__ == "MixtralForCausalLM" and moe.config.tie_word_embeddings
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)  # copied with the config and the other files
     ids = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(moe(ids).logits, dense(ids).logits, atol=2e-3, rtol=0)

@@ -34,3 +34,15 @@ def statistics_stages(graph: Graph) -> list[Stage]:
             scheduled.setdefault(slot, []).append((name, stat_pass))
         last[name] = upstream + len(passes)
     return [Stage(tuple(scheduled[k])) for k in sorted(scheduled)]
+
+
+def reads_per_model(graph: Graph) -> dict[str, int]:
+    """How many times a run reads each of the recipe's models: once per statistics stage whose nodes depend on
+    it, and once in the main pass (for every model an output depends on)."""
+    reads = {name: 0 for name in graph.recipe.models}
+    for stage in statistics_stages(graph):
+        for model in {m for name, _ in stage.passes for m in graph.recipe_models(graph.models_of(name))}:
+            reads[model] = reads.get(model, 0) + 1
+    for model in {m for plan in graph.outputs for m in graph.recipe_models(plan.models)}:
+        reads[model] = reads.get(model, 0) + 1
+    return reads
