@@ -6,9 +6,11 @@ Hugging Face folder (single file or sharded index), or a state dict held in memo
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import mmap
 import os
+import sys
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,6 +25,15 @@ from mergebench.value_types import CHECKPOINT
 
 PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 MADV_POPULATE_READ = 22  # Linux 5.14+: map a range's cached pages now (not in the mmap module's constants)
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_LIBC.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+
+
+def _populate(address: int, length: int) -> int:
+    """madvise(MADV_POPULATE_READ) through ctypes, which lets go of the interpreter lock meanwhile: the mmap
+    module's own ``madvise`` holds it, so the compute threads stood still while a cold key was read from disk
+    (the first pass over inputs larger than the page cache ran at compute time plus read time)."""
+    return _LIBC.madvise(address, length, MADV_POPULATE_READ) if sys.platform == "linux" else -1
 FINGERPRINT_SAMPLES = 64
 FINGERPRINT_SAMPLE_BYTES = 4096
 FINGERPRINT_HEAD_BYTES = 65536
@@ -158,11 +169,9 @@ class Checkpoint:
         except OSError:  # a file system that cannot map files
             return self.read(key)
         self.reads[key] += 1
-        try:
-            pages.madvise(MADV_POPULATE_READ)  # fault the pages in here, in the reading thread
-        except OSError:
-            pages.madvise(mmap.MADV_WILLNEED)  # an older kernel: at least start reading ahead
         data = torch.frombuffer(pages, dtype=torch.uint8, offset=info.offset - start, count=info.nbytes)
+        if _populate(data.data_ptr() - (info.offset - start), len(pages)) != 0:  # fault the pages in, here
+            pages.madvise(mmap.MADV_WILLNEED)  # an older kernel: at least start reading ahead
         return data.view(info.dtype).reshape(info.shape)
 
     def fingerprint(self) -> str:

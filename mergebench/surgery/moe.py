@@ -32,7 +32,7 @@ MLP_KEY = re.compile(r"^(.*?(?:^|\.)layers\.\d+\.)mlp\.(gate_proj|up_proj|down_p
 MLP_ANY = re.compile(r"(?:^|\.)layers\.\d+\.mlp\.")
 ATTENTION_BIAS = re.compile(r"(?:^|\.)self_attn\.([qkvo])_proj\.bias$")
 MIXTRAL_NAMES = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
-PROJECTIONS = tuple(MIXTRAL_NAMES)
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")  # a dense MLP's, in its storage order
 # What each supported base reads when its config.json leaves a field out (transformers' defaults); the MoE
 # classes default otherwise (Mixtral: rope θ 10⁶, ε 10⁻⁵, 8 key/value heads), so the MoE config states them.
 BASE_DEFAULTS: dict[str, dict[str, Any]] = {
