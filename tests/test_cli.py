@@ -88,7 +88,7 @@ def test_device_cuda_without_gpu_is_a_clear_error(tmp_path, cli):
     assert result.exit_code == 2 and "no CUDA device" in result.output
 
 
-def test_plan_estimates_two_keys_side_by_side_one_read_ahead_two_waiting_for_the_writer(tmp_path):
+def test_plan_estimates_two_keys_side_by_side_one_read_ahead_two_waiting_for_the_writer(tmp_path, monkeypatch):
     from safetensors.torch import save_file
 
     from mergebench.engine.graph import Graph
@@ -106,10 +106,19 @@ def test_plan_estimates_two_keys_side_by_side_one_read_ahead_two_waiting_for_the
         return peak_memory_estimate(Graph(load_recipe(recipe)))
 
     # worst moment: d and e computed (inputs 16000 + 24000, outputs 8000 + 12000 bytes), b and c waiting
-    # for the writer (two outputs of 40 bytes), nothing left to read ahead
-    assert estimate({"op": "linear", "inputs": {"models": ["m0", "m1"]}}) == 40000 + 20000 + 40 + 40
+    # for the writer (two outputs of 40 bytes), nothing left to read ahead; and the pool's largest output
+    # buffer (e's 12000 bytes), kept
+    assert estimate({"op": "linear", "inputs": {"models": ["m0", "m1"]}}) == 40000 + 20000 + 40 + 40 + 12000
     # SLERP is not elementwise: whole float32 values too, (2 models + 1 node + 1) per element
-    assert estimate({"op": "slerp", "inputs": {"a": "m0", "b": "m1"}}) == 40000 + 20000 + 80000 + 40 + 40
+    assert estimate({"op": "slerp", "inputs": {"a": "m0", "b": "m1"}}) == 40000 + 20000 + 80000 + 40 + 40 + 12000
+    # inputs above WHOLE_MAPPING_BYTES (d, e) hold a window of 2 × RELEASE_EVERY slices each (2 × 100 × 4 bytes),
+    # and nothing while they wait to be computed
+    from mergebench.engine import memory
+
+    monkeypatch.setattr(memory, "WHOLE_MAPPING_BYTES", 5000)
+    monkeypatch.setattr(memory, "RELEASE_EVERY", 1)
+    monkeypatch.setattr(memory, "SLICE_ELEMENTS", 100)
+    assert estimate({"op": "linear", "inputs": {"models": ["m0", "m1"]}}) == 4 * 800 + 20000 + 40 + 40 + 12000
 
 
 def test_importing_the_cli_does_not_import_torch():

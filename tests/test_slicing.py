@@ -65,6 +65,34 @@ def test_slices_give_the_same_bytes_as_whole_tensors(tmp_path, cli, llama_models
         assert sum(n > 1000 for n in sliced_keys) >= 10
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("merge", ["linear", "ties_global", "ties_per_tensor", "dare_ties"])
+def test_inputs_let_go_behind_their_slices_give_the_same_bytes(tmp_path, cli, llama_models, monkeypatch, dtype,
+                                                                merge):
+    """Large mapped inputs are faulted in as their slices are read and their pages let go behind them (memory
+    of a window, not of the tensor); sweeps after the first (key passes, then the merge) read them back from
+    the file. Here every mapped tensor counts as large and pages go after every slice: the same bytes."""
+    from mergebench.io import checkpoint
+
+    folders, _, _ = llama_models(dtype)
+    monkeypatch.setattr(slicing, "SLICE_ELEMENTS", 1000)
+    kept = _run(tmp_path, cli, folders, NODES[merge], "kept")
+    released = []
+    libc = checkpoint._LIBC
+
+    class CountingLibc:
+        def madvise(self, address, length, advice):
+            released.append(length if advice == checkpoint.MADV_DONTNEED else 0)
+            return libc.madvise(address, length, advice)
+
+    monkeypatch.setattr(checkpoint, "WHOLE_MAPPING_BYTES", 0)
+    monkeypatch.setattr(slicing, "RELEASE_EVERY", 1)
+    monkeypatch.setattr(checkpoint, "_LIBC", CountingLibc())
+    let_go = _run(tmp_path, cli, folders, NODES[merge], "let_go")
+    _assert_same_bytes(let_go, kept)
+    assert sum(released) > 3 * 4096 * 10  # pages of every large key's inputs went
+
+
 def test_a_delta_chain_and_two_outputs_are_sliced_together(tmp_path, cli, llama_models, monkeypatch):
     folders, states, _ = llama_models(torch.bfloat16)
     monkeypatch.setattr(slicing, "SLICE_ELEMENTS", 999)

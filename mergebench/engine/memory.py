@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from mergebench.engine.graph import Graph
 from mergebench.engine.pipeline import COMPUTE_THREADS, PREFETCH_KEYS, WRITES_IN_FLIGHT
+from mergebench.engine.slicing import RELEASE_EVERY, SLICE_ELEMENTS
+from mergebench.io.checkpoint import WHOLE_MAPPING_BYTES
 
 
 def peak_memory_estimate(graph: Graph) -> int:
@@ -12,32 +14,43 @@ def peak_memory_estimate(graph: Graph) -> int:
     and node), ``PREFETCH_KEYS`` read ahead, and the outputs of the ``WRITES_IN_FLIGHT`` before them
     waiting for the writer.
 
-    Pooled buffers keep the size of the largest tensor they held, so a model with outsized tensors
-    (embeddings) peaks somewhat higher: medium bench models, 0.58 GB estimated, 0.75–0.77 GB measured.
-    Tensors a layout makes before they stream (a MoE router run through its base model) add what making
-    them holds."""
+    Pooled buffers keep the size of the largest tensor they held: one output buffer of the largest size
+    is counted on top (xl bench models, linear and global TIES: 0.92 GB estimated beyond the interpreter,
+    0.84 and 0.82 GB measured). Tensors a layout makes before they stream (a MoE router run through its
+    base model) add what making them holds."""
     preparing = sum(getattr(source, "preparation_bytes", 0) for source in graph.layouts.generated.values())
     return preparing + _streaming_peak(graph)
 
 
 def _streaming_peak(graph: Graph) -> int:
     held = [_bytes_at(graph, key) for key in graph.keys]
-    worst = 0
+    kept = max((out for _, _, out, _ in held), default=0)  # the pool's largest output buffer
+    peaks = []
     for i in range(len(held)):
-        computing = sum(stored + out + floats for stored, out, floats in held[i:i + COMPUTE_THREADS])
-        read_ahead = sum(stored for stored, _, _ in held[i + COMPUTE_THREADS:i + COMPUTE_THREADS + PREFETCH_KEYS])
-        written = sum(out for _, out, _ in held[max(0, i - WRITES_IN_FLIGHT):i])
-        worst = max(worst, computing + read_ahead + written)
-    return worst
+        computing = sum(stored + out + floats for stored, _, out, floats in held[i:i + COMPUTE_THREADS])
+        read_ahead = sum(ahead for _, ahead, _, _ in held[i + COMPUTE_THREADS:i + COMPUTE_THREADS + PREFETCH_KEYS])
+        written = sum(out for _, _, out, _ in held[max(0, i - WRITES_IN_FLIGHT):i])
+        peaks.append(computing + read_ahead + written)
+    return kept + max(peaks, default=0)
 
 
-def _bytes_at(graph: Graph, key: str) -> tuple[int, int, int]:
-    """(stored inputs, outputs, float32 values) of one key."""
+def _bytes_at(graph: Graph, key: str) -> tuple[int, int, int, int]:
+    """(stored inputs while computed, stored inputs while read ahead, outputs, float32 values) of one key.
+
+    A large mapped input of a key computed in slices holds only a window of slices (its pages come in as
+    they are read and go behind them, ``release_behind``), and nothing while it waits to be computed."""
     models = [m for m in graph.sources if key in graph.sources[m].keys]
-    stored = sum(graph.sources[m].info(key).nbytes for m in models)
-    numel = graph.sources[models[0]].info(key).numel
+    infos = [graph.sources[m].info(key) for m in models]
+    numel = infos[0].numel
     plans = [plan for plan in graph.outputs if key in plan.dtypes]
     out = sum(numel * plan.dtypes[key].itemsize for plan in plans)
     sliced = all(graph.is_elementwise(plan.output.node, key) for plan in plans)
+    stored = ahead = 0
+    for model, info in zip(models, infos):
+        streamed = (sliced and info.nbytes > WHOLE_MAPPING_BYTES
+                    and getattr(graph.sources[model], "mappable", False))
+        stored += min(info.nbytes, 2 * RELEASE_EVERY * SLICE_ELEMENTS * info.dtype.itemsize) if streamed else \
+            info.nbytes
+        ahead += 0 if streamed else info.nbytes
     floats = 0 if sliced else (len(models) + len(graph.nodes) + 1) * numel * 4
-    return stored, out, floats
+    return stored, ahead, out, floats

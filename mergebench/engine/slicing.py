@@ -13,9 +13,11 @@ from contextlib import contextmanager
 import torch
 
 from mergebench.engine.graph import Graph, OutputPlan
+from mergebench.io.checkpoint import read_window
 from mergebench.value_types import ARTIFACT_TYPES, is_list_type
 
 SLICE_ELEMENTS = 1 << 16  # float32 slices of 256 KiB: in L2 cache, below the mmap threshold (reused); measured best
+RELEASE_EVERY = 128  # slices (8 Mi elements) between two releases of the input pages behind them
 
 
 def in_slices(graph: Graph, key: str, refs: list[str], raw: dict[str, torch.Tensor], device: torch.device) -> bool:
@@ -43,10 +45,18 @@ def sliceable_output(graph: Graph, plan: OutputPlan, key: str) -> bool:
 
 
 def slices(raw: dict[str, torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
-    """{model: its flat elements [start, start + SLICE_ELEMENTS)} for each start over the key's elements."""
+    """{model: its flat elements [start, start + SLICE_ELEMENTS)} for each start over the key's elements.
+
+    Every ``RELEASE_EVERY`` slices the pages of large mapped inputs behind the slices done are let go and
+    those of the next ``RELEASE_EVERY`` faulted in (``read_window``): a key's inputs then hold memory for a
+    window of slices, not for the whole tensor."""
     flat = {model: tensor.reshape(-1) for model, tensor in raw.items()}
     numel = next(iter(flat.values())).numel()
-    for start in range(0, numel, SLICE_ELEMENTS):
+    for index, start in enumerate(range(0, numel, SLICE_ELEMENTS)):
+        if index % RELEASE_EVERY == 0:
+            for tensor in raw.values():
+                size = tensor.element_size()
+                read_window(tensor, start * size, (start + RELEASE_EVERY * SLICE_ELEMENTS) * size)
         yield {model: tensor[start:start + SLICE_ELEMENTS] for model, tensor in flat.items()}
 
 

@@ -29,6 +29,38 @@ _LIBC = ctypes.CDLL(None, use_errno=True)
 _LIBC.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
 
+MADV_DONTNEED = 4
+WHOLE_MAPPING_BYTES = 64 * 2**20  # a larger tensor's pages come in as it is read, and go behind its readers
+
+
+class MappedPages:
+    """The pages of one large mapped input, which its reader may let go of behind it (``release_behind``)."""
+
+    def __init__(self, start: int, end: int):
+        self.start, self.end = start, end
+
+    def _page(self, address: int) -> int:
+        return self.start + min(address - self.start, self.end - self.start) // mmap.PAGESIZE * mmap.PAGESIZE
+
+    def window(self, consumed: int, ahead: int) -> None:
+        """Let go of the pages before ``consumed``, fault in those up to ``ahead`` (interpreter lock released)."""
+        behind, front = self._page(consumed), self._page(ahead + mmap.PAGESIZE - 1)
+        if behind > self.start:
+            _LIBC.madvise(self.start, behind - self.start, MADV_DONTNEED)
+        if front > behind:
+            _populate(behind, front - behind)
+
+
+def read_window(tensor: torch.Tensor, consumed: int, ahead: int) -> None:
+    """For a large mapped input (a tensor ``Checkpoint.map`` returned) read slice by slice: let go of its pages
+    before byte ``consumed`` — they leave the process's memory, stay in the page cache, and come back unchanged
+    from the file if touched again — and fault in those up to byte ``ahead`` in one call. Any other tensor is
+    left alone. The tensor holds its mapping, so the pages cannot belong to anything else meanwhile."""
+    pages = getattr(tensor, "mapped_pages", None)
+    if pages is not None:
+        pages.window(tensor.data_ptr() + consumed, tensor.data_ptr() + ahead)
+
+
 def _populate(address: int, length: int) -> int:
     """madvise(MADV_POPULATE_READ) through ctypes, which lets go of the interpreter lock meanwhile: the mmap
     module's own ``madvise`` holds it, so the compute threads stood still while a cold key was read from disk
@@ -170,9 +202,14 @@ class Checkpoint:
             return self.read(key)
         self.reads[key] += 1
         data = torch.frombuffer(pages, dtype=torch.uint8, offset=info.offset - start, count=info.nbytes)
-        if _populate(data.data_ptr() - (info.offset - start), len(pages)) != 0:  # fault the pages in, here
+        address = data.data_ptr() - (info.offset - start)
+        tensor = data.view(info.dtype).reshape(info.shape)
+        if len(pages) > WHOLE_MAPPING_BYTES and sys.platform == "linux":
+            pages.madvise(mmap.MADV_WILLNEED)  # read ahead in the kernel; its readers fault pages in as they go
+            tensor.mapped_pages = MappedPages(address, address + len(pages))
+        elif _populate(address, len(pages)) != 0:  # fault the pages in, here
             pages.madvise(mmap.MADV_WILLNEED)  # an older kernel: at least start reading ahead
-        return data.view(info.dtype).reshape(info.shape)
+        return tensor
 
     def fingerprint(self) -> str:
         """sha256 over every shard's header, size and sampled data (see ``sampled_fingerprint``); computed once."""
