@@ -373,4 +373,12 @@ def test_four_smollm2_experts_load_and_generate_as_the_dense_model(cli, tmp_path
     with torch.no_grad():
         torch.testing.assert_close(moe(ids).logits, dense(ids).logits, atol=2e-3, rtol=0)
         made = moe.generate(ids, max_new_tokens=8, do_sample=False)
-        assert torch.equal(made, dense.generate(ids, max_new_tokens=8, do_sample=False))
+        expected = dense.generate(ids, max_new_tokens=8, do_sample=False, output_scores=True,
+                                  return_dict_in_generate=True)
+    # greedy tokens agree wherever the dense model's choice is not a near-tie (float noise of another CPU
+    # could flip one), and at least the first four are decided
+    gaps = [float(step[0].topk(2).values.diff().abs()) for step in expected.scores]
+    decided = next((i for i, gap in enumerate(gaps) if gap < 1e-2), len(gaps))
+    assert decided >= 4
+    length = ids.shape[1] + decided
+    assert torch.equal(made[:, :length], expected.sequences[:, :length])

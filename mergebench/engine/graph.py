@@ -92,9 +92,9 @@ class Graph:
             self._check_inputs_agree(self.nodes[name])
             self._check_schedules(self.nodes[name])
         self.outputs = [plan for i, out in enumerate(recipe.outputs) for plan in self._plan_output(i, out)]
-        for plan in self.outputs:  # a config the layout cannot take fails here (a state dict in memory has none)
-            if str(plan.path) != MEMORY_PATH:
-                self.output_config(plan, self.copied_config(plan))
+        # a layout's edit of each written output's config, made here so that a config it cannot take fails now
+        self._config_edits = {plan.path: self._config_edit(plan) for plan in self.outputs
+                              if str(plan.path) != MEMORY_PATH}
         self._check_token_sources()
         self.keys = self._key_order()
         self.key_lists = {name: self.keys_of(node.origin if isinstance(node, RenamedNode) else name)
@@ -156,20 +156,19 @@ class Graph:
         ref = self._layout_of(plan)
         return self._blocks_of(ref) if ref is not None else None
 
-    def copied_config(self, plan: OutputPlan) -> dict[str, Any]:
-        """The config.json an output copies (empty without one)."""
-        name = plan.output.copy_files_from
-        folder = self.sources[name].folder if name else None
-        path = folder / "config.json" if folder is not None else None
-        return read_json_object(path, "model config") if path is not None and path.is_file() else {}
+    def output_config(self, plan: OutputPlan) -> tuple[dict[str, Any], tuple[str, ...]]:
+        """The fields an output's config sets and removes when a layout node (a MoE) made it (none otherwise)."""
+        return self._config_edits.get(plan.path, ({}, ()))
 
-    def output_config(self, plan: OutputPlan, config: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, ...]]:
-        """The fields an output's config sets and removes when a layout node (a MoE) made it (none otherwise);
-        ``config`` is the copied config.json."""
+    def _config_edit(self, plan: OutputPlan) -> tuple[dict[str, Any], tuple[str, ...]]:
         ref = self._layout_of(plan)
         edit = self.layouts.configs.get(ref) if ref is not None else None
         if edit is None:
             return {}, ()
+        name = plan.output.copy_files_from
+        folder = self.sources[name].folder if name else None
+        path = folder / "config.json" if folder is not None else None
+        config = read_json_object(path, "model config") if path is not None and path.is_file() else {}
         if not config:
             raise MergebenchError(f"{self.recipe.file}: node '{ref}' ({self.nodes[ref].op.name}) writes its output's "
                                   f"config.json from the copied one, and '{plan.output.copy_files_from}' has none")

@@ -38,7 +38,7 @@ def _bytes_at(graph: Graph, key: str) -> tuple[int, int, int, int]:
     """(stored inputs while computed, stored inputs while read ahead, outputs, float32 values) of one key.
 
     A large mapped input of a key computed in slices holds only a window of slices (its pages come in as
-    they are read and go behind them, ``release_behind``), and nothing while it waits to be computed."""
+    they are read and go behind them, ``read_window``), and nothing while it waits to be computed."""
     models = [m for m in graph.sources if key in graph.sources[m].keys]
     infos = [graph.sources[m].info(key) for m in models]
     numel = infos[0].numel

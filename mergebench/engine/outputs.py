@@ -157,7 +157,7 @@ def write_companions(graph: Graph, plan: OutputPlan, writer: CheckpointWriter) -
         report = copy_model_files(folder, writer.partial, _dominant_float_dtype(plan))
         skipped = [f"{folder / name}: {reason}" for name, reason in report.skipped]
     notes = []
-    fields, removed = graph.output_config(plan, graph.copied_config(plan))
+    fields, removed = graph.output_config(plan)
     if fields or removed:
         update_config(writer.partial, fields, remove=removed)
         notes.append(f"Architecture: {', '.join(fields.get('architectures', []))} (config written from "

@@ -25,16 +25,18 @@ from mergebench.value_types import CHECKPOINT
 
 PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 MADV_POPULATE_READ = 22  # Linux 5.14+: map a range's cached pages now (not in the mmap module's constants)
+MADV_DONTNEED = 4
+WHOLE_MAPPING_BYTES = 64 * 2**20  # a larger tensor's pages come in as it is read, and go behind its readers
+FINGERPRINT_SAMPLES = 64
+FINGERPRINT_SAMPLE_BYTES = 4096
+FINGERPRINT_HEAD_BYTES = 65536
 _LIBC = ctypes.CDLL(None, use_errno=True)
 _LIBC.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
 
-MADV_DONTNEED = 4
-WHOLE_MAPPING_BYTES = 64 * 2**20  # a larger tensor's pages come in as it is read, and go behind its readers
-
-
 class MappedPages:
-    """The pages of one large mapped input, which its reader may let go of behind it (``release_behind``)."""
+    """The pages of one large mapped input, which its reader faults in and lets go of a window at a time
+    (``read_window``)."""
 
     def __init__(self, start: int, end: int):
         self.start, self.end = start, end
@@ -66,9 +68,6 @@ def _populate(address: int, length: int) -> int:
     module's own ``madvise`` holds it, so the compute threads stood still while a cold key was read from disk
     (the first pass over inputs larger than the page cache ran at compute time plus read time)."""
     return _LIBC.madvise(address, length, MADV_POPULATE_READ) if sys.platform == "linux" else -1
-FINGERPRINT_SAMPLES = 64
-FINGERPRINT_SAMPLE_BYTES = 4096
-FINGERPRINT_HEAD_BYTES = 65536
 
 
 class Source(Protocol):
