@@ -133,3 +133,54 @@ def test_eager_api_runs_statistics_passes():
     torch.testing.assert_close(out["a"], torch.tensor([0.6, 0.0]))
     torch.testing.assert_close(out["b"], torch.tensor([0.8]))
 
+
+
+
+def _visit(state, inputs, params, ctx):
+    state.append(ctx.key)
+
+
+def _visit_pass(finalize):
+    return StatisticsPass(init=lambda p, stats: [], accumulate=_visit, finalize=finalize, combine=lambda a, b: a + b)
+
+
+if "visit_order" not in REGISTRY:
+
+    @operator(
+        "visit_order",
+        signatures=[signature(CHECKPOINT, model=CHECKPOINT)],
+        execution="global",
+        passes=(_visit_pass(lambda state, p, stats: {"first": state}),
+                _visit_pass(lambda state, p, stats: {**stats, "second": state})),
+    )
+    def visit_order(model, p, ctx):
+        """Leaves its input as it is; its statistics record the order in which its two passes visited the keys."""
+        return model
+
+
+def test_reads_alternate_direction_ending_backwards_before_the_main_pass(tmp_path, monkeypatch):
+    """With inputs larger than the page cache, a read that starts where the previous one ended finds those keys
+    cached; passes that combine may visit keys in any order, so the last one before the main pass runs backwards."""
+    from mergebench.engine import pipeline
+    from mergebench.engine.executor import compute_statistics
+    from mergebench.engine.graph import Graph
+    from mergebench.engine.stages import statistics_stages
+
+    monkeypatch.setattr(pipeline, "compute_threads", lambda device: 1)  # one thread: keys in the order given
+    keys = [f"layers.{i}.w" for i in range(5)]
+    save_file({k: torch.full((2,), float(i)) for i, k in enumerate(keys)}, tmp_path / "d.safetensors")
+
+    def graph(name, nodes):
+        return Graph(load_recipe(write_recipe(tmp_path / f"{name}.yaml", {
+            "models": {"a": "d.safetensors", "b": "d.safetensors"}, "nodes": nodes,
+            "outputs": [{"from": "n", "path": "out"}]})))
+
+    visits = graph("visits", {"n": {"op": "visit_order", "inputs": {"model": "a"}}})
+    assert [stage.backwards for stage in statistics_stages(visits)] == [False, True]
+    found = compute_statistics(visits, torch.device("cpu")).stats["n"]
+    assert found["first"] == keys and found["second"] == keys[::-1]
+    norms = graph("norms", {"tv": {"op": "delta", "inputs": {"base": "a", "models": ["b"]}},
+                            "ta": {"op": "task_arithmetic", "inputs": {"deltas": "tv"}},
+                            "unit": {"op": "unit_norm", "inputs": {"delta": "ta"}},
+                            "n": {"op": "apply", "inputs": {"base": "a", "delta": "unit"}}})
+    assert [stage.backwards for stage in statistics_stages(norms)] == [False]  # a float sum: keys in order

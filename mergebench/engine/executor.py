@@ -170,7 +170,7 @@ def _statistics_pass(graph: Graph, stage: Stage, device: torch.device, stats: di
     entries = [(graph.nodes[name], stat_pass) for name, stat_pass in stage.passes]
     order = entries[0][1].order
     keys = _pass_keys(graph, [node for node, _ in entries])
-    keys = order(keys) if order else keys
+    keys = order(keys) if order else keys[::-1] if stage.backwards else keys
     # passes whose states combine accumulate keys side by side, each compute thread into states of its own
     workers = pipeline.compute_threads(device) if all(stat_pass.combine for _, stat_pass in entries) else 1
     free: queue.SimpleQueue[list[Any]] = queue.SimpleQueue()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mergebench.engine.graph import Graph
 from mergebench.operators.base import StatisticsPass
@@ -13,6 +13,12 @@ class Stage:
     """One streamed read of the inputs, during which each (node, pass) listed accumulates."""
 
     passes: tuple[tuple[str, StatisticsPass], ...]
+    backwards: bool = False  # visit the keys last to first (see ``statistics_stages``)
+
+    @property
+    def reorderable(self) -> bool:
+        """Whether the keys may be visited in any order: passes that combine states promise that."""
+        return all(stat_pass.combine is not None and stat_pass.order is None for _, stat_pass in self.passes)
 
 
 def statistics_stages(graph: Graph) -> list[Stage]:
@@ -21,6 +27,10 @@ def statistics_stages(graph: Graph) -> list[Stage]:
     A node's passes run in sequence after every pass of the nodes upstream of it; passes of
     different nodes at the same step share one read. A pass that visits keys in an order of its
     own (alignment planning) gets a read to itself.
+
+    Reads alternate direction, the last one before the main (forward) pass running backwards, where
+    the passes allow it: when the inputs do not fit in the page cache, each read then begins with the
+    keys the previous one read last, still cached, instead of those it read first, long evicted.
     """
     last: dict[str, int] = {}  # the last stage used by a node or anything upstream of it
     scheduled: dict[tuple[int, str], list[tuple[str, StatisticsPass]]] = {}
@@ -33,7 +43,13 @@ def statistics_stages(graph: Graph) -> list[Stage]:
             slot = (upstream + 1 + i, name if stat_pass.order else "")
             scheduled.setdefault(slot, []).append((name, stat_pass))
         last[name] = upstream + len(passes)
-    return [Stage(tuple(scheduled[k])) for k in sorted(scheduled)]
+    stages = [Stage(tuple(scheduled[k])) for k in sorted(scheduled)]
+    next_backwards = False  # the main pass reads forwards
+    for index in reversed(range(len(stages))):
+        backwards = not next_backwards and stages[index].reorderable
+        stages[index] = replace(stages[index], backwards=backwards)
+        next_backwards = backwards
+    return stages
 
 
 def reads_per_model(graph: Graph) -> dict[str, int]:
