@@ -191,6 +191,10 @@ class StatisticsPass:
     have accumulated all of them (histograms add, counts add); ``init`` must then return a fresh
     state at each call. Passes that declare it let the executor accumulate keys side by side, each
     compute thread into a state of its own.
+
+    ``skip(params, stats)`` may say, before the pass reads anything, that accumulating would change
+    nothing (TIES's fine histogram when the coarse one already settled every threshold): the pass's
+    result is then ``finalize(init(...))``, and a read whose passes all skip is not made.
     """
 
     init: Callable[[Params, Any], Any]
@@ -200,6 +204,10 @@ class StatisticsPass:
     sliceable: bool = False
     combine: Callable[[Any, Any], Any] | None = None
     host: bool = False  # accumulate sees the inputs on the CPU; the engine moves the finished stats to the device
+    skip: Callable[[Params, Any], bool] | None = None
+
+    def skipped(self, params: Params, stats: Any) -> bool:
+        return self.skip is not None and self.skip(params, stats)
 
 
 Passes = Callable[[Params, frozenset[str]], "tuple[StatisticsPass, ...]"]

@@ -40,8 +40,11 @@ def global_threshold_passes(vectors: VectorsFn, keep: KeepFn) -> tuple[Statistic
 
     def fine(state: dict[str, Any], inputs: dict[str, Any], p: Params, ctx: KeyContext) -> None:
         for selector, value in zip(state["thresholds"] or [], vectors(inputs, p, ctx)):
-            if selector.bin >= 0:
+            if selector.needs_fine:
                 selector.add_fine(value.abs())
+
+    def fine_not_needed(p: Params, stats: Any) -> bool:
+        return not any(selector.needs_fine for selector in stats["thresholds"] or [])
 
     def thresholds(state: dict[str, Any], p: Params, stats: Any) -> dict[str, Any]:
         return {"thresholds": [selector.threshold() for selector in state["thresholds"] or []]}
@@ -64,7 +67,7 @@ def global_threshold_passes(vectors: VectorsFn, keep: KeepFn) -> tuple[Statistic
 
     return (StatisticsPass(lambda p, stats: {"thresholds": None}, coarse, choose_bins, sliceable=True,
                            combine=combine_coarse),
-            StatisticsPass(fine_init, fine, thresholds, sliceable=True, combine=combine_fine))
+            StatisticsPass(fine_init, fine, thresholds, sliceable=True, combine=combine_fine, skip=fine_not_needed))
 
 
 def global_threshold(ctx: KeyContext, index: int = 0) -> float:

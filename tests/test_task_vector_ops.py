@@ -108,25 +108,47 @@ def _bf16_deltas(n: int) -> torch.Tensor:
     return (base + steps * base.abs() * 2**-7).float().sub(base.float()).abs()
 
 
-@pytest.mark.parametrize("data", ["normal", "bf16 deltas", "one value"])
+def _mostly_bf16_deltas(n: int) -> torch.Tensor:
+    """bf16 task vectors where one entry in 3 is not a bf16 value (a weight near zero, say): bins hold both."""
+    magnitudes = _bf16_deltas(n)
+    magnitudes[::3] *= 1 + 2**-20
+    return magnitudes
+
+
+@pytest.mark.parametrize("data", ["normal", "bf16 deltas", "mostly bf16 deltas", "rescaled bf16 deltas",
+                                  "one value"])
 @pytest.mark.parametrize("fraction", [0.0001, 0.2, 0.5, 0.9999])
 @pytest.mark.parametrize("piece", [numerics.FINE_PIECE, 65_536])  # the tensor in one piece, or in four
 def test_threshold_is_the_kth_largest_magnitude(data, fraction, piece, monkeypatch):
-    """Both histogram passes, with the k-th largest in a bin of a few entries or of thousands."""
+    """Both histogram passes, with the k-th largest in a bin of a few entries or of thousands; or the coarse
+    pass alone, when the k-th largest is the floor of its bin (bfloat16 values: their low bits are zero)."""
     monkeypatch.setattr(numerics, "FINE_PIECE", piece)
     n = 200_003
-    magnitudes = {"normal": torch.randn(n, generator=torch.Generator().manual_seed(3)).abs(),
-                  "bf16 deltas": _bf16_deltas(n), "one value": torch.full((n,), 0.25)}[data]
+    magnitudes = {"normal": lambda: torch.randn(n, generator=torch.Generator().manual_seed(3)).abs(),
+                  "bf16 deltas": lambda: _bf16_deltas(n),
+                  "mostly bf16 deltas": lambda: _mostly_bf16_deltas(n),
+                  "rescaled bf16 deltas": lambda: _bf16_deltas(n) / 0.7,  # DARE's rescaling: few values, low bits
+                  "one value": lambda: torch.full((n,), 0.3)}[data]()
     k = max(1, int(n * fraction))
-    assert threshold_for(magnitudes, k) == float(magnitudes.sort(descending=True).values[k - 1])
+    kth = float(magnitudes.sort(descending=True).values[k - 1])
+    assert threshold_for(magnitudes, k) == kth
     selector = numerics.ExactThreshold()
     selector.add_coarse(magnitudes)
-    if selector.choose_bin(k):  # the fine counts are exactly those of the bin's entries, every piece counted
-        bits = magnitudes.view(torch.int32)
-        in_bin = bits[(bits >> numerics.HALF_BITS) == selector.bin] & (numerics.BINS - 1)
+    needs_fine = selector.choose_bin(k)
+    bits = magnitudes.view(torch.int32)
+    in_bin = bits[(bits >> numerics.HALF_BITS) == selector.bin]
+    above_floor = int((in_bin & (numerics.BINS - 1) != 0).sum())
+    assert needs_fine == (selector.rank <= above_floor)  # settled exactly when the k-th largest is the floor
+    if data == "bf16 deltas" or (data == "mostly bf16 deltas" and fraction >= 0.5):
+        assert not needs_fine
+    if data in ("normal", "one value") or (data == "mostly bf16 deltas" and fraction <= 0.2):
+        assert needs_fine
+    if not needs_fine:
+        assert kth == float(torch.tensor([selector.bin << numerics.HALF_BITS], dtype=torch.int32).view(torch.float32))
+    else:  # the fine counts are exactly those of the bin's entries, every piece counted
         selector.add_fine(magnitudes)
-        assert torch.equal(selector.fine, torch.bincount(in_bin, minlength=numerics.BINS))
-        if data == "bf16 deltas" and fraction == 0.5:  # the fine pass counted thousands of entries of one bin
+        assert torch.equal(selector.fine, torch.bincount(in_bin & (numerics.BINS - 1), minlength=numerics.BINS))
+        if data == "rescaled bf16 deltas" and fraction == 0.5:  # the fine pass counted thousands of one bin
             assert in_bin.numel() > 10 * FEW
 
 
@@ -352,6 +374,31 @@ def test_global_ties_streamed_equals_brute_force_concatenation(tmp_path):
     for key, value in expected.items():
         torch.testing.assert_close(merged[key], value, rtol=1e-5, atol=1e-6)
     assert torch.equal(merged["lm_head.weight"], base["lm_head.weight"])
+
+
+def test_global_ties_of_bf16_fine_tunes_settles_its_thresholds_in_the_coarse_pass(tmp_path):
+    """Task vectors of bf16 checkpoints a few units in the last place apart are bf16 values themselves: the coarse
+    histogram's bin is the threshold, and the fine pass (a whole read of every input) is skipped."""
+    g = torch.Generator().manual_seed(5)
+    shapes = {"model.layers.0.w": (64, 32), "model.layers.1.w": (32, 64), "model.layers.1.b": (64,)}
+    base = {k: torch.randn(s, generator=g).to(torch.bfloat16) for k, s in shapes.items()}
+    models = [{k: (v + torch.randint(-3, 4, v.shape, generator=g).to(torch.bfloat16) * v.abs() * 2**-7)
+               for k, v in base.items()} for _ in range(3)]
+    for name, state in [("base", base), *((f"ft{i}", m) for i, m in enumerate(models))]:
+        save_file(state, tmp_path / f"{name}.safetensors")
+    recipe = write_recipe(tmp_path / "ties.yaml", {
+        "models": {"base": "base.safetensors", **{f"ft{i}": f"ft{i}.safetensors" for i in range(3)}},
+        "nodes": {"ties": {"op": "ties", "inputs": {"base": "base", "models": ["ft0", "ft1", "ft2"]},
+                           "params": {"density": 0.3}}},
+        "outputs": [{"from": "ties", "path": "out"}],
+    })
+    result = run_recipe(load_recipe(recipe), RunOptions(device="cpu"))
+    assert result.summary.passes == 3  # coarse histogram, majority sign, merge
+    upcast = [{k: v.float() for k, v in state.items()} for state in (base, *models)]
+    expected = _brute_force_ties(upcast[0], upcast[1:], 0.3, 1.0)
+    merged = read_checkpoint(tmp_path / "out")
+    for key, value in expected.items():
+        assert torch.equal(merged[key], value.to(torch.bfloat16)), key
 
 
 def test_per_tensor_ties_needs_one_pass(tmp_path):

@@ -13,7 +13,7 @@ import queue
 import time
 from collections.abc import Callable
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -34,6 +34,7 @@ from mergebench.engine.pipeline import Sink, Value, give_back, prefetch
 from mergebench.engine.slicing import sliceable_output
 from mergebench.engine.stages import Stage, statistics_stages
 from mergebench.engine.staging import finish, uses_pinned_buffers
+from mergebench.operators.base import StatisticsPass
 from mergebench.recipe import Node
 
 CPU = torch.device("cpu")
@@ -143,14 +144,34 @@ def compute_statistics(graph: Graph, device: torch.device, progress: Callable[[i
                        pool: BufferPool | None = None) -> Statistics:
     """Run every statistics (and alignment planning) pass the graph's operators need, in stages."""
     stats: dict[str, Any] = {}
-    bytes_read = 0
-    stages = statistics_stages(graph)
-    for stage in stages:
-        bytes_read += _statistics_pass(graph, stage, device, stats, progress, pool or _pool(graph, 0, device))
+    bytes_read = reads = 0
+    for stage in statistics_stages(graph):
+        stage = _without_skipped(graph, stage, device, stats)
+        if stage.passes:
+            bytes_read += _statistics_pass(graph, stage, device, stats, progress, pool or _pool(graph, 0, device))
+            reads += 1
     for name, node in graph.layouts.renamed_nodes.items():  # a renamed node merges with its origin's statistics
         if node.origin in stats:
             stats[name] = stats[node.origin]
-    return Statistics(stats, bytes_read, len(stages))
+    return Statistics(stats, bytes_read, reads)
+
+
+def _without_skipped(graph: Graph, stage: Stage, device: torch.device, stats: dict[str, Any]) -> Stage:
+    """``stage`` without the passes that skip (their results set now, from a fresh state): none may be left."""
+    kept = []
+    for name, stat_pass in stage.passes:
+        params = graph.nodes[name].params
+        if stat_pass.skipped(params, stats.get(name)):
+            _finished(stat_pass, stat_pass.init(params, stats.get(name)), name, graph, device, stats)
+        else:
+            kept.append((name, stat_pass))
+    return replace(stage, passes=tuple(kept))
+
+
+def _finished(stat_pass: StatisticsPass, state: Any, name: str, graph: Graph, device: torch.device,
+              stats: dict[str, Any]) -> None:
+    found = stat_pass.finalize(state, graph.nodes[name].params, stats.get(name))
+    stats[name] = moved(found, device) if stat_pass.host else found  # once, not per key
 
 
 def _pass_keys(graph: Graph, nodes: list[Node]) -> list[str]:
@@ -217,8 +238,7 @@ def _statistics_pass(graph: Graph, stage: Stage, device: torch.device, stats: di
     per_worker = [free.get() for _ in range(workers)]
     for i, (node, stat_pass) in enumerate(entries):
         state = functools.reduce(stat_pass.combine, [states[i] for states in per_worker])  # one: no combine
-        found = stat_pass.finalize(state, node.params, stats.get(node.name))
-        stats[node.name] = moved(found, device) if stat_pass.host else found  # once, not per key
+        _finished(stat_pass, state, node.name, graph, device, stats)
     return bytes_read
 
 

@@ -126,8 +126,9 @@ def key_statistics(graph: Graph, key: str, refs: list[str], raw: dict[str, torch
         found = stats.get(name)
         for key_pass in node.op.key_passes(params, frozenset(node.inputs)):
             state = key_pass.init(params, found)
-            for env in environments(graph, key, raw, device, key_stats, sliced, memos):
-                key_pass.accumulate(state, env.inputs(node), params, env.context(node))
+            if not key_pass.skipped(params, found):
+                for env in environments(graph, key, raw, device, key_stats, sliced, memos):
+                    key_pass.accumulate(state, env.inputs(node), params, env.context(node))
             found = key_pass.finalize(state, params, found)
             key_stats = {**key_stats, name: found}
     return key_stats

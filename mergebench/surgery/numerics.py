@@ -93,13 +93,21 @@ class ExactThreshold:
     For non-negative float32 the IEEE-754 bit pattern read as an integer is monotone in the value.
     Pass 1 histograms the high 16 bits of every magnitude and finds the bin holding the k-th
     largest; pass 2 histograms the low 16 bits of the magnitudes in that bin (semantics §0.4).
+
+    Pass 1 counts, in each bin, the magnitudes whose low 16 bits are not all zero apart from those
+    that are: the latter all equal the bin's floor, its smallest value. Task vectors of bf16
+    checkpoints are almost all bfloat16 values (the difference of two nearby bf16 numbers is one),
+    so the k-th largest is usually among them: the bin's floor is then the threshold, and pass 2 is
+    not needed.
     """
 
     def __init__(self) -> None:
-        self.coarse = torch.zeros(BINS, dtype=torch.int64)
+        # bin b's magnitudes whose low bits are all zero at 2b, the others at 2b + 1
+        self.coarse = torch.zeros(2 * BINS, dtype=torch.int64)
         self.fine = torch.zeros(BINS, dtype=torch.int64)
         self.count = 0
         self.bin = -1
+        self.settled = False  # whether the threshold is the bin's floor (no fine pass)
         self.rank = 0  # the k-th largest is the rank-th largest inside ``bin``
         self.k = 0
 
@@ -110,7 +118,7 @@ class ExactThreshold:
 
     def add_coarse(self, magnitudes: torch.Tensor) -> None:
         bits = self._bits(magnitudes)
-        _add_counts(self.coarse, bits >> HALF_BITS)
+        _add_counts(self.coarse, torch.bitwise_and(bits, BINS - 1).clamp_(max=1).add_(bits >> HALF_BITS, alpha=2))
         self.count += bits.numel()
 
     def fine_pass_copy(self) -> ExactThreshold:
@@ -127,15 +135,23 @@ class ExactThreshold:
         self.fine += other.fine
 
     def choose_bin(self, k: int) -> bool:
-        """Fix k; returns whether the fine pass is needed (not for k = 0 or k >= n)."""
+        """Fix k; returns whether the fine pass is needed (``needs_fine``)."""
         self.k = k
         if k <= 0 or k >= self.count:
             return False
-        at_or_above = self.coarse.flip(0).cumsum(0).flip(0)  # elements in bins >= b
+        per_bin = self.coarse[0::2] + self.coarse[1::2]
+        at_or_above = per_bin.flip(0).cumsum(0).flip(0)  # elements in bins >= b
         self.bin = int((at_or_above >= k).nonzero().max())
         above = int(at_or_above[self.bin + 1]) if self.bin + 1 < BINS else 0
         self.rank = k - above
-        return True
+        # the rank-th largest of the bin is its floor when fewer of its entries lie above the floor
+        self.settled = self.rank > int(self.coarse[2 * self.bin + 1])
+        return self.needs_fine
+
+    @property
+    def needs_fine(self) -> bool:
+        """Not for k = 0 or k >= n, nor when the k-th largest is the floor of its bin."""
+        return self.bin >= 0 and not self.settled
 
     def add_fine(self, magnitudes: torch.Tensor) -> None:
         bits = self._bits(magnitudes)
@@ -159,8 +175,10 @@ class ExactThreshold:
             return math.inf
         if self.k >= self.count:
             return 0.0
-        at_or_above = self.fine.flip(0).cumsum(0).flip(0)
-        low = int((at_or_above >= self.rank).nonzero().max())
+        low = 0
+        if not self.settled:
+            at_or_above = self.fine.flip(0).cumsum(0).flip(0)
+            low = int((at_or_above >= self.rank).nonzero().max())
         bits = torch.tensor([(self.bin << HALF_BITS) | low], dtype=torch.int32)
         return float(bits.view(torch.float32))
 
