@@ -304,35 +304,32 @@ def _selection(node) -> str:
 def ops(name: Annotated[str | None, typer.Argument(help="an operator name")] = None) -> None:
     """List the operators, or show one: input slots, result, parameters with defaults and docs."""
     with _user_errors():
+        from mergebench.cli.catalog import operator_entries
         from mergebench.errors import MergebenchError
-        from mergebench.operators.base import REGISTRY
-        from mergebench.operators.base import type_name as describe_type
 
+        entries = {entry["name"]: entry for entry in operator_entries()}
         if name is None:
             table = Table(title="operators", title_justify="left")
             for column in ("name", "class", "inputs -> result", "summary"):
                 table.add_column(column)
-            for op in sorted(REGISTRY.values(), key=lambda o: o.name):
-                table.add_row(op.name, op.execution, escape("\n".join(s.describe() for s in op.signatures)),
-                              escape(op.doc.splitlines()[0]) if op.doc else "")
+            for entry in entries.values():
+                table.add_row(entry["name"], entry["execution"], escape("\n".join(entry["inputs"])),
+                              escape(entry["doc"].splitlines()[0]) if entry["doc"] else "")
             console.print(table)
             return
-        op = REGISTRY.get(name)
-        if op is None:
-            raise MergebenchError(f"unknown operator '{name}' (known: {', '.join(sorted(REGISTRY))})")
-    console.print(f"[bold]{op.name}[/] ({op.execution})")
-    console.print(escape(op.doc), highlight=False)
-    console.print(f"implements: {escape(op.paper)}", highlight=False)
-    for sig in op.signatures:
-        console.print(f"  inputs {escape(sig.describe())}", highlight=False)
+        entry = entries.get(name)
+        if entry is None:
+            raise MergebenchError(f"unknown operator '{name}' (known: {', '.join(sorted(entries))})")
+    console.print(f"[bold]{entry['name']}[/] ({entry['execution']})")
+    console.print(escape(entry["doc"]), highlight=False)
+    console.print(f"implements: {escape(entry['paper'])}", highlight=False)
+    for inputs in entry["inputs"]:
+        console.print(f"  inputs {escape(inputs)}", highlight=False)
     table = Table(title="parameters", title_justify="left")
     for column in ("name", "type", "default", "meaning"):
         table.add_column(column)
-    for field_name, info in op.params.model_fields.items():
-        annotation = info.annotation
-        type_name = describe_type(annotation)
-        default = "required" if info.is_required() else repr(info.default)
-        table.add_row(info.alias or field_name, escape(type_name), escape(default), escape(info.description or ""))
+    for row in entry["params"]:
+        table.add_row(*(escape(cell) for cell in row))
     for common in ("include", "exclude", "overrides", "seed"):
         table.add_row(common, "", "", _COMMON_DOCS[common])
     console.print(table)

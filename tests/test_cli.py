@@ -22,6 +22,27 @@ def test_help_does_not_import_torch():
         assert command in result.stdout
 
 
+@pytest.mark.parametrize("args", [["ops"], ["ops", "ties"], ["ops", "nope"]])
+def test_ops_does_not_import_torch(args):
+    """The listing comes from the catalog written from the registry (cli/operators.json), not the registry."""
+    code = ("import sys; from mergebench.cli.app import app\n"
+            f"try:\n    app({args!r}, prog_name='mergebench')\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    if args[-1] == "ties":
+        assert result.stdout.startswith("ties (global statistic)") and "densities" in result.stdout
+    if args[-1] == "nope":
+        assert "unknown operator 'nope'" in result.stdout + result.stderr
+
+
+def test_operator_catalog_is_the_registry():
+    from mergebench.cli.catalog import CATALOG, render
+
+    assert CATALOG.read_text(encoding="utf-8") == render(), \
+        "cli/operators.json is stale: python -m mergebench.cli.catalog writes it"
+
+
 def test_console_script_exit_code_for_bad_input(tmp_path):
     bin_dir = __import__("pathlib").Path(sys.executable).parent
     result = subprocess.run([bin_dir / "mergebench", "run", tmp_path / "missing.yaml"], capture_output=True,
