@@ -282,9 +282,10 @@ def plan(recipe: RecipeArg, set_: SetOpt = None, allow_pickle: PickleOpt = False
     for made in graph.layouts.generated.values():
         holds = getattr(made, "preparation_bytes", 0)
         console.print(escape(made.describe() + (f" (holds {_size(holds)} before the merge streams)" if holds else "")))
-    console.print(f"{len(graph.keys)} keys, {planned.passes} pass(es); read {_size(planned.bytes_per_pass)} per "
-                  f"pass, write {_size(planned.bytes_written)}; peak memory ≈ {_size(planned.peak_memory)} beyond "
-                  f"the interpreter")
+    skipped = f", {planned.may_skip} of them skipped when earlier ones settle its result" if planned.may_skip else ""
+    console.print(f"{len(graph.keys)} keys, {planned.passes} pass(es){skipped}; read "
+                  f"{_size(planned.bytes_per_pass)} per pass, write {_size(planned.bytes_written)}; peak memory ≈ "
+                  f"{_size(planned.peak_memory)} beyond the interpreter")
 
 
 def _selection(node) -> str:

@@ -145,15 +145,18 @@ class RunPlan:
     bytes_per_pass: int
     bytes_written: int
     peak_memory: int
-    reads: dict[str, int]  # how many times each model is read (statistics passes and the main pass)
+    reads: dict[str, int]  # how many times each model is read, at most (statistics passes and the main pass)
+    may_skip: int = 0  # statistics passes a run skips when earlier ones settle their result (counted in passes)
 
 
 def plan(recipe_path: str | os.PathLike[str], set: Mapping[str, Any] | None = None,
          allow_pickle: bool = False, out: str | os.PathLike[str] | None = None) -> RunPlan:
     """Check a recipe against its inputs' headers and plan it (``mergebench plan``); writes nothing."""
     graph = Graph(load_recipe(recipe_path, dict(set or {}), out), allow_pickle=allow_pickle)
-    return RunPlan(graph, 1 + len(statistics_stages(graph)), graph.bytes_to_read,
-                   sum(o.nbytes for o in graph.outputs), peak_memory_estimate(graph), reads_per_model(graph))
+    stages = statistics_stages(graph)
+    may_skip = sum(all(stat_pass.skip is not None for _, stat_pass in stage.passes) for stage in stages)
+    return RunPlan(graph, 1 + len(stages), graph.bytes_to_read, sum(o.nbytes for o in graph.outputs),
+                   peak_memory_estimate(graph), reads_per_model(graph), may_skip)
 
 
 def extract(base: str | os.PathLike[str], fine_tuned: str | os.PathLike[str], out: str | os.PathLike[str], *,

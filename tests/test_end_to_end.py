@@ -140,6 +140,7 @@ def test_plan_and_extract_from_python(tmp_path, llama_models):
     planned = mb.plan(recipe)
     assert planned.passes == 4 and planned.bytes_written == sum(v.nbytes for v in states["base"].values())
     assert planned.reads == {"base": 4, "ft1": 4, "ft2": 4}  # three statistics passes and the merge
+    assert planned.may_skip == 1  # the fine histogram, when the coarse one settles the thresholds
     mixed = write_recipe(tmp_path / "mixed.yaml", {
         "models": {k: str(v) for k, v in folders.items()},
         "nodes": {"g": {"op": "ties", "inputs": {"base": "base", "models": ["ft1"]}},
