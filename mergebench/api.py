@@ -154,9 +154,8 @@ def plan(recipe_path: str | os.PathLike[str], set: Mapping[str, Any] | None = No
     """Check a recipe against its inputs' headers and plan it (``mergebench plan``); writes nothing."""
     graph = Graph(load_recipe(recipe_path, dict(set or {}), out), allow_pickle=allow_pickle)
     stages = statistics_stages(graph)
-    may_skip = sum(all(stat_pass.skip is not None for _, stat_pass in stage.passes) for stage in stages)
     return RunPlan(graph, 1 + len(stages), graph.bytes_to_read, sum(o.nbytes for o in graph.outputs),
-                   peak_memory_estimate(graph), reads_per_model(graph), may_skip)
+                   peak_memory_estimate(graph), reads_per_model(graph), sum(stage.may_skip for stage in stages))
 
 
 def extract(base: str | os.PathLike[str], fine_tuned: str | os.PathLike[str], out: str | os.PathLike[str], *,

@@ -184,3 +184,6 @@ def test_reads_alternate_direction_ending_backwards_before_the_main_pass(tmp_pat
                             "unit": {"op": "unit_norm", "inputs": {"delta": "ta"}},
                             "n": {"op": "apply", "inputs": {"base": "a", "delta": "unit"}}})
     assert [stage.backwards for stage in statistics_stages(norms)] == [False]  # a float sum: keys in order
+    ties = statistics_stages(graph("ties", {"n": {"op": "ties", "inputs": {"base": "a", "models": ["b"]}}}))
+    assert [stage.may_skip for stage in ties] == [False, True, False]  # the fine histogram, usually settled
+    assert [stage.backwards for stage in ties] == [False, False, True]  # planned as skipped

@@ -20,6 +20,11 @@ class Stage:
         """Whether the keys may be visited in any order: passes that combine states promise that."""
         return all(stat_pass.combine is not None and stat_pass.order is None for _, stat_pass in self.passes)
 
+    @property
+    def may_skip(self) -> bool:
+        """Whether a run may skip this read: every pass in it may find earlier ones settled its result."""
+        return all(stat_pass.skip is not None for _, stat_pass in self.passes)
+
 
 def statistics_stages(graph: Graph) -> list[Stage]:
     """The statistics passes of every node, scheduled into as few reads as their dependencies allow.
@@ -30,7 +35,8 @@ def statistics_stages(graph: Graph) -> list[Stage]:
 
     Reads alternate direction, the last one before the main (forward) pass running backwards, where
     the passes allow it: when the inputs do not fit in the page cache, each read then begins with the
-    keys the previous one read last, still cached, instead of those it read first, long evicted.
+    keys the previous one read last, still cached, instead of those it read first, long evicted. A read
+    that may be skipped is planned as skipped: it takes the direction of the one before it.
     """
     last: dict[str, int] = {}  # the last stage used by a node or anything upstream of it
     scheduled: dict[tuple[int, str], list[tuple[str, StatisticsPass]]] = {}
@@ -48,7 +54,8 @@ def statistics_stages(graph: Graph) -> list[Stage]:
     for index in reversed(range(len(stages))):
         backwards = not next_backwards and stages[index].reorderable
         stages[index] = replace(stages[index], backwards=backwards)
-        next_backwards = backwards
+        if not stages[index].may_skip:
+            next_backwards = backwards
     return stages
 
 
