@@ -130,8 +130,11 @@ def test_plan_estimates_two_keys_side_by_side_one_read_ahead_two_waiting_for_the
     # for the writer (two outputs of 40 bytes), nothing left to read ahead; and the pool's largest output
     # buffer (e's 12000 bytes), kept
     assert estimate({"op": "linear", "inputs": {"models": ["m0", "m1"]}}) == 40000 + 20000 + 40 + 40 + 12000
-    # SLERP is not elementwise: whole float32 values too, (2 models + 1 node + 1) per element
-    assert estimate({"op": "slerp", "inputs": {"a": "m0", "b": "m1"}}) == 40000 + 20000 + 80000 + 40 + 40 + 12000
+    # SLERP is elementwise once its key pass found the angle: as linear
+    assert estimate({"op": "slerp", "inputs": {"a": "m0", "b": "m1"}}) == 40000 + 20000 + 40 + 40 + 12000
+    # DELLA ranks each row's entries: not elementwise, whole float32 values too, (2 models + 1 node + 1) per element
+    assert estimate({"op": "della", "inputs": {"base": "m0", "models": ["m1"]}}) == \
+        40000 + 20000 + 80000 + 40 + 40 + 12000
     # inputs above WHOLE_MAPPING_BYTES (d, e) hold a window of 2 × RELEASE_EVERY slices each (2 × 100 × 4 bytes),
     # and nothing while they wait to be computed
     from mergebench.engine import memory

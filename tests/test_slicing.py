@@ -59,10 +59,7 @@ def test_slices_give_the_same_bytes_as_whole_tensors(tmp_path, cli, llama_models
     monkeypatch.setattr(slicing, "slices", counted)
     sliced = _run(tmp_path, cli, folders, NODES[merge], "sliced")
     _assert_same_bytes(sliced, whole)
-    if merge == "slerp":  # the angle between whole tensors is not elementwise: never sliced
-        assert not sliced_keys
-    else:
-        assert sum(n > 1000 for n in sliced_keys) >= 10
+    assert sum(n > 1000 for n in sliced_keys) >= 10  # SLERP too: its angle is a key pass, then it is elementwise
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -3,6 +3,8 @@ the properties that make them trustworthy at model scale."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -150,6 +152,21 @@ def test_threshold_is_the_kth_largest_magnitude(data, fraction, piece, monkeypat
         assert torch.equal(selector.fine, torch.bincount(in_bin & (numerics.BINS - 1), minlength=numerics.BINS))
         if data == "rescaled bf16 deltas" and fraction == 0.5:  # the fine pass counted thousands of one bin
             assert in_bin.numel() > 10 * FEW
+
+
+@pytest.mark.parametrize("cuts", [[], [4096, 8192], [1000, 5000, 9001], list(range(1, 12_345, 777))])
+def test_chunked_dot_has_the_same_bits_however_the_tensors_are_cut(cuts):
+    """SLERP's norms and angle, gathered whole or slice by slice (slices of any length), are one number."""
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(12_345, generator=g) * 1e3, torch.randn(12_345, generator=g)
+    bounds = [0, *cuts, x.numel()]
+    dot = numerics.ChunkedDot()
+    for start, end in zip(bounds, bounds[1:]):
+        dot.add(x[start:end], y[start:end])
+    whole = numerics.ChunkedDot()
+    whole.add(x, y)
+    exact = math.fsum((x.double() * y.double()).tolist())  # float32 products are exact in float64
+    assert dot.total() == whole.total() and abs(whole.total() - exact) <= 1e-12 * abs(exact)
 
 
 @pytest.mark.parametrize("weights", [[1.0, 0.3, -2.0], [1.0, 0.0, 0.5], [0.0, 1.0, 1.0], [0.7, 1.0, 1.0], [1.0]])
