@@ -351,28 +351,40 @@ def inspect(
 ) -> None:
     """List a checkpoint's tensors (dtype, shape, size, block), or describe a mask or sparse delta."""
     with _user_errors():
-        from mergebench.io.artifacts import ArtifactSource
-        from mergebench.io.sources import open_source
+        from mergebench.io.kinds import has_block_scales, source_kind
+        from mergebench.io.safetensors_header import DTYPE_INFO
+        from mergebench.io.weight_files import stored_tensors, weight_files
         from mergebench.surgery.layers import BlockIndex
 
-        ckpt = open_source(checkpoint, allow_pickle)
-    if isinstance(ckpt, ArtifactSource):
-        _describe_artifact(ckpt)
-        return
-    blocks = BlockIndex(ckpt.keys)
+        rows: list[tuple[str, str, tuple[int, ...], int]] | None = None  # key, dtype, shape, bytes
+        if source_kind(checkpoint, allow_pickle) == "safetensors":  # from the headers: no torch
+            stored = stored_tensors(checkpoint, weight_files(checkpoint))
+            if not has_block_scales(stored):  # FP8 weights list as read: dequantized, through the source
+                rows = [(key, DTYPE_INFO[t.dtype][0], t.shape, t.nbytes) for key, t in stored.items()]
+                total = sum(t.nbytes for t in stored.values())
+        if rows is None:
+            from mergebench.io.artifacts import ArtifactSource
+            from mergebench.io.sources import open_source
+
+            ckpt = open_source(checkpoint, allow_pickle)
+            if isinstance(ckpt, ArtifactSource):
+                _describe_artifact(ckpt)
+                return
+            infos = [ckpt.info(key) for key in ckpt.keys]
+            rows = [(i.key, str(i.dtype).replace("torch.", ""), i.shape, i.nbytes) for i in infos]
+            total = ckpt.total_bytes
+    blocks = BlockIndex([key for key, *_ in rows])
     table = Table(title=str(checkpoint), title_justify="left")
     table.add_column("tensor", overflow="fold")
     for column in ("dtype", "shape", "size", "block"):
         table.add_column(column, no_wrap=True)
-    for key in ckpt.keys:
-        info = ckpt.info(key)
+    for key, dtype, shape, nbytes in rows:
         position = blocks.position(key)
-        table.add_row(key, str(info.dtype).replace("torch.", ""), str(list(info.shape)), _size(info.nbytes),
+        table.add_row(key, dtype, str(list(shape)), _size(nbytes),
                       "-" if position is None else f"{position[0]}/{position[1]}")
     console.print(table)
     stacks = ", ".join(f"{stack or '(top level)'}: {count}" for stack, count in blocks.stacks.items()) or "none"
-    console.print(f"{len(ckpt.keys)} tensors, {_size(ckpt.total_bytes)}; blocks per stack: {stacks}",
-                  highlight=False)
+    console.print(f"{len(rows)} tensors, {_size(total)}; blocks per stack: {stacks}", highlight=False)
 
 
 def _describe_artifact(source) -> None:

@@ -12,12 +12,18 @@ from conftest import write_recipe
 from mergebench.synthetic import llama_config, llama_state_dict, save_checkpoint
 
 
-def test_help_does_not_import_torch():
+def _without_torch(args: list[str]) -> subprocess.CompletedProcess:
+    """``mergebench ARGS`` in a fresh interpreter, which fails if the command imported torch."""
     code = ("import sys; from mergebench.cli.app import app\n"
-            "try:\n    app(['--help'], prog_name='mergebench')\nexcept SystemExit:\n    pass\n"
+            f"try:\n    app({args!r}, prog_name='mergebench')\nexcept SystemExit:\n    pass\n"
             "assert 'torch' not in sys.modules, 'torch imported'\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_help_does_not_import_torch():
+    result = _without_torch(["--help"])
     for command in ("run", "plan", "ops", "inspect"):
         assert command in result.stdout
 
@@ -25,15 +31,20 @@ def test_help_does_not_import_torch():
 @pytest.mark.parametrize("args", [["ops"], ["ops", "ties"], ["ops", "nope"]])
 def test_ops_does_not_import_torch(args):
     """The listing comes from the catalog written from the registry (cli/operators.json), not the registry."""
-    code = ("import sys; from mergebench.cli.app import app\n"
-            f"try:\n    app({args!r}, prog_name='mergebench')\nexcept SystemExit:\n    pass\n"
-            "assert 'torch' not in sys.modules, 'torch imported'\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
+    result = _without_torch(args)
     if args[-1] == "ties":
         assert result.stdout.startswith("ties (global statistic)") and "densities" in result.stdout
     if args[-1] == "nope":
         assert "unknown operator 'nope'" in result.stdout + result.stderr
+
+
+def test_inspect_of_safetensors_weights_does_not_import_torch(tmp_path):
+    """A checkpoint's listing comes from its headers; torch loads only for what must be read (FP8, GGUF, ...)."""
+    config = llama_config(layers=2)
+    save_checkpoint(llama_state_dict(config, seed=0), tmp_path / "m", shard_size=50_000, config=config)
+    result = _without_torch(["inspect", str(tmp_path / "m")])
+    assert "model.layers.1.mlp.down_proj.weight" in result.stdout and "blocks per stack: model: 2" in result.stdout
+    assert "float32" in result.stdout and "21 tensors" in result.stdout
 
 
 def test_operator_catalog_is_the_registry():

@@ -22,8 +22,9 @@ from typing import Any
 import torch
 
 from mergebench.errors import MergebenchError
-from mergebench.io.adapters import CONFIG_FILE, PREFIX, WEIGHTS_FILE
+from mergebench.io.adapters import PREFIX, WEIGHTS_FILE
 from mergebench.io.artifacts import ArtifactWriter
+from mergebench.io.kinds import ADAPTER_CONFIG
 from mergebench.io.output_guard import check_may_replace, check_scratch, write_manifest
 from mergebench.surgery.low_rank import LowRank
 from mergebench.value_types import ADAPTER
@@ -48,7 +49,7 @@ class AdapterWriter(ArtifactWriter):
     def __init__(self, path: Path, metadata: dict[str, str], template: dict[str, Any], embeddings: Iterable[str],
                  dtype: torch.dtype, key_order: Iterable[str] = ()):
         super().__init__(path, ADAPTER, metadata, key_order)
-        check_scratch(self.partial, (WEIGHTS_FILE, CONFIG_FILE))
+        check_scratch(self.partial, (WEIGHTS_FILE, ADAPTER_CONFIG))
         shutil.rmtree(self.partial, ignore_errors=True)
         self.partial.mkdir()
         self._assembled = self.partial / WEIGHTS_FILE
@@ -89,7 +90,7 @@ class AdapterWriter(ArtifactWriter):
         super().finish_weights()
         if self._finished_elsewhere:
             return
-        (self.partial / CONFIG_FILE).write_text(json.dumps(self.config(), indent=2, sort_keys=True) + "\n")
+        (self.partial / ADAPTER_CONFIG).write_text(json.dumps(self.config(), indent=2, sort_keys=True) + "\n")
         (self.partial / "README.md").write_text(self._card())
 
     def config(self) -> dict[str, Any]:

@@ -22,28 +22,23 @@ import torch
 
 from mergebench.errors import MergebenchError
 from mergebench.io.checkpoint import Checkpoint, Source, file_states, sampled_fingerprint
+from mergebench.io.kinds import ADAPTER_CONFIG
 from mergebench.io.reading import read_json_object
 from mergebench.io.safetensors_format import TensorInfo
 from mergebench.surgery.low_rank import LowRank
 from mergebench.value_types import ADAPTER, CHECKPOINT
 
-CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 _FACTOR = re.compile(r"(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.weight)?")
 _UNSUPPORTED = {"use_dora": "DoRA (use_dora)", "lora_bias": "LoRA biases (lora_bias)"}
 
 
-def is_adapter(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a PEFT adapter folder (it holds ``adapter_config.json``)."""
-    return (Path(path) / CONFIG_FILE).is_file()
-
-
 def read_adapter_config(folder: Path) -> dict[str, Any]:
     """The adapter's config, refused with its file and key named when mergebench cannot apply it exactly."""
-    path = folder / CONFIG_FILE
+    path = folder / ADAPTER_CONFIG
     if not path.exists():
-        raise MergebenchError(f"{folder}: not a PEFT adapter (no {CONFIG_FILE})")
+        raise MergebenchError(f"{folder}: not a PEFT adapter (no {ADAPTER_CONFIG})")
     config = read_json_object(path, "adapter config")
     if config.get("peft_type", "LORA") != "LORA":
         raise MergebenchError(f"{path}: peft_type '{config['peft_type']}': only LORA adapters are read")
@@ -157,14 +152,14 @@ class AdapterFile:
         return sum(self.file.info(n).nbytes for n in names)
 
     def fingerprint(self) -> str:
-        return sampled_fingerprint([self.folder / CONFIG_FILE, self.folder / WEIGHTS_FILE])
+        return sampled_fingerprint([self.folder / ADAPTER_CONFIG, self.folder / WEIGHTS_FILE])
 
     @property
     def total_bytes(self) -> int:
         return self.file.total_bytes
 
     def file_states(self) -> dict[str, list[int]]:
-        return file_states([self.folder / CONFIG_FILE, self.folder / WEIGHTS_FILE])
+        return file_states([self.folder / ADAPTER_CONFIG, self.folder / WEIGHTS_FILE])
 
 
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:

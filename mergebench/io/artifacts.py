@@ -33,22 +33,11 @@ import torch
 
 from mergebench.errors import MergebenchError
 from mergebench.io.checkpoint import Checkpoint, OneFileIdentity
+from mergebench.io.kinds import ARTIFACT_FORMATS, ARTIFACT_TYPES
 from mergebench.io.output_guard import check_may_replace
 from mergebench.io.safetensors_format import TensorInfo, encode_header, read_header
 from mergebench.surgery.layers import BlockIndex
-from mergebench.value_types import ACTIVATIONS, DENSE_STATISTICS, FISHER, GRAM, MASK, SPARSE_DELTA
-
-FORMATS = {MASK: "mergebench.mask/1", SPARSE_DELTA: "mergebench.sparse_delta/1",
-           ACTIVATIONS: "mergebench.io.activations/1", FISHER: "mergebench.fisher/1", GRAM: "mergebench.gram/1"}
-TYPES = {name: value_type for value_type, name in FORMATS.items()}
-
-
-def artifact_type(path: str | os.PathLike[str]) -> str | None:
-    """Mask or SparseDelta when ``path`` is a mergebench artifact file, else None (headers only)."""
-    path = Path(path)
-    if not (path.is_file() and path.suffix == ".safetensors"):
-        return None
-    return TYPES.get(read_header(path).metadata.get("format", ""))
+from mergebench.value_types import ACTIVATIONS, DENSE_STATISTICS, FISHER, GRAM, MASK
 
 
 class ArtifactSource(OneFileIdentity):
@@ -60,7 +49,7 @@ class ArtifactSource(OneFileIdentity):
         self.folder = None
         self._file = Checkpoint(self.path)
         metadata = read_header(self.path).metadata
-        self.value_type = TYPES.get(metadata.get("format", ""))
+        self.value_type = ARTIFACT_TYPES.get(metadata.get("format", ""))
         if self.value_type is None:
             raise MergebenchError(f"{self.path}: not a mergebench mask, sparse delta, activations, Fisher or Gram file")
         self.metadata = metadata
@@ -183,7 +172,7 @@ class ArtifactWriter:
         self.path = path
         self.value_type = value_type
         # an adapter's weights are a plain PyTorch safetensors file, as PEFT writes it
-        self.metadata = {**metadata, "format": FORMATS.get(value_type, "pt")}
+        self.metadata = {**metadata, "format": ARTIFACT_FORMATS.get(value_type, "pt")}
         self.partial = path.with_name(path.name + ".partial")
         self._assembled = self.partial  # where finish_weights puts the file (a subclass may put it in a folder)
         self._data_path = path.with_name(path.name + ".partial-data")

@@ -19,11 +19,10 @@ from typing import Protocol
 import torch
 
 from mergebench.errors import MergebenchError
-from mergebench.io.reading import read_json_object, require_regular_file
-from mergebench.io.safetensors_format import TensorInfo, read_header
+from mergebench.io.safetensors_format import DTYPES, TensorInfo
+from mergebench.io.weight_files import indexed_files, pickled_files, stored_tensors, weight_files
 from mergebench.value_types import CHECKPOINT
 
-PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 MADV_POPULATE_READ = 22  # Linux 5.14+: map a range's cached pages now (not in the mmap module's constants)
 MADV_DONTNEED = 4
 WHOLE_MAPPING_BYTES = 64 * 2**20  # a larger tensor's pages come in as it is read, and go behind its readers
@@ -144,22 +143,10 @@ class Checkpoint:
         self.label = str(path)
         self.folder = self.path if self.path.is_dir() else None
         self.value_type = CHECKPOINT
-        self._files = _weight_files(self.path)
-        self._infos: dict[str, TensorInfo] = {}
-        for file, expected_keys in self._files:
-            header = read_header(file)
-            if expected_keys is not None:
-                missing = sorted(set(expected_keys) - header.tensors.keys())
-                if missing:
-                    raise MergebenchError(f"{file}: the index maps '{missing[0]}' to this shard but it is not there")
-            for key, info in sorted(header.tensors.items(), key=lambda item: item[1].offset):
-                if expected_keys is not None and key not in expected_keys:
-                    continue
-                if key in self._infos:
-                    raise MergebenchError(f"{file}: tensor '{key}' is also stored in {self._infos[key].file}")
-                self._infos[key] = info
-        if not self._infos:
-            raise MergebenchError(f"{self.path}: the checkpoint holds no tensors")
+        self._files = weight_files(self.path)
+        self._infos = {key: TensorInfo(key, DTYPES[stored.dtype], stored.shape, stored.file, stored.offset,
+                                       stored.nbytes)
+                       for key, stored in stored_tensors(self.path, self._files).items()}
         self._keys = list(self._infos)
         self.reads: Counter[str] = Counter()
 
@@ -302,64 +289,6 @@ def _pread_into(fd: int, buffer, offset: int, file: Path) -> None:
         done += n
 
 
-def _weight_files(path: Path) -> list[tuple[Path, set[str] | None]]:
-    """The safetensors files of a checkpoint, each with the keys an index assigns to it (None: all)."""
-    if not path.exists():
-        raise MergebenchError(f"{path}: no such file or folder")
-    if not path.is_dir():
-        require_regular_file(path, "safetensors file" if path.suffix == ".safetensors" else "weight file")
-        if path.name.endswith(".index.json"):
-            return _indexed_files(path)
-        if path.suffix != ".safetensors":
-            hint = " (pickled weights need --allow-pickle)" if any(path.match(p) for p in PICKLED_WEIGHTS) else ""
-            raise MergebenchError(f"{path}: not a .safetensors file{hint}")
-        return [(path, None)]
-    indexes = sorted(path.glob("*.safetensors.index.json"))
-    if len(indexes) > 1:
-        raise MergebenchError(f"{path}: several weight indexes ({', '.join(i.name for i in indexes)}); name one")
-    if indexes:
-        return _indexed_files(indexes[0])
-    if (path / "model.safetensors").is_file():
-        return [(path / "model.safetensors", None)]
-    files = sorted(path.glob("*.safetensors"))
-    if len(files) == 1:
-        return [(files[0], None)]
-    if files:
-        raise MergebenchError(f"{path}: several .safetensors files and no index to say how they fit together")
-    if _pickled_files(path):
-        raise MergebenchError(f"{path}: only pickled weights ({_pickled_files(path)[0].name}), which can run code "
-                              f"when loaded; mergebench reads safetensors (--allow-pickle loads them with "
-                              f"torch.load(weights_only=True))")
-    raise MergebenchError(f"{path}: no weights found (no .safetensors file or index)")
-
-
-def _indexed_files(index: Path) -> list[tuple[Path, set[str] | None]]:
-    doc = read_json_object(index, "weight index")
-    try:
-        weight_map = doc["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError
-    except (KeyError, TypeError):
-        raise MergebenchError(f"{index}: not a weight index (needs a 'weight_map' object)") from None
-    folder = index.parent.resolve()
-    by_shard: dict[str, set[str]] = {}
-    for key, shard in weight_map.items():
-        if not isinstance(shard, str) or not shard or "\x00" in shard:
-            raise MergebenchError(f"{index}: tensor '{key}' maps to {shard!r}, not a shard file name")
-        by_shard.setdefault(shard, set()).add(key)
-    files = []
-    for shard in sorted(by_shard):
-        if os.path.isabs(shard) or ".." in Path(shard).parts:
-            raise MergebenchError(f"{index}: shard name {shard!r} must be a plain name inside the folder")
-        file = (index.parent / shard).resolve()
-        if folder not in file.parents:
-            raise MergebenchError(f"{index}: shard {shard!r} resolves outside the model folder")
-        if not file.is_file():
-            raise MergebenchError(f"{index}: names shard {shard!r}, which does not exist")
-        files.append((file, by_shard[shard]))
-    return files
-
-
 class StateDictSource:
     """A state dict in memory seen as a source, so the eager API runs through the same executor."""
 
@@ -404,10 +333,6 @@ def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _pickled_files(folder: Path) -> list[Path]:
-    return sorted(p for pattern in PICKLED_WEIGHTS for p in folder.glob(pattern))
-
-
 class PickledCheckpoint(StateDictSource):
     """Pickled PyTorch weights (``.bin``/``.pt``), only with ``--allow-pickle``.
 
@@ -420,7 +345,7 @@ class PickledCheckpoint(StateDictSource):
         self.folder = self.path if self.path.is_dir() else None
         if self.path.is_dir():
             indexes = sorted(self.path.glob("*.bin.index.json"))
-            files = [f for f, _ in _indexed_files(indexes[0])] if indexes else _pickled_files(self.path)
+            files = [f for f, _ in indexed_files(indexes[0])] if indexes else pickled_files(self.path)
         else:
             files = [self.path]
         if not files:

@@ -15,16 +15,12 @@ import torch
 
 from mergebench.errors import MergebenchError
 from mergebench.io.checkpoint import Checkpoint, InnerIdentity
+from mergebench.io.kinds import SCALE_SUFFIX
 from mergebench.io.reading import read_json_object
 from mergebench.io.safetensors_format import TensorInfo
 
-SCALE_SUFFIX = "_scale_inv"
 DEQUANTIZED = torch.bfloat16
 DEFAULT_BLOCK = (128, 128)
-
-
-def has_block_scales(checkpoint: Checkpoint) -> bool:
-    return any(key.endswith(SCALE_SUFFIX) for key in checkpoint.keys)
 
 
 class FP8BlockCheckpoint(InnerIdentity):

@@ -12,11 +12,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from mergebench.io.adapters import AdaptedCheckpoint, AdapterSource, is_adapter
-from mergebench.io.artifacts import ArtifactSource, artifact_type
-from mergebench.io.checkpoint import Checkpoint, PickledCheckpoint, Source, _pickled_files
-from mergebench.io.fp8 import FP8BlockCheckpoint, has_block_scales
+from mergebench.io.adapters import AdaptedCheckpoint, AdapterSource
+from mergebench.io.artifacts import ArtifactSource
+from mergebench.io.checkpoint import Checkpoint, PickledCheckpoint, Source
+from mergebench.io.fp8 import FP8BlockCheckpoint
 from mergebench.io.gguf_source import GGUFCheckpoint
+from mergebench.io.kinds import has_block_scales, source_kind
 
 __all__ = ["Source", "open_source"]
 
@@ -28,15 +29,14 @@ def open_source(path: str | os.PathLike[str], allow_pickle: bool = False,
     path = Path(path)
     if adapter is not None:
         return AdaptedCheckpoint(open_source(path, allow_pickle), adapter)
-    if artifact_type(path):
+    kind = source_kind(path, allow_pickle)
+    if kind == "artifact":
         return ArtifactSource(path)
-    if path.suffix == ".gguf" and path.is_file():
+    if kind == "gguf":
         return GGUFCheckpoint(path)
-    if path.is_dir() and is_adapter(path):
+    if kind == "adapter":
         return AdapterSource(path)
-    if allow_pickle and path.exists():
-        has_safetensors = path.suffix == ".safetensors" or (path.is_dir() and any(path.glob("*.safetensors")))
-        if not has_safetensors and (path.is_file() or _pickled_files(path)):
-            return PickledCheckpoint(path)
+    if kind == "pickled":
+        return PickledCheckpoint(path)
     checkpoint = Checkpoint(path)
-    return FP8BlockCheckpoint(checkpoint) if has_block_scales(checkpoint) else checkpoint
+    return FP8BlockCheckpoint(checkpoint) if has_block_scales(checkpoint.keys) else checkpoint

@@ -17,9 +17,8 @@ import yaml
 from pydantic import ValidationError
 
 from mergebench.errors import MergebenchError
-from mergebench.io.adapters import is_adapter
-from mergebench.io.artifacts import artifact_type
 from mergebench.io.hub_cache import is_repo_id
+from mergebench.io.kinds import artifact_type, is_adapter
 from mergebench.io.sequences import is_glob, resolve_sequence, step_of
 from mergebench.operators.base import (
     ADAPTER,
