@@ -15,8 +15,8 @@ def peak_memory_estimate(graph: Graph) -> int:
     waiting for the writer.
 
     Pooled buffers keep the size of the largest tensor they held: one output buffer of the largest size
-    is counted on top (xl bench models, linear and global TIES: 0.92 GB estimated beyond the interpreter,
-    0.84 and 0.82 GB measured). Tensors a layout makes before they stream (a MoE router run through its
+    is counted on top (xl bench models, linear and global TIES: 0.93 GB estimated beyond the interpreter,
+    0.85 and 0.88 GB measured). Tensors a layout makes before they stream (a MoE router run through its
     base model) add what making them holds."""
     preparing = sum(getattr(source, "preparation_bytes", 0) for source in graph.layouts.generated.values())
     return preparing + _streaming_peak(graph)

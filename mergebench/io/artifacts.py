@@ -35,7 +35,8 @@ from mergebench.errors import MergebenchError
 from mergebench.io.checkpoint import Checkpoint, OneFileIdentity
 from mergebench.io.kinds import ARTIFACT_FORMATS, ARTIFACT_TYPES
 from mergebench.io.output_guard import check_may_replace
-from mergebench.io.safetensors_format import TensorInfo, encode_header, read_header
+from mergebench.io.safetensors_format import TensorInfo, encode_header
+from mergebench.io.safetensors_header import parse_header
 from mergebench.surgery.layers import BlockIndex
 from mergebench.value_types import ACTIVATIONS, DENSE_STATISTICS, FISHER, GRAM, MASK
 
@@ -48,7 +49,7 @@ class ArtifactSource(OneFileIdentity):
         self.label = str(path)
         self.folder = None
         self._file = Checkpoint(self.path)
-        metadata = read_header(self.path).metadata
+        metadata = parse_header(self.path).metadata
         self.value_type = ARTIFACT_TYPES.get(metadata.get("format", ""))
         if self.value_type is None:
             raise MergebenchError(f"{self.path}: not a mergebench mask, sparse delta, activations, Fisher or Gram file")

@@ -19,7 +19,7 @@ from typing import Protocol
 import torch
 
 from mergebench.errors import MergebenchError
-from mergebench.io.safetensors_format import DTYPES, TensorInfo
+from mergebench.io.safetensors_format import TensorInfo, tensor_info
 from mergebench.io.weight_files import indexed_files, pickled_files, stored_tensors, weight_files
 from mergebench.value_types import CHECKPOINT
 
@@ -144,9 +144,7 @@ class Checkpoint:
         self.folder = self.path if self.path.is_dir() else None
         self.value_type = CHECKPOINT
         self._files = weight_files(self.path)
-        self._infos = {key: TensorInfo(key, DTYPES[stored.dtype], stored.shape, stored.file, stored.offset,
-                                       stored.nbytes)
-                       for key, stored in stored_tensors(self.path, self._files).items()}
+        self._infos = {key: tensor_info(stored) for key, stored in stored_tensors(self.path, self._files).items()}
         self._keys = list(self._infos)
         self.reads: Counter[str] = Counter()
 

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from mergebench.errors import MergebenchError
-from mergebench.io.safetensors_format import read_header
+from mergebench.io.safetensors_header import parse_header
 
 MANIFEST_NAME = ".mergebench-output.json"
 LEGACY_SHARD_METADATA = "mergebench_version"  # outputs written before the manifest existed
@@ -50,7 +50,7 @@ def _metadata(path: Path) -> dict[str, str]:
     if path.is_symlink() or not path.is_file():
         return {}
     try:
-        return read_header(path).metadata
+        return parse_header(path).metadata
     except (MergebenchError, OSError):
         return {}
 

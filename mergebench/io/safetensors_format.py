@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from mergebench.errors import MergebenchError
-from mergebench.io.safetensors_header import DTYPE_INFO, parse_header
+from mergebench.io.safetensors_header import DTYPE_INFO, StoredTensor
 
 DTYPES: dict[str, torch.dtype] = {name: getattr(torch, torch_name) for name, (torch_name, _) in DTYPE_INFO.items()
                                   if hasattr(torch, torch_name)}
@@ -43,23 +43,12 @@ class TensorInfo:
         return self.dtype.is_floating_point
 
 
-@dataclass(frozen=True)
-class Header:
-    tensors: dict[str, TensorInfo]
-    metadata: dict[str, str]
-    raw: bytes  # the JSON bytes as stored, for fingerprints
-
-
-def read_header(path: Path) -> Header:
-    """Parse and validate a safetensors header; every inconsistency is an error naming the file."""
-    parsed = parse_header(path)
-    tensors = {}
-    for key, stored in parsed.tensors.items():
-        dtype = DTYPES.get(stored.dtype)
-        if dtype is None:  # a torch without this dtype
-            raise MergebenchError(f"{path}: tensor '{key}' has unsupported dtype '{stored.dtype}'")
-        tensors[key] = TensorInfo(key, dtype, stored.shape, stored.file, stored.offset, stored.nbytes)
-    return Header(tensors=tensors, metadata=parsed.metadata, raw=parsed.raw)
+def tensor_info(stored: StoredTensor) -> TensorInfo:
+    """What a header says of a tensor, with its torch dtype."""
+    dtype = DTYPES.get(stored.dtype)
+    if dtype is None:  # a torch without this dtype
+        raise MergebenchError(f"{stored.file}: tensor '{stored.key}' has unsupported dtype '{stored.dtype}'")
+    return TensorInfo(stored.key, dtype, stored.shape, stored.file, stored.offset, stored.nbytes)
 
 
 def encode_header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]) -> bytes:

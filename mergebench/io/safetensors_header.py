@@ -2,7 +2,7 @@
 
 Every claim a header makes is checked before a byte of tensor data is trusted: a JSON object within the
 file, dtypes known, shapes and offsets consistent with each other and the file's size, no overlaps.
-``safetensors_format`` turns what this finds into torch-typed ``TensorInfo``.
+``safetensors_format.tensor_info`` turns what this finds into a torch-typed ``TensorInfo``.
 """
 
 from __future__ import annotations
@@ -40,13 +40,12 @@ class StoredTensor:
 
 
 @dataclass(frozen=True)
-class RawHeader:
+class Header:
     tensors: dict[str, StoredTensor]
     metadata: dict[str, str]
-    raw: bytes  # the JSON bytes as stored, for fingerprints
 
 
-def parse_header(path: Path) -> RawHeader:
+def parse_header(path: Path) -> Header:
     """Parse and validate a safetensors header; every inconsistency is an error naming the file."""
     require_regular_file(path, "safetensors file")
     size = path.stat().st_size
@@ -81,7 +80,7 @@ def parse_header(path: Path) -> RawHeader:
     for (_, end_a, key_a), (begin_b, _, key_b) in zip(spans, spans[1:]):
         if begin_b < end_a:
             raise MergebenchError(f"{path}: tensors '{key_a}' and '{key_b}' overlap")
-    return RawHeader(tensors=tensors, metadata=dict(metadata), raw=bytes(raw))
+    return Header(tensors=tensors, metadata=dict(metadata))
 
 
 def _stored_tensor(path: Path, key: str, entry: object, data_start: int, data_len: int) -> StoredTensor:
